@@ -1,0 +1,94 @@
+"""Messages that flow between pipeline stages and out to publishers.
+
+These are the in-process contract between `stream` (frames in), `operators` (compute) and
+`frontend_bridge` / persistence (out). Wire formats (msgpack in, JSON/msgpack out) are built
+from these at the edges; nothing here knows about sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class RunStarted:
+    """A run began (a `start` document arrived)."""
+
+    run_id: str
+    run_name: str
+    started_at: float  # unix seconds
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Frame:
+    """One detector frame after decode, before any computation.
+
+    `image` is a read-only view on the received bytes (zero-copy), shape (H, W).
+    `tiled_url` is empty when the service itself must store the frame.
+    """
+
+    run_id: str
+    index: int  # the frame number from the source
+    image: np.ndarray
+    tiled_url: str
+    received_at: float  # unix seconds, when the message arrived
+    received_perf: float  # time.perf_counter() at arrival, for latency accounting
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StageTimings:
+    """Seconds spent per stage for one frame (batched stages are shared by the batch)."""
+
+    queue: float = 0.0
+    preprocess: float = 0.0
+    encode: float = 0.0
+    project: float = 0.0
+    cluster: float = 0.0
+    total: float = 0.0  # arrival -> point ready
+
+
+@dataclass(slots=True)
+class Point:
+    """The result for one frame: its 2-D position, cluster, and where its frame lives."""
+
+    run_id: str
+    index: int
+    x: float
+    y: float
+    cluster: int
+    novelty: float
+    tiled_url: str
+    timestamp: float  # unix seconds when the point was produced
+    timings: StageTimings
+    latent: np.ndarray  # (latent_dim,) float32 latent mean
+    stored_by_service: bool  # True when the frame came without a tiled_url and this service writes it
+    image: np.ndarray | None = None  # the frame, kept only when the service must store it
+
+
+@dataclass(slots=True)
+class ClusterNew:
+    """A new cluster id appeared during the run (a new structural regime)."""
+
+    run_id: str
+    cluster: int
+    index: int  # frame that founded it
+    timestamp: float
+
+
+@dataclass(slots=True)
+class RunStopped:
+    """A run ended (a `stop` document arrived, or the service is shutting down)."""
+
+    run_id: str
+    stopped_at: float
+    num_frames: int | None  # as announced by the source, if it said
+    processed: int
+    reason: str = "stop"  # "stop" | "superseded" (a new start came first) | "shutdown"
+
+
+PipelineMessage = RunStarted | Point | ClusterNew | RunStopped
