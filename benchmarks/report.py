@@ -1,0 +1,313 @@
+"""Benchmark results: the JSON document, the markdown table and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.machine import MachineInfo
+from benchmarks.stats import LatencyStats
+
+# The issue's targets for the lite bundle on CPU, shown beside the measured values.
+CPU_TARGETS = {
+    "e2e_p50_ms": ("<=", 50.0),
+    "e2e_p99_ms": ("<=", 100.0),
+    "frames_lost": ("<=", 0),
+    "max_throughput_fps": (">=", 20.0),
+    "speedup_vs_reference": (">=", 3.0),
+    "project_p50_ms": ("<=", 1.0),
+    "cold_start_s": ("<=", 15.0),
+}
+
+
+@dataclass(slots=True)
+class StageResult:
+    """One stage (or one runtime of a stage) timed over many frames after warm-up."""
+
+    name: str
+    stats: LatencyStats
+    batch: int = 1  # frames per call; stats are per call, `per_frame_ms` divides by the batch
+    note: str = ""
+
+    @property
+    def per_frame_p50_ms(self) -> float:
+        return self.stats.p50_ms / self.batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "batch": self.batch, "note": self.note, **self.stats.to_dict()}
+
+
+@dataclass(slots=True)
+class E2ERun:
+    """The service end to end at one input rate in one mode."""
+
+    mode: str  # "facility" (events carry a tiled_url) | "embedded" (the service stores frames)
+    rate_hz: float | None  # None: as fast as the service takes them
+    sent: int
+    received: int
+    duration_s: float  # first send -> last point
+    throughput_fps: float  # points per second over the receiving window
+    latency: LatencyStats | None  # send -> point received over the websocket
+    peak_rss_mb: float | None = None
+    fetch_latency: LatencyStats | None = None  # embedded: point received -> frame fetchable from Tiled
+    fetch_ok: int = 0  # embedded: frames fetched (byte-identical) within the window
+    fetch_checked: int = 0
+    fetch_window_s: float | None = None
+    service_dropped: dict[str, int] = field(default_factory=dict)  # the service's own counters, if exposed
+    latencies_s: list[float] = field(default_factory=list)  # raw samples, for the plots
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.received
+
+    @property
+    def label(self) -> str:
+        rate = "max" if self.rate_hz is None else f"{self.rate_hz:g} Hz"
+        return f"{self.mode} @ {rate}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "rate_hz": self.rate_hz,
+            "sent": self.sent,
+            "received": self.received,
+            "lost": self.lost,
+            "duration_s": self.duration_s,
+            "throughput_fps": self.throughput_fps,
+            "latency": self.latency.to_dict() if self.latency else None,
+            "peak_rss_mb": self.peak_rss_mb,
+            "fetch_latency": self.fetch_latency.to_dict() if self.fetch_latency else None,
+            "fetch_ok": self.fetch_ok,
+            "fetch_checked": self.fetch_checked,
+            "fetch_window_s": self.fetch_window_s,
+            "service_dropped": self.service_dropped,
+            "latencies_ms": [round(s * 1e3, 3) for s in self.latencies_s],
+        }
+
+
+@dataclass(slots=True)
+class BenchResult:
+    machine: MachineInfo
+    config: dict[str, Any]
+    stages: list[StageResult] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # stage/runtime -> why it was not measured
+    reference: StageResult | None = None  # the reference pipeline, per frame
+    reference_stages: list[StageResult] = field(default_factory=list)
+    reference_latencies_s: list[float] = field(default_factory=list)
+    e2e: list[E2ERun] = field(default_factory=list)
+    cold_start_s: float | None = None
+    command: str = ""
+
+    # -- headline numbers ---------------------------------------------------------------------
+    def headline_run(self) -> E2ERun | None:
+        """The run the targets speak of: facility mode at the fixed rate closest to 10 Hz."""
+        fixed = [r for r in self.e2e if r.rate_hz is not None and r.latency is not None]
+        facility = [r for r in fixed if r.mode == "facility"] or fixed
+        if not facility:
+            return None
+        return min(facility, key=lambda r: abs(math.log((r.rate_hz or 10.0) / 10.0)))
+
+    def stage_p50(self, name: str) -> float | None:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage.stats.p50_ms
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        head = self.headline_run()
+        e2e_p50 = head.latency.p50_ms if head and head.latency else None
+        e2e_p99 = head.latency.p99_ms if head and head.latency else None
+        ref_p50 = self.reference.stats.p50_ms if self.reference else None
+        throughputs = [r.throughput_fps for r in self.e2e if r.received]
+        fixed = [r for r in self.e2e if r.rate_hz is not None]
+        projects = [s.stats.p50_ms for s in self.stages if s.name.startswith("project[") and s.batch == 1]
+        return {
+            "e2e_p50_ms": e2e_p50,
+            "e2e_p99_ms": e2e_p99,
+            "e2e_headline": head.label if head else None,
+            "max_throughput_fps": max(throughputs) if throughputs else None,
+            "reference_p50_ms": ref_p50,
+            "speedup_vs_reference": (ref_p50 / e2e_p50) if ref_p50 and e2e_p50 else None,
+            "cold_start_s": self.cold_start_s,
+            # Losses at fixed input rates; at "max" the sender is back-pressured by design.
+            "frames_lost": sum(r.lost for r in fixed) if fixed else None,
+            "frames_lost_at_max_rate": sum(r.lost for r in self.e2e if r.rate_hz is None),
+            "project_p50_ms": min(projects) if projects else None,
+            "peak_rss_mb": max((r.peak_rss_mb or 0.0 for r in self.e2e), default=None) or None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "stages": {s.name: s.per_frame_p50_ms for s in self.stages},
+            "stage_details": [s.to_dict() for s in self.stages],
+            "skipped": self.skipped,
+            "reference": self.reference.to_dict() if self.reference else None,
+            "reference_stages": {s.name: s.stats.p50_ms for s in self.reference_stages},
+            "reference_latencies_ms": [round(s * 1e3, 3) for s in self.reference_latencies_s],
+            "e2e": [r.to_dict() for r in self.e2e],
+            "machine": self.machine.to_dict(),
+            "config": self.config,
+            "command": self.command,
+        }
+
+
+def write_json(result: BenchResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _fmt(value: float | int | None, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _target_cell(key: str, value: float | int | None) -> str:
+    if key not in CPU_TARGETS:
+        return ""
+    op, bound = CPU_TARGETS[key]
+    if value is None:
+        return f"{op} {bound:g}"
+    ok = value <= bound if op == "<=" else value >= bound
+    return f"{op} {bound:g} {'✓' if ok else '✗'}"
+
+
+def markdown(result: BenchResult) -> str:
+    """The results as markdown: headline vs targets, stages, end-to-end runs, machine."""
+    s = result.summary()
+    lines = [
+        f"Machine: {result.machine.summary()}",
+        "",
+        f"Command: `{result.command}`" if result.command else "",
+        "",
+        "| metric | measured | target (CPU, lite bundle) |",
+        "| --- | ---: | --- |",
+    ]
+    rows = [
+        ("end-to-end p50 (ms)", "e2e_p50_ms", 1),
+        ("end-to-end p99 (ms)", "e2e_p99_ms", 1),
+        ("frames lost at fixed rates", "frames_lost", 0),
+        ("max sustained throughput (frames/s)", "max_throughput_fps", 1),
+        ("reference pipeline p50 (ms)", "reference_p50_ms", 1),
+        ("speedup vs reference (p50)", "speedup_vs_reference", 1),
+        ("projection p50 (ms)", "project_p50_ms", 3),
+        ("cold start to first point (s)", "cold_start_s", 1),
+        ("peak service RSS (MB)", "peak_rss_mb", 0),
+    ]
+    for label, key, digits in rows:
+        lines.append(f"| {label} | {_fmt(s.get(key), digits)} | {_target_cell(key, s.get(key))} |")
+    if s.get("e2e_headline"):
+        lines.append(f"\nEnd-to-end headline run: {s['e2e_headline']}.")
+
+    lines += ["", "### Stages (per call, after warm-up)", "", "| stage | batch | p50 ms | p90 ms | p99 ms | per frame p50 ms | n |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for st in result.stages:
+        lines.append(
+            f"| {st.name} | {st.batch} | {st.stats.p50_ms:.3f} | {st.stats.p90_ms:.3f} | {st.stats.p99_ms:.3f} "
+            f"| {st.per_frame_p50_ms:.3f} | {st.stats.n} |"
+        )
+    if result.reference:
+        lines += ["", "### Reference pipeline (per frame, batch 1, in sequence)", "",
+                  "| step | p50 ms | p99 ms |", "| --- | ---: | ---: |"]
+        for st in [*result.reference_stages, result.reference]:
+            lines.append(f"| {st.name} | {st.stats.p50_ms:.2f} | {st.stats.p99_ms:.2f} |")
+    if result.skipped:
+        lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()) + "."]
+
+    lines += ["", "### End to end (frames over ZeroMQ -> points over the websocket)", "",
+              "| mode | input rate | sent | received | lost | throughput fps | p50 ms | p90 ms | p99 ms | peak RSS MB | frames fetchable |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for run in result.e2e:
+        lat = run.latency
+        fetch = "—"
+        if run.fetch_checked:
+            fetch = f"{run.fetch_ok}/{run.fetch_checked} within {run.fetch_window_s:g} s"
+            if run.fetch_latency:
+                fetch += f" (p50 {run.fetch_latency.p50_ms:.0f} ms)"
+        lines.append(
+            f"| {run.mode} | {'max' if run.rate_hz is None else f'{run.rate_hz:g} Hz'} | {run.sent} | {run.received} "
+            f"| {run.lost} | {run.throughput_fps:.1f} | {_fmt(lat.p50_ms if lat else None)} "
+            f"| {_fmt(lat.p90_ms if lat else None)} | {_fmt(lat.p99_ms if lat else None)} "
+            f"| {_fmt(run.peak_rss_mb, 0)} | {fetch} |"
+        )
+    libs = ", ".join(f"{k} {v}" for k, v in result.machine.libraries.items())
+    lines += ["", f"Libraries: {libs}."]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def write_markdown(result: BenchResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(result), encoding="utf-8")
+
+
+def write_plots(result: BenchResult, directory: Path) -> list[Path]:
+    """Latency distribution and throughput vs input rate, as PNG. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run in result.e2e:
+        if run.latencies_s:
+            ms = np.sort(np.asarray(run.latencies_s) * 1e3)
+            ax.plot(ms, np.arange(1, ms.size + 1) / ms.size, label=f"service, {run.label}")
+    if result.reference_latencies_s:
+        ms = np.sort(np.asarray(result.reference_latencies_s) * 1e3)
+        ax.plot(ms, np.arange(1, ms.size + 1) / ms.size, "k--", label="reference pipeline (compute only)")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per frame (ms, log scale)")
+    ax.set_ylabel("fraction of frames")
+    ax.set_title("Latency distribution (CDF)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = directory / "latency_distribution.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    max_rate = max((r.throughput_fps for r in result.e2e), default=0.0)
+    for mode in sorted({r.mode for r in result.e2e}):
+        runs = [r for r in result.e2e if r.mode == mode]
+        offered = [r.rate_hz if r.rate_hz is not None else r.throughput_fps for r in runs]
+        order = np.argsort(offered)
+        ax.plot(np.asarray(offered)[order], np.asarray([r.throughput_fps for r in runs])[order], "o-", label=mode)
+        for r in runs:
+            if r.rate_hz is None:
+                ax.annotate("max", (r.throughput_fps, r.throughput_fps), fontsize=7)
+    top = max(max_rate, max((r.rate_hz or 0.0 for r in result.e2e), default=0.0)) * 1.1 or 1.0
+    ax.plot([0, top], [0, top], ":", color="grey", label="input rate")
+    ax.set_xlabel("input rate (frames/s)")
+    ax.set_ylabel("points delivered (frames/s)")
+    ax.set_title("Throughput vs input rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = directory / "throughput_vs_rate.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
