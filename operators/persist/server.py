@@ -1,0 +1,272 @@
+"""The embedded Tiled server: SQLite catalog + files under a data directory, bound to 127.0.0.1.
+
+Runs in a child process (``python -m operators.persist.server``), not in the service's process:
+Tiled's per-request work (zarr writes, DuckDB appends, serialisation) then never competes for
+the service's GIL or event loop, so the per-frame path is unaffected by persistence, and the
+server can be stopped / restarted on its own (the outage tests do exactly that).
+
+Not ``tiled.server.SimpleTiledServer``: it hard-codes a 1000-entry in-memory streaming cache
+that holds every written frame (RSS grew by GBs in ../shared/notes/tiled.md). We build the app
+ourselves with a small cache.
+
+Lifecycle::
+
+    async with EmbeddedTiledServer(data_dir, port=8000) as endpoint:
+        endpoint.url, endpoint.api_key
+
+The child is started with PR_SET_PDEATHSIG (Linux) so that it dies with the service even when
+the service is SIGKILLed; a pid file in the data directory lets a restarted service reap a
+survivor (other platforms) before it binds the same port and opens the same SQLite catalog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "LATENT_STREAM_TILED_API_KEY"
+_PID_FILE = "tiled-server.pid"
+_KEY_FILE = "tiled-api-key"
+# Small streaming cache: bounded per-node entries and short TTL (a frame is ~10 MB).
+_CACHE_CONFIG = {"uri": "memory", "datastore": "memory", "maxsize": 16, "data_ttl": 60, "seq_ttl": 3600}
+
+
+class TiledServerError(RuntimeError):
+    """The embedded Tiled server could not be started or answered badly."""
+
+
+@dataclass(frozen=True, slots=True)
+class TiledEndpoint:
+    """Where a Tiled server answers and the key it wants (``Authorization: Apikey KEY``)."""
+
+    url: str  # http://HOST:PORT, no trailing slash
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Apikey {self.api_key}"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for tests and `--tiled-port 0`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def load_or_create_api_key(data_dir: Path, api_key: str | None = None) -> tuple[str, bool]:
+    """The key to start the server with: the given one, else the one saved in `data_dir`, else a new one.
+
+    Returns (key, generated). A generated key is saved (mode 0600) so that a restart after a crash
+    keeps the key that clients were given.
+    """
+    key_path = data_dir / _KEY_FILE
+    if api_key:
+        return api_key, False
+    if key_path.exists():
+        return key_path.read_text().strip(), False
+    key = secrets.token_hex(16)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key, True
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child: get SIGTERM when the service dies, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit("parent exited before the server started")
+
+
+def _reap_stale_server(data_dir: Path) -> None:
+    """Stop a Tiled child left behind by a killed service (it holds the port and the SQLite catalog)."""
+    pid_path = data_dir / _PID_FILE
+    if not pid_path.exists():
+        return
+    try:
+        pid = int(pid_path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (ValueError, OSError):
+        pid_path.unlink(missing_ok=True)
+        return
+    if b"operators.persist.server" not in cmdline:
+        pid_path.unlink(missing_ok=True)
+        return
+    logger.warning("stopping a stale embedded Tiled server (pid %d) for %s", pid, data_dir)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+    pid_path.unlink(missing_ok=True)
+
+
+class EmbeddedTiledServer:
+    """Start/stop a writable Tiled server on 127.0.0.1 with its catalog and data under `data_dir`.
+
+    `port=0` picks a free port once; `restart()` reuses the same port and data directory.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        port: int = 8000,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 90.0,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self._api_key_arg = api_key
+        self.startup_timeout = startup_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.endpoint: TiledEndpoint | None = None
+        self.api_key_generated = False
+
+    @property
+    def tiled_dir(self) -> Path:
+        return self.data_dir / "tiled"
+
+    async def __aenter__(self) -> TiledEndpoint:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> TiledEndpoint:
+        """Start the child and wait until /healthz answers. Idempotent."""
+        if self._proc is not None and self._proc.poll() is None and self.endpoint is not None:
+            return self.endpoint
+        self.tiled_dir.mkdir(parents=True, exist_ok=True)
+        key, generated = load_or_create_api_key(self.data_dir, self._api_key_arg)
+        self.api_key_generated = self.api_key_generated or generated
+        await asyncio.to_thread(_reap_stale_server, self.data_dir)
+        self._proc = await asyncio.to_thread(self._spawn, key)
+        self.endpoint = TiledEndpoint(url=f"http://{self.host}:{self.port}", api_key=key)
+        await self._wait_ready()
+        logger.info("embedded Tiled server ready at %s (data %s)", self.endpoint.url, self.tiled_dir)
+        return self.endpoint
+
+    def _spawn(self, key: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, API_KEY_ENV: key}  # the key goes by env, not argv (ps shows argv)
+        cmd = [
+            sys.executable, "-m", "operators.persist.server", "--parent-pid", str(os.getpid()),
+            "--dir", str(self.tiled_dir), "--host", self.host, "--port", str(self.port),
+        ]  # fmt: skip
+        with open(self.tiled_dir / "server.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir)
+        (self.data_dir / _PID_FILE).write_text(str(proc.pid))
+        return proc
+
+    async def _wait_ready(self) -> None:
+        assert self._proc is not None and self.endpoint is not None
+        deadline = time.monotonic() + self.startup_timeout
+        async with httpx.AsyncClient(trust_env=False) as client:
+            while True:
+                if self._proc.poll() is not None:
+                    raise TiledServerError(
+                        f"embedded Tiled server exited with code {self._proc.returncode}; "
+                        f"see {self.tiled_dir / 'server.log'}"
+                    )
+                try:
+                    r = await client.get(f"{self.endpoint.url}/healthz", timeout=1.0)
+                    if r.status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    await self.stop()
+                    raise TiledServerError(f"embedded Tiled server not ready in {self.startup_timeout:.0f} s")
+                await asyncio.sleep(0.2)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the child (SIGTERM, then SIGKILL after `timeout`). Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        (self.data_dir / _PID_FILE).unlink(missing_ok=True)
+        logger.info("embedded Tiled server stopped (%s)", self.endpoint.url if self.endpoint else "")
+
+    async def restart(self) -> TiledEndpoint:
+        await self.stop()
+        return await self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+
+def _serve(directory: Path, host: str, port: int) -> None:
+    """Child-process entry point: build the catalog and app, serve until SIGTERM."""
+    import uvicorn
+    from tiled.catalog import from_uri
+    from tiled.config import Authentication
+    from tiled.server.app import build_app
+
+    api_key = os.environ.get(API_KEY_ENV)
+    if not api_key:
+        raise SystemExit(f"{API_KEY_ENV} is not set")
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    catalog = from_uri(
+        directory / "catalog.db",
+        writable_storage=[directory / "data", f"duckdb:///{directory / 'tables.duckdb'}"],
+        init_if_not_exists=True,
+        cache_config=dict(_CACHE_CONFIG),
+    )
+    app = build_app(catalog, authentication=Authentication(single_user_api_key=api_key))
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="latent-stream embedded Tiled server (child process)")
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.parent_pid:
+        _die_with_parent(args.parent_pid)
+    logging.basicConfig(level=logging.WARNING)
+    _serve(args.dir.resolve(), args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

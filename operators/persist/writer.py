@@ -1,0 +1,666 @@
+"""Persist frames and results to Tiled as they happen, off the per-frame path.
+
+`TiledWriter` is a publisher (`async publish(message)`): `publish` only logs the point to the
+run's result log (see wal.py) and enqueues it; one background task writes batches to Tiled:
+
+  /<run_id>                  container, start metadata; "status" open -> closed
+  /<run_id>/primary/image    (N, H, W) frames that came without a tiled_url, one chunk per frame,
+                             slice i is the frame whose frame number is i
+  /<run_id>/latent/points    appendable table, one row per processed frame (columns in POINT_SCHEMA)
+  /<run_id>/latent/vectors   (N, D) float32 latent means; vectors row r <-> points row r ("row" column)
+
+Buffer policy (bounded): frames waiting to be written are bounded by `max_buffer_bytes`; when full,
+the OLDEST waiting frame image is dropped and counted (frames_not_written["buffer_full"]); its row is
+kept (rows are small and also in the result log). A batch that fails with a transient error
+(connection refused, timeout, 5xx) is retried with exponential backoff for up to `give_up_after`
+seconds, then counted as not written ("tiled_unreachable"); a 4xx is counted at once
+("rejected_by_tiled"). Appending rows is not idempotent, so before re-appending after an
+ambiguous failure the writer reads the table's "row" column and skips what already landed.
+
+Resume after a crash: on `start()` every result log left in the data directory is replayed:
+rows missing from Tiled are appended (vectors too), frames the log does not mark as written are
+counted as lost ("lost_in_crash": the image died with the process), and a run whose log has a
+`stop` record is closed. A run without one stays open and is continued if points for the same
+run_id arrive; otherwise it is closed with reason "interrupted" when another run starts or the
+writer stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+import numpy as np
+
+from operators.messages import ClusterNew, PipelineMessage, Point, RunStarted, RunStopped
+from operators.persist.wal import RecoveredRun, ResultLog
+
+logger = logging.getLogger(__name__)
+
+POINT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("row", "int64"),
+    ("index", "int64"),
+    ("x", "float64"),
+    ("y", "float64"),
+    ("cluster", "int64"),
+    ("novelty", "float64"),
+    ("timestamp", "float64"),  # unix s, when the point was produced (sent to clients)
+    ("processing_time", "float64"),  # arrival -> point ready, s
+    ("encode_time", "float64"),
+    ("project_time", "float64"),
+    ("tiled_url", "string"),
+)
+
+
+def point_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [(name, pa.string() if t == "string" else getattr(pa, t)()) for name, t in POINT_COLUMNS]
+    )
+
+
+class PersistError(Exception):
+    """Base of the persistence errors this package raises."""
+
+
+class TiledUnavailable(PersistError):
+    """Tiled did not answer (connection refused, timeout, 5xx): worth retrying."""
+
+
+class TiledRejected(PersistError):
+    """Tiled refused the request (4xx): retrying will not help."""
+
+
+def _translate(exc: BaseException) -> PersistError:
+    """Map httpx / tiled client errors onto our two kinds."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        if status >= 500:
+            return TiledUnavailable(f"HTTP {status}")
+        return TiledRejected(f"HTTP {status}: {exc.response.text[:200]}")
+    if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, OSError)):
+        return TiledUnavailable(f"{type(exc).__name__}: {exc}")
+    return TiledRejected(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(slots=True)
+class _Row:
+    run_id: str
+    row: int
+    index: int
+    values: dict[str, Any]
+    latent: np.ndarray
+    image: np.ndarray | None
+    published_at: float  # unix s, the point's timestamp
+
+
+@dataclass(slots=True)
+class _RunState:
+    run_id: str
+    next_row: int = 0
+    start: dict[str, Any] | None = None
+    created: bool = False
+    image_shape: tuple[int, ...] | None = None
+    image_dtype: str | None = None
+    vectors_dim: int | None = None
+    recovered_open: bool = False
+    frames_written: int = 0
+    rows_written: int = 0
+    frames_not_written: collections.Counter[str] = field(default_factory=collections.Counter)
+    rows_not_written: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass(slots=True)
+class _BatchOutcome:
+    """What a (possibly retried) batch write achieved; filled in the worker thread, read on the loop."""
+
+    frames_done: dict[int, float] = field(default_factory=dict)  # row -> unix s when fetchable
+    mismatched: set[int] = field(default_factory=set)
+    rows_done: int = 0
+    rows_skipped: int = 0  # already in Tiled from an attempt whose answer was lost
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """Counters for /metrics and for the run report."""
+
+    frames_written: int = 0
+    rows_written: int = 0
+    frames_not_written: dict[str, int] = field(default_factory=dict)
+    rows_not_written: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    buffered_rows: int = 0
+    buffered_bytes: int = 0
+    lag_p50_s: float | None = None  # point sent -> its frame fetchable from Tiled
+    lag_p95_s: float | None = None
+    lag_max_s: float | None = None
+
+
+class TiledWriter:
+    """Publisher that persists frames and results into a Tiled server (see module doc)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        data_dir: Path | str,
+        root: str = "",
+        max_buffer_bytes: int = 512 * 2**20,
+        max_batch: int = 16,
+        give_up_after: float = 300.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.root = root.strip("/")
+        self.max_buffer_bytes = max_buffer_bytes
+        self.max_batch = max_batch
+        self.give_up_after = give_up_after
+        self.request_timeout = request_timeout
+        self._log = ResultLog(Path(data_dir) / "results-log")
+        # One FIFO of operations keeps the per-run order: start, rows..., stop.
+        self._ops: collections.deque[tuple[str, Any]] = collections.deque()
+        self._frame_queue: collections.deque[_Row] = (
+            collections.deque()
+        )  # rows holding an image, oldest first
+        self._buffered_bytes = 0
+        self._wake = asyncio.Event()
+        self._runs: dict[str, _RunState] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._client: Any = None  # tiled container client, created in a worker thread
+        self._lags: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._retries = 0
+        self._closing = False
+        self._busy = False
+
+    # ---- publisher side: never blocks -------------------------------------------------------
+
+    async def publish(self, message: PipelineMessage) -> None:
+        """Log and enqueue; returns without waiting for Tiled."""
+        if isinstance(message, Point):
+            self._enqueue_point(message)
+        elif isinstance(message, RunStarted):
+            self._enqueue_start(message)
+        elif isinstance(message, RunStopped):
+            self._enqueue_stop(message)
+        elif isinstance(message, ClusterNew):
+            return
+        self._wake.set()
+
+    def _run(self, run_id: str) -> _RunState:
+        st = self._runs.get(run_id)
+        if st is None:
+            st = self._runs[run_id] = _RunState(run_id)
+        return st
+
+    def _enqueue_start(self, m: RunStarted) -> None:
+        # A new run closes runs recovered open after a crash that nobody continued.
+        for st in list(self._runs.values()):
+            if st.recovered_open and st.run_id != m.run_id:
+                self._enqueue_stop(
+                    RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted")
+                )
+        st = self._run(m.run_id)
+        st.recovered_open = False
+        start = {
+            "run_id": m.run_id,
+            "run_name": m.run_name,
+            "started_at": m.started_at,
+            "metadata": m.metadata,
+        }
+        st.start = start
+        self._log.append(m.run_id, {"t": "start", **start})
+        self._ops.append(("start", m.run_id))
+
+    def _enqueue_point(self, p: Point) -> None:
+        st = self._run(p.run_id)
+        row = st.next_row
+        st.next_row += 1
+        values = {
+            "row": row,
+            "index": int(p.index),
+            "x": float(p.x),
+            "y": float(p.y),
+            "cluster": int(p.cluster),
+            "novelty": float(p.novelty),
+            "timestamp": float(p.timestamp),
+            "processing_time": float(p.timings.total),
+            "encode_time": float(p.timings.encode),
+            "project_time": float(p.timings.project),
+            "tiled_url": p.tiled_url,
+        }
+        latent = np.ascontiguousarray(p.latent, dtype=np.float32).reshape(-1)
+        image = p.image if (p.stored_by_service and p.image is not None) else None
+        self._log.append(
+            p.run_id,
+            {"t": "point", "run_id": p.run_id, **values, "stored_by_service": image is not None,
+             "latent": latent.tobytes()},
+        )  # fmt: skip
+        r = _Row(p.run_id, row, int(p.index), values, latent, image, float(p.timestamp))
+        self._ops.append(("row", r))
+        if image is not None:
+            self._frame_queue.append(r)
+            self._buffered_bytes += image.nbytes
+            while self._buffered_bytes > self.max_buffer_bytes and self._frame_queue:
+                self._drop_image(self._frame_queue.popleft(), "buffer_full")
+
+    def _drop_image(self, r: _Row, reason: str) -> None:
+        if r.image is None:
+            return
+        self._buffered_bytes -= r.image.nbytes
+        r.image = None
+        self._run(r.run_id).frames_not_written[reason] += 1
+        logger.warning("run %s frame %d not written to Tiled: %s", r.run_id, r.index, reason)
+
+    def _enqueue_stop(self, m: RunStopped) -> None:
+        st = self._run(m.run_id)
+        st.recovered_open = False
+        stop = {"stopped_at": m.stopped_at, "num_frames": m.num_frames, "processed": m.processed,
+                "reason": m.reason}  # fmt: skip
+        self._log.append(m.run_id, {"t": "stop", "run_id": m.run_id, **stop})
+        self._ops.append(("stop", (m.run_id, stop)))
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (retrying while Tiled comes up), replay crash logs, start the write loop."""
+        await self._connect()
+        for rec in self._log.recover():
+            await self._recover(rec)
+        self._task = asyncio.create_task(self._loop(), name="tiled-writer")
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Write what is buffered (up to `drain_timeout`), close recovered-open runs, stop."""
+        for st in list(self._runs.values()):
+            if st.recovered_open:
+                self._enqueue_stop(
+                    RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted")
+                )
+        self._wake.set()
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout
+        while self._ops and time.monotonic() < deadline and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.05)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for kind, item in self._ops:  # left in the result log: the next start replays the rows
+            if kind == "row":
+                self._run(item.run_id).rows_not_written["shutdown"] += 1
+                if item.image is not None:
+                    self._drop_image(item, "shutdown")
+        self._ops.clear()
+        self._log.close()
+        if self._client is not None:
+            await asyncio.to_thread(self._client.context.close)
+            self._client = None
+
+    async def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until everything enqueued so far is written (or given up); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._ops or self._busy:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def stats(self) -> WriterStats:
+        lags = np.array(self._lags) if self._lags else None
+        fnw: collections.Counter[str] = collections.Counter()
+        rnw: collections.Counter[str] = collections.Counter()
+        for st in self._runs.values():
+            fnw.update(st.frames_not_written)
+            rnw.update(st.rows_not_written)
+        return WriterStats(
+            frames_written=sum(st.frames_written for st in self._runs.values()),
+            rows_written=sum(st.rows_written for st in self._runs.values()),
+            frames_not_written=dict(fnw),
+            rows_not_written=dict(rnw),
+            retries=self._retries,
+            buffered_rows=sum(1 for k, _ in self._ops if k == "row"),
+            buffered_bytes=self._buffered_bytes,
+            lag_p50_s=float(np.percentile(lags, 50)) if lags is not None else None,
+            lag_p95_s=float(np.percentile(lags, 95)) if lags is not None else None,
+            lag_max_s=float(lags.max()) if lags is not None else None,
+        )
+
+    def run_counts(self, run_id: str) -> dict[str, Any]:
+        """Per-run persistence counters (for the run report)."""
+        st = self._runs.get(run_id)
+        if st is None:
+            return {}
+        return {
+            "rows_written": st.rows_written,
+            "frames_written": st.frames_written,
+            "frames_not_written": dict(st.frames_not_written),
+            "rows_not_written": dict(st.rows_not_written),
+        }
+
+    # ---- the write loop -------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        from tiled.client import from_uri
+
+        delay = 0.2
+        t0 = time.monotonic()
+        while True:
+            try:
+                self._client = await asyncio.to_thread(
+                    from_uri, self.base_url, api_key=self.api_key, timeout=self.request_timeout
+                )
+                return
+            except Exception as exc:
+                err = _translate(exc)
+                if isinstance(err, TiledRejected) or time.monotonic() - t0 > self.give_up_after:
+                    raise err from exc
+                logger.warning("Tiled at %s not reachable yet (%s); retrying", self.base_url, err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._ops:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._busy = True
+            try:
+                await self._step()
+            finally:
+                self._busy = False
+
+    async def _step(self) -> None:
+        """Write the operation at the head of the queue (and a batch of rows behind it)."""
+        kind, item = self._ops[0]
+        if kind == "row":
+            batch: list[_Row] = []
+            for k, it in self._ops:
+                if k != "row" or it.run_id != item.run_id or len(batch) >= self.max_batch:
+                    break
+                batch.append(it)
+            await self._write_batch(batch)
+            for _ in batch:
+                self._ops.popleft()
+        elif kind == "start":
+            await self._with_retry(f"start of run {item}", self._ensure_run, item)
+            self._ops.popleft()
+        elif kind == "stop":
+            run_id, stop = item
+            failed = await self._with_retry(f"stop of run {run_id}", self._close_run, run_id, stop)
+            self._ops.popleft()
+            if not failed and not any(
+                k == "row" and it.run_id == run_id for k, it in self._ops
+            ):  # everything of this run is in Tiled
+                self._log.discard(run_id)
+
+    async def _with_retry(self, what: str, fn: Any, *args: Any) -> str | None:
+        """Run `fn(*args, attempt)` in a worker thread, retrying transient errors.
+
+        Returns None on success, else the reason it gave up ("rejected_by_tiled" | "tiled_unreachable").
+        """
+        delay = 0.2
+        t0 = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(fn, *args, attempt)
+                return None
+            except Exception as exc:  # noqa: BLE001 - translated at this boundary
+                err = exc if isinstance(exc, PersistError) else _translate(exc)
+                attempt += 1
+                if isinstance(err, TiledRejected):
+                    logger.error("Tiled rejected %s: %s", what, err)
+                    return "rejected_by_tiled"
+                if time.monotonic() - t0 > self.give_up_after or (self._closing and attempt > 3):
+                    logger.error("giving up on %s after %d attempts: %s", what, attempt, err)
+                    return "tiled_unreachable"
+                self._retries += 1
+                logger.warning(
+                    "writing %s to Tiled failed (%s); retry %d in %.1f s", what, err, attempt, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _write_batch(self, batch: list[_Row]) -> None:
+        """Write one batch of rows (and their frames); all bookkeeping stays on the event loop."""
+        images: dict[int, np.ndarray] = {}
+        for r in batch:  # take the images out of the droppable buffer: they are in flight now
+            if r.image is not None:
+                images[r.row] = r.image
+                self._buffered_bytes -= r.image.nbytes
+                r.image = None
+                self._frame_queue.remove(r)
+        out = _BatchOutcome()
+        run_id = batch[0].run_id
+        failed = await self._with_retry(f"rows of run {run_id}", self._write_rows, batch, images, out)
+        st = self._run(run_id)
+        by_row = {r.row: r for r in batch}
+        for row, written_at in out.frames_done.items():
+            r = by_row[row]
+            self._lags.append(written_at - r.published_at)
+            st.frames_written += 1
+            self._log.append(run_id, {"t": "frame_ok", "run_id": run_id, "index": r.index})
+        for row in out.mismatched:
+            st.frames_not_written["shape_mismatch"] += 1
+            logger.warning("run %s frame %d not written: shape/dtype differs from the run's first frame",
+                           run_id, by_row[row].index)  # fmt: skip
+        st.rows_written += out.rows_done
+        if failed:
+            for row in images.keys() - out.frames_done.keys() - out.mismatched:
+                st.frames_not_written[failed] += 1
+            st.rows_not_written[failed] += len(batch) - out.rows_done - out.rows_skipped
+
+    # ---- Tiled calls (worker thread) ------------------------------------------------------------
+
+    def _path(self, *parts: str) -> list[str]:
+        return [p for p in (self.root, *parts) if p]
+
+    def _node(self, *parts: str) -> Any:
+        node = self._client
+        for p in self._path(*parts):
+            node = node[p]
+        return node
+
+    def _ensure_container(self, parent: Any, key: str, metadata: dict[str, Any] | None = None) -> Any:
+        from tiled.client.utils import ClientError
+
+        if key in parent:
+            return parent[key]
+        try:
+            return parent.create_container(key, metadata=metadata or {})
+        except ClientError as exc:
+            if exc.response.status_code == 409:  # created by an earlier attempt whose answer was lost
+                return parent[key]
+            raise
+
+    def _ensure_run(self, run_id: str, attempt: int = 0) -> None:
+        st = self._run(run_id)
+        parent = self._client
+        for p in self._path():
+            parent = self._ensure_container(parent, p)
+        start = st.start or {"run_id": run_id, "run_name": run_id, "started_at": time.time(), "metadata": {}}
+        md = {**_jsonable(start.get("metadata") or {}), "run_id": run_id, "run_name": start["run_name"],
+              "started_at": start["started_at"], "status": "open", "writer": "latent-stream"}  # fmt: skip
+        run = self._ensure_container(parent, run_id, md)
+        self._ensure_container(run, "primary")
+        latent = self._ensure_container(run, "latent")
+        if "points" not in latent:
+            try:
+                latent.create_appendable_table(point_schema(), key="points")
+            except Exception as exc:
+                if getattr(getattr(exc, "response", None), "status_code", None) != 409:
+                    raise
+        st.created = True
+
+    def _ensure_array(self, parent: Any, key: str, row_shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """An appendable array (1, *row_shape) with one chunk per leading index; no data written."""
+        from tiled.client.utils import ClientError
+        from tiled.structures.array import ArrayStructure, BuiltinDtype
+        from tiled.structures.core import StructureFamily
+        from tiled.structures.data_source import DataSource
+
+        if key in parent:
+            return parent[key]
+        structure = ArrayStructure(
+            shape=(1, *row_shape),
+            chunks=((1,), *((n,) for n in row_shape)),
+            data_type=BuiltinDtype.from_numpy_dtype(np.dtype(dtype)),
+        )
+        try:
+            return parent.new(
+                StructureFamily.array,
+                [DataSource(structure=structure, structure_family=StructureFamily.array)],
+                key=key,
+            )
+        except ClientError as exc:
+            if exc.response.status_code == 409:
+                return parent[key]
+            raise
+
+    def _write_rows(
+        self, batch: list[_Row], images: dict[int, np.ndarray], out: _BatchOutcome, attempt: int = 0
+    ) -> None:
+        run_id = batch[0].run_id
+        st = self._run(run_id)
+        if not st.created:
+            self._ensure_run(run_id)
+        run = self._node(run_id)
+        # Frames first: a row's tiled_url should resolve once the row is visible.
+        framed = [
+            r
+            for r in batch
+            if r.row in images and r.row not in out.frames_done and r.row not in out.mismatched
+        ]
+        if framed:
+            first = images[framed[0].row]
+            img = self._ensure_array(run["primary"], "image", first.shape, first.dtype)
+            want = (tuple(img.shape[1:]), np.dtype(img.dtype))
+            for r in framed:
+                if (images[r.row].shape, images[r.row].dtype) != want:
+                    out.mismatched.add(r.row)
+            framed = [r for r in framed if r.row not in out.mismatched]
+            for group in _consecutive(framed, key=lambda r: r.index):
+                img.patch(np.stack([images[r.row] for r in group]), offset=(group[0].index,), extend=True)
+                now = time.time()
+                for r in group:
+                    out.frames_done[r.row] = now
+        if out.rows_done:
+            return
+        rows = batch
+        if attempt > 0:  # the previous append may have landed: skip rows already there
+            present = self._rows_present(run)
+            rows = [r for r in batch if r.row not in present]
+            out.rows_skipped = len(batch) - len(rows)
+        if rows:
+            dim = rows[0].latent.shape[0]
+            vec = self._ensure_array(run["latent"], "vectors", (dim,), np.dtype(np.float32))
+            for group in _consecutive(rows, key=lambda r: r.row):
+                vec.patch(np.stack([r.latent for r in group]), offset=(group[0].row,), extend=True)
+            import pyarrow as pa
+
+            table = pa.Table.from_pylist([r.values for r in rows], schema=point_schema())
+            run["latent"]["points"].append_partition(0, table)
+        out.rows_done = len(rows)
+
+    def _rows_present(self, run: Any) -> set[int]:
+        points = run["latent"]["points"]
+        try:
+            df = points.read(["row"])
+        except Exception as exc:
+            if getattr(getattr(exc, "response", None), "status_code", None) in (404, 500, None):
+                return set()
+            raise
+        return {int(v) for v in df["row"]}
+
+    def _close_run(self, run_id: str, stop: dict[str, Any], attempt: int = 0) -> None:
+        st = self._run(run_id)
+        if not st.created:
+            self._ensure_run(run_id)
+        run = self._node(run_id)
+        md = {"status": "closed", **_jsonable(stop), "rows": st.next_row, "persist": self.run_counts(run_id)}
+        run.update_metadata(metadata=md)
+
+    # ---- crash recovery -------------------------------------------------------------------------
+
+    async def _recover(self, rec: RecoveredRun) -> None:
+        st = self._run(rec.run_id)
+        st.start = (
+            {k: rec.start[k] for k in ("run_id", "run_name", "started_at", "metadata")} if rec.start else None
+        )
+        await self._with_retry(f"recovery of run {rec.run_id}", self._ensure_run, rec.run_id)
+        rows = [
+            _Row(rec.run_id, int(p["row"]), int(p["index"]), {name: p[name] for name, _ in POINT_COLUMNS},
+                 np.frombuffer(p["latent"], dtype=np.float32), None, float(p["timestamp"]))
+            for p in rec.points
+        ]  # fmt: skip
+        st.next_row = max((r.row for r in rows), default=-1) + 1
+        lost = sum(
+            1 for p in rec.points if p.get("stored_by_service") and int(p["index"]) not in rec.frames_ok
+        )
+        if lost:
+            st.frames_not_written["lost_in_crash"] += lost
+            logger.warning(
+                "run %s: %d frames died with the previous process before reaching Tiled", rec.run_id, lost
+            )
+        st.frames_written += len(rec.frames_ok)
+        present = await asyncio.to_thread(self._rows_present, self._node(rec.run_id))
+        missing = [r for r in rows if r.row not in present]
+        st.rows_written += len(present)
+        for i in range(0, len(missing), 256):
+            await self._write_batch(missing[i : i + 256])
+        logger.info(
+            "run %s recovered: %d rows in the log, %d re-appended", rec.run_id, len(rows), len(missing)
+        )
+        if rec.stop is not None:
+            stop = {k: rec.stop.get(k) for k in ("stopped_at", "num_frames", "processed", "reason")}
+            if not await self._with_retry(f"close of run {rec.run_id}", self._close_run, rec.run_id, stop):
+                self._log.discard(rec.run_id)
+        else:
+            st.recovered_open = True
+
+
+def _consecutive(rows: list[_Row], key: Any) -> list[list[_Row]]:
+    """Split into runs of consecutive keys (each run is one PATCH)."""
+    groups: list[list[_Row]] = []
+    for r in rows:
+        if groups and key(r) == key(groups[-1][-1]) + 1:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """Tiled metadata must be JSON: keep basic types, stringify the rest."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[str(k)] = _jsonable(v)
+        elif isinstance(v, (list, tuple)):
+            out[str(k)] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
+        elif isinstance(v, (str, int, float, bool)) or v is None:
+            out[str(k)] = v
+        elif isinstance(v, np.generic):
+            out[str(k)] = v.item()
+        else:
+            out[str(k)] = str(v)
+    return out
