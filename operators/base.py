@@ -187,6 +187,7 @@ class BatchStage(ABC, Generic[S]):
 
     name: str = "stage"
     reject_reason: str = "stage_error"
+    batchable: bool = True  # False: items are processed (and isolated) one at a time, never retried
 
     @abstractmethod
     def process_many(self, items: Sequence[S]) -> None: ...
@@ -201,6 +202,8 @@ def run_isolated(
     """Run ``stage`` on ``items``; when the batch raises, retry one by one. Returns the items that passed."""
     if not items:
         return []
+    if not stage.batchable:
+        return [item for one in items for item in run_isolated_one(stage, one, on_failure)]
     try:
         stage.process_many(items)
         return list(items)
@@ -208,14 +211,18 @@ def run_isolated(
         if len(items) == 1:
             on_failure(items[0], stage, exc)
             return []
-    passed: list[S] = []
-    for item in items:
-        try:
-            stage.process_one(item)
-            passed.append(item)
-        except Exception as exc:
-            on_failure(item, stage, exc)
-    return passed
+    return [item for one in items for item in run_isolated_one(stage, one, on_failure)]
+
+
+def run_isolated_one(
+    stage: BatchStage[S], item: S, on_failure: Callable[[S, BatchStage[S], BaseException], None]
+) -> list[S]:
+    try:
+        stage.process_one(item)
+        return [item]
+    except Exception as exc:
+        on_failure(item, stage, exc)
+        return []
 
 
 def describe(message: Any) -> str:

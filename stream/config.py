@@ -1,0 +1,111 @@
+"""Configuration of ``latent-stream serve``, in one place.
+
+Every option is settable, highest priority first, by: the command line (init keywords), the environment
+(``LATENT_STREAM_<NAME>``, e.g. ``LATENT_STREAM_ZMQ_PATTERN=sub``), a YAML file (``--config`` /
+``LATENT_STREAM_CONFIG``), then the defaults below. Unknown keys in the YAML file are an error, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from operators.base import QueuePolicy
+from stream.protocol import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
+
+ENV_PREFIX = "LATENT_STREAM_"
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    config: Path | None = Field(None, description="YAML file with any of these options")
+    # ARCHITECTURE.md "Commands": the public serve options.
+    zmq: str = Field("tcp://127.0.0.1:5000", description="address of the frame source; the service connects")
+    zmq_pattern: Literal["pull", "sub"] = Field("pull", description="pull (lossless) or sub (PUB sources)")
+    host: str = Field("127.0.0.1", description="HTTP/websocket bind address")
+    port: int = Field(8765, ge=0, le=65535)
+    bundle: Path | None = Field(None, description="model bundle directory (default: the shipped bundle)")
+    tiled: str = Field("embedded", description="'embedded' or the URL of a facility Tiled server")
+    tiled_port: int = Field(8000, ge=0, le=65535, description="port of the embedded Tiled server")
+    tiled_api_key: str | None = Field(None, description="Tiled API key (generated for embedded when unset)")
+    data_dir: Path = Field(Path("data"), description="where the embedded Tiled catalog and files live")
+    token: str | None = Field(None, description="require this token from websocket and REST clients")
+    # Internals, with defaults that suit one Pilatus 2M at up to ~100 Hz on a small machine.
+    queue_size: int = Field(32, ge=1, description="frames held between receive and compute")
+    queue_policy: QueuePolicy | None = Field(
+        None, description="block | drop_oldest | drop_newest (default: block for pull, drop_oldest for sub)"
+    )
+    max_batch: int = Field(8, ge=1, description="most frames computed together when they queue up")
+    rcvhwm: int = Field(16, ge=1, description="ZeroMQ receive high-water mark (messages)")
+    max_frame_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_frame_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    runtime: Literal["onnx", "torchscript"] = Field("onnx", description="encoder runtime from the bundle")
+    publish_timeout: float = Field(1.0, gt=0, description="seconds a publisher may take per message")
+    drain_timeout: float = Field(2.0, ge=0, description="seconds to finish queued frames at shutdown")
+    log_level: str = Field("INFO")
+
+    @field_validator("tiled")
+    @classmethod
+    def _tiled_is_embedded_or_url(cls, value: str) -> str:
+        if value != "embedded" and not value.startswith(("http://", "https://")):
+            raise ValueError("tiled must be 'embedded' or an http(s):// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _policy_follows_pattern(self) -> ServeSettings:
+        if self.queue_policy is None:
+            # PULL is lossless: push back on the sender. SUB cannot push back: stay live, count drops.
+            self.queue_policy = QueuePolicy.BLOCK if self.zmq_pattern == "pull" else QueuePolicy.DROP_OLDEST
+        return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_pixels=self.max_frame_pixels, max_bytes=self.max_frame_bytes)
+
+    @property
+    def embedded_tiled(self) -> bool:
+        return self.tiled == "embedded"
+
+    @property
+    def tiled_base_url(self) -> str:
+        """Where frame URIs point: the embedded server on 127.0.0.1, or the facility server."""
+        return f"http://127.0.0.1:{self.tiled_port}" if self.embedded_tiled else self.tiled
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_path = _yaml_path(init_settings)
+        if yaml_path is not None:
+            if not yaml_path.is_file():
+                raise FileNotFoundError(f"config file not found: {yaml_path}")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        return tuple(sources)
+
+
+def _yaml_path(init_settings: PydanticBaseSettingsSource) -> Path | None:
+    kwargs: dict[str, Any] = getattr(init_settings, "init_kwargs", {})
+    value = kwargs.get("config") or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    return Path(value) if value else None
+
+
+def load_settings(**overrides: Any) -> ServeSettings:
+    """Settings from command-line overrides (None means 'not given'), the environment and YAML."""
+    return ServeSettings(**{k: v for k, v in overrides.items() if v is not None})

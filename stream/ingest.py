@@ -1,0 +1,218 @@
+"""ZeroMQ ingest: connect to the frame source, decode, track runs, feed the pipeline's bounded inbox.
+
+`ZmqIngest` is an arroyopy ``Listener``: it CONNECTS to the source with PULL (default; lossless, the
+sender blocks when we fall behind) or SUB (for PUB sources such as the ALS simulators; ZeroMQ drops
+silently at the high-water mark, which the frame-number gap count exposes as ``lost_upstream``).
+
+Its receive loop is its own (arroyopy 0.2.2's ``ZMQListener`` swallows cancellation and dies on the
+first exception). Each message is counted as received, decoded off the event loop by `IngestDecoder`
+(bad input raises `ProtocolError` and is counted under its reason), and handed to the operator's
+``submit``, whose bounded queue applies the overload policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import zmq
+import zmq.asyncio
+
+from operators.base import Listener
+from operators.messages import Frame, RunStarted, RunStopped
+from operators.metrics import PipelineMetrics
+from stream.protocol import Event, Limits, ProtocolError, Start, Stop, decode
+
+log = logging.getLogger(__name__)
+
+IngestMessage = RunStarted | Frame | RunStopped
+Pattern = Literal["pull", "sub"]
+
+
+class Submitter(Protocol):
+    """The operator side of the seam: a bounded, policy-driven inbox."""
+
+    async def submit(self, message: IngestMessage) -> bool: ...
+
+
+@dataclass(slots=True)
+class _RunState:
+    run_id: str
+    last_index: int | None = None
+    frames_seen: int = 0
+    gaps_counted: int = 0
+
+
+class IngestDecoder:
+    """Wire bytes -> in-process messages, in arrival order, with run state and gap detection.
+
+    Not thread-safe: one decoder per ingest, called from one thread at a time.
+    A ``start`` while a run is open closes that run first (``RunStopped(reason="superseded")``);
+    an event or stop with no open run is rejected (``no_active_run``).
+    """
+
+    def __init__(self, metrics: PipelineMetrics, limits: Limits = Limits()) -> None:
+        self.metrics = metrics
+        self.limits = limits
+        self._run: _RunState | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run.run_id if self._run else None
+
+    def accept(self, payload: bytes | memoryview, received_at: float, received_perf: float) -> list[IngestMessage]:
+        """Decode one message. Raises `ProtocolError`; the LAST returned message is the received one."""
+        message = decode(payload, self.limits)
+        if isinstance(message, Event):
+            return [self._event(message, received_at, received_perf)]
+        if isinstance(message, Start):
+            return self._start(message, received_at)
+        return [self._stop(message, received_at)]
+
+    def _start(self, start: Start, now: float) -> list[IngestMessage]:
+        out: list[IngestMessage] = []
+        if self._run is not None:
+            log.warning("run %s superseded by a new start before its stop", self._run.run_id)
+            out.append(RunStopped(self._run.run_id, now, num_frames=None, processed=0, reason="superseded"))
+        run_id = start.run_id or uuid.uuid4().hex
+        self._run = _RunState(run_id)
+        metadata = {**start.metadata, "tiled_url": start.tiled_url} if start.tiled_url else dict(start.metadata)
+        out.append(RunStarted(run_id=run_id, run_name=start.run_name or run_id, started_at=now, metadata=metadata))
+        log.info("run %s started (%s)", run_id, start.run_name)
+        return out
+
+    def _event(self, event: Event, received_at: float, received_perf: float) -> Frame:
+        run = self._run
+        if run is None:
+            raise ProtocolError("no_active_run", f"event {event.frame_number} arrived with no open run")
+        index = event.frame_number
+        if run.last_index is not None:
+            if index > run.last_index + 1:
+                missing = index - run.last_index - 1
+                run.gaps_counted += missing
+                self.metrics.lost_upstream.inc(missing)
+                log.warning("run %s: %d frame(s) lost upstream before frame %d", run.run_id, missing, index)
+            elif index <= run.last_index:
+                log.warning("run %s: frame %d arrived after frame %d", run.run_id, index, run.last_index)
+        run.last_index = index if run.last_index is None else max(index, run.last_index)
+        run.frames_seen += 1
+        return Frame(
+            run_id=run.run_id,
+            index=index,
+            image=event.image,
+            tiled_url=event.tiled_url,
+            received_at=received_at,
+            received_perf=received_perf,
+            metadata=event.metadata,
+        )
+
+    def _stop(self, stop: Stop, now: float) -> RunStopped:
+        run = self._run
+        if run is None:
+            raise ProtocolError("no_active_run", "stop arrived with no open run")
+        if stop.num_frames is not None:
+            # Frames announced but neither received nor already counted in a gap: lost at the tail.
+            tail = stop.num_frames - run.frames_seen - run.gaps_counted
+            if tail > 0:
+                self.metrics.lost_upstream.inc(tail)
+                log.warning("run %s: %d frame(s) announced but never received", run.run_id, tail)
+        self._run = None
+        log.info("run %s stopped after %d frame(s) (announced %s)", run.run_id, run.frames_seen, stop.num_frames)
+        return RunStopped(run.run_id, now, num_frames=stop.num_frames, processed=0, reason="stop")
+
+
+class ZmqIngest(Listener):
+    """Connects to ``address`` and feeds ``operator.submit`` until `stop`.
+
+    ``rcvhwm`` bounds what ZeroMQ itself buffers (default 1000 messages would be ~10 GB of Pilatus frames).
+    """
+
+    def __init__(
+        self,
+        operator: Submitter,
+        address: str,
+        metrics: PipelineMetrics,
+        *,
+        pattern: Pattern = "pull",
+        limits: Limits = Limits(),
+        context: zmq.asyncio.Context | None = None,
+        rcvhwm: int = 16,
+    ) -> None:
+        super().__init__(operator)
+        if pattern not in ("pull", "sub"):
+            raise ValueError(f"zmq pattern must be 'pull' or 'sub', got {pattern!r}")
+        self.address = address
+        self.pattern = pattern
+        self.metrics = metrics
+        self.decoder = IngestDecoder(metrics, limits)
+        self.rcvhwm = rcvhwm
+        self._context = context or zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        # Decoding (a ~10 MB copy out of msgpack, finiteness checks) stays off the event loop.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest-decode")
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def start(self) -> None:
+        """Run the receive loop until cancelled or `stop` is called."""
+        self._task = asyncio.current_task()
+        sock = self._context.socket(zmq.PULL if self.pattern == "pull" else zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        if self.pattern == "sub":
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket = sock
+        try:
+            sock.connect(self.address)
+            log.info("ingest connected to %s (%s)", self.address, self.pattern)
+            self._connected.set()
+            while True:
+                parts = await sock.recv_multipart(copy=False)
+                await self._handle(parts[-1])  # a PUB topic frame, if any, comes first
+        finally:
+            sock.close(linger=0)
+            self._socket = None
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _handle(self, frame: zmq.Frame) -> None:
+        received_at, received_perf = time.time(), time.perf_counter()
+        self.metrics.received.inc()
+        loop = asyncio.get_running_loop()
+        try:
+            messages = await loop.run_in_executor(
+                self._executor, self.decoder.accept, frame.buffer, received_at, received_perf
+            )
+        except ProtocolError as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            log.warning("rejected message (%s) in run %s: %s", exc.reason, self.decoder.run_id, exc.detail)
+            return
+        except asyncio.CancelledError:
+            self.metrics.dropped.labels("shutdown").inc()
+            raise
+        except Exception:
+            self.metrics.rejected.labels("decode_error").inc()
+            log.exception("unexpected decode failure in run %s", self.decoder.run_id)
+            return
+        self.metrics.observe("decode", time.perf_counter() - received_perf)
+        try:
+            for message in messages:
+                await self.operator.submit(message)
+        except asyncio.CancelledError:
+            # The received message (always the last one) never reached the queue.
+            self.metrics.dropped.labels("shutdown").inc()
+            raise
+
+    async def stop(self) -> None:
+        """Stop receiving and close the socket (never ``context.term()`` with sockets open)."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
