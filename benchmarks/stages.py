@@ -1,0 +1,347 @@
+"""Per-stage timings over many frames after warm-up, for every runtime this machine has.
+
+Stages, in the order a frame meets them: decode (msgpack -> zero-copy numpy view), preprocess (mask, log,
+resize into the model's input), encode (each runtime: ONNX Runtime CPU, TorchScript, PyTorch eager; on a
+GPU also ONNX Runtime CUDA / TensorRT, fp16 and torch.compile), project (umap-learn ``transform`` and the
+ONNX approximator), cluster (the online clusterer), publish (point -> websocket payload, and the hub's fan-out
+enqueue). A runtime that is absent here is skipped with the reason, never faked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from benchmarks.reference import ReferencePipeline, ReferenceResult, run_reference
+from benchmarks.report import StageResult
+from benchmarks.timing import Budget, time_calls
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Models:
+    """What the stage timings and the reference pipeline need from one bundle."""
+
+    bundle: Any  # operators.bundle.ModelBundle (ONNX Runtime)
+    path: Path
+    manifest: dict[str, Any]
+    autoencoder_model: str
+    input_size: int
+    latent_dim: int
+    umap_model: Any | None = None  # the fitted umap-learn object, if the bundle has one
+    torch_model: Any | None = None  # eager CVAE (full forward returns (recon, mu, logvar)), if buildable
+    torch_encoder: Any | None = None  # eager mean encoder, if buildable
+    torchscript_path: Path | None = None
+    onnx_path: Path | None = None
+    latent_transform: Callable[[np.ndarray], np.ndarray] | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+def _bundle_file(path: Path, manifest: dict[str, Any], *keys: str, suffixes: Sequence[str] = ()) -> Path | None:
+    """Find an artifact named in the manifest under any of `keys`, else by file suffix."""
+    artifacts = manifest.get("artifacts") or manifest.get("files") or {}
+    if isinstance(artifacts, dict):
+        for key in keys:
+            entry = artifacts.get(key)
+            name = entry.get("path") if isinstance(entry, dict) else entry
+            if isinstance(name, str) and (path / name).is_file():
+                return path / name
+    for suffix in suffixes:
+        hits = sorted(path.glob(f"*{suffix}"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def load_models(bundle_path: Path | None) -> Models:
+    """Load the bundle for ONNX Runtime, and whatever the reference pipeline and other runtimes need."""
+    from operators.bundle import ModelBundle, default_bundle_path
+
+    path = Path(bundle_path) if bundle_path else Path(default_bundle_path())
+    bundle = ModelBundle.load(path, runtime="onnx")
+    manifest = json.loads((path / "manifest.json").read_text())
+    models = Models(
+        bundle=bundle,
+        path=path,
+        manifest=manifest,
+        autoencoder_model=bundle.autoencoder_model,
+        input_size=int(bundle.input_size),
+        latent_dim=int(bundle.latent_dim),
+        onnx_path=_bundle_file(path, manifest, "encoder_onnx", "encoder.onnx", suffixes=(".onnx",)),
+        torchscript_path=_bundle_file(path, manifest, "encoder_torchscript", suffixes=(".ts", ".torchscript.pt")),
+    )
+    models.latent_transform = getattr(bundle.projector, "latent_transform", None)
+    try:
+        models.umap_model = bundle.load_umap()
+    except (AttributeError, FileNotFoundError, ImportError) as exc:
+        models.unavailable["project[umap-learn transform]"] = f"no umap-learn model in the bundle ({exc})"
+    try:
+        from operators.model.load import load_torch_model
+
+        models.torch_model = load_torch_model(path)
+        models.torch_encoder = models.torch_model.encoder
+    except (ImportError, FileNotFoundError, KeyError) as exc:
+        models.unavailable["encode[torch-eager]"] = f"cannot build the eager model from the bundle ({exc})"
+    bundle.warmup()
+    return models
+
+
+# -- individual stages ---------------------------------------------------------------------------------
+
+
+def _event_payloads(frames: Sequence[np.ndarray]) -> list[bytes]:
+    h, w = frames[0].shape
+    return [
+        msgpack.packb(
+            {
+                "msg_type": "event",
+                "image": {"array": {"data": f.tobytes(), "dtype": str(f.dtype), "shape": [h, w]}},
+                "frame_number": i,
+                "tiled_url": f"http://tiled.invalid/api/v1/array/full/run/primary/image?slice={i}",
+            }
+        )
+        for i, f in enumerate(frames)
+    ]
+
+
+def _stage(name: str, fn: Callable[[int], object], budget: Budget, batch: int = 1, note: str = "") -> StageResult:
+    stats, _ = time_calls(fn, budget)
+    log.info("stage %-40s p50 %8.3f ms  p99 %8.3f ms  (batch %d)", name, stats.p50_ms, stats.p99_ms, batch)
+    return StageResult(name=name, stats=stats, batch=batch, note=note)
+
+
+def _ort_session(onnx_path: Path, providers: list[Any], threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+
+
+def _ort_runner(sess: Any) -> Callable[[np.ndarray], Any]:
+    name = sess.get_inputs()[0].name
+    out = sess.get_outputs()[0].name
+    return lambda x: sess.run([out], {name: x})[0]
+
+
+def _batches(models: Models, frames: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
+    tensors = [models.bundle.preprocessor(f) for f in frames]
+    return [np.stack([tensors[(i + j) % len(tensors)] for j in range(batch)]) for i in range(len(tensors))]
+
+
+def _encode_stages(
+    models: Models, frames: Sequence[np.ndarray], budget: Budget, batch_sizes: Sequence[int], quick: bool
+) -> tuple[list[StageResult], dict[str, str]]:
+    results: list[StageResult] = []
+    skipped: dict[str, str] = {}
+    cores = len(os.sched_getaffinity(0))
+
+    for b in batch_sizes:
+        xs = _batches(models, frames, b)
+        results.append(_stage("encode[onnx-cpu, bundle]", lambda i: models.bundle.encoder.encode(xs[i % len(xs)]), budget, b))
+
+    xs1 = _batches(models, frames, 1)
+    if models.onnx_path is not None:
+        # Thread settings: the bundle's session versus explicit intra-op counts.
+        for threads in sorted({1, cores}):
+            try:
+                run = _ort_runner(_ort_session(models.onnx_path, ["CPUExecutionProvider"], threads))
+                run(xs1[0])
+                results.append(_stage(f"encode[onnx-cpu, {threads} thread(s)]", lambda i: run(xs1[i % len(xs1)]), budget))
+            except Exception as exc:  # noqa: BLE001 - a fixed-batch model may refuse; report why
+                skipped[f"encode[onnx-cpu, {threads} thread(s)]"] = f"{type(exc).__name__}: {exc}"[:200]
+    else:
+        skipped["encode[onnx-cpu, threads]"] = "no encoder ONNX file found in the bundle"
+
+    try:
+        import torch
+    except ImportError:
+        skipped["encode[torch-*]"] = "torch not installed (serving does not need it)"
+        return results, skipped
+
+    gpu = torch.cuda.is_available()
+    with torch.inference_mode():
+        if models.torchscript_path is not None:
+            ts = torch.jit.load(str(models.torchscript_path), map_location="cpu").eval()
+            t1 = [torch.from_numpy(x) for x in xs1]
+            results.append(_stage("encode[torchscript-cpu]", lambda i: ts(t1[i % len(t1)]), budget))
+        else:
+            skipped["encode[torchscript-cpu]"] = "no TorchScript encoder in the bundle"
+        if models.torch_encoder is not None:
+            enc = models.torch_encoder.eval()
+            t1 = [torch.from_numpy(x) for x in xs1]
+            results.append(_stage("encode[torch-eager-cpu]", lambda i: enc(t1[i % len(t1)]), budget))
+            if not quick and not gpu:
+                skipped["encode[torch.compile-cpu]"] = "measured on GPU only (inductor's CPU compile takes minutes here)"
+        else:
+            skipped["encode[torch-eager-cpu]"] = models.unavailable.get("encode[torch-eager]", "no eager model")
+
+        if gpu and models.torch_encoder is not None:
+            results += _torch_gpu_stages(models, xs1, budget, skipped)
+        elif not gpu:
+            for name in ("encode[torch-cuda fp32]", "encode[torch-cuda fp16]", "encode[torch.compile-cuda]"):
+                skipped[name] = "no CUDA GPU on this machine"
+    results += _ort_gpu_stages(models, xs1, budget, skipped)
+    return results, skipped
+
+
+def _torch_gpu_stages(models: Models, xs1: Sequence[np.ndarray], budget: Budget, skipped: dict[str, str]) -> list[StageResult]:
+    import torch
+
+    out: list[StageResult] = []
+    enc = models.torch_encoder.eval().cuda()
+    dev = [torch.from_numpy(x).cuda() for x in xs1]
+
+    def timed(model: Any, inputs: Sequence[Any]) -> Callable[[int], object]:
+        def call(i: int) -> object:
+            r = model(inputs[i % len(inputs)])
+            torch.cuda.synchronize()
+            return r
+
+        return call
+
+    out.append(_stage("encode[torch-cuda fp32]", timed(enc, dev), budget))
+    half = [x.half() for x in dev]
+    enc16 = models.torch_encoder.half()
+    out.append(_stage("encode[torch-cuda fp16]", timed(enc16, half), budget))
+    models.torch_encoder.float()
+    try:
+        compiled = torch.compile(enc, mode="max-autotune")
+        out.append(_stage("encode[torch.compile-cuda fp32]", timed(compiled, dev), budget))
+    except Exception as exc:  # noqa: BLE001 - inductor failures vary; report and go on
+        skipped["encode[torch.compile-cuda]"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def _ort_gpu_stages(models: Models, xs1: Sequence[np.ndarray], budget: Budget, skipped: dict[str, str]) -> list[StageResult]:
+    import onnxruntime as ort
+
+    out: list[StageResult] = []
+    available = ort.get_available_providers()
+    if models.onnx_path is None:
+        return out
+    for label, providers in (
+        ("encode[onnx-cuda]", ["CUDAExecutionProvider"]),
+        ("encode[onnx-tensorrt fp16]", [("TensorrtExecutionProvider", {"trt_fp16_enable": True}), "CUDAExecutionProvider"]),
+    ):
+        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if wanted not in available:
+            skipped[label] = f"{wanted} not available in this onnxruntime ({', '.join(available)})"
+            continue
+        try:
+            sess = _ort_session(models.onnx_path, providers)
+            run = _ort_runner(sess)
+            run(xs1[0])
+            out.append(_stage(label, lambda i: run(xs1[i % len(xs1)]), budget))
+            out.append(_stage(label.replace("]", ", io-binding]"), _io_bound(sess, xs1), budget))
+        except Exception as exc:  # noqa: BLE001 - provider set-up failures vary by machine
+            skipped[label] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def _io_bound(sess: Any, xs1: Sequence[np.ndarray]) -> Callable[[int], object]:
+    """Input copied to the device once per call, output left on the device: no host round trip per Run."""
+    import onnxruntime as ort
+
+    name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+    dev = [ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) for x in xs1]
+    binding = sess.io_binding()
+    binding.bind_output(out, "cuda")
+
+    def call(i: int) -> object:
+        binding.bind_ortvalue_input(name, dev[i % len(dev)])
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    return call
+
+
+def _publish_stages(models: Models, latents: np.ndarray, budget: Budget, skipped: dict[str, str]) -> list[StageResult]:
+    """Point -> the websocket payload (once per point for every client), and the hub's enqueue for N clients."""
+    from operators.messages import Point, StageTimings
+
+    try:
+        from frontend_bridge import wire
+    except ImportError as exc:
+        skipped["publish"] = f"frontend_bridge.wire unavailable ({exc})"
+        return []
+    ctx = wire.RunContext(
+        run_id="bench",
+        experiment_name="bench",
+        model=wire.ModelInfo(models.autoencoder_model, getattr(models.bundle, "dimred_model", "umap:0")),
+    )
+    points = [
+        Point(run_id="bench", index=i, x=0.1 * i, y=-0.2 * i, cluster=i % 3, novelty=0.5, tiled_url=f"http://t/{i}",
+              timestamp=time.time(), timings=StageTimings(), latent=latents[i % len(latents)], stored_by_service=False)
+        for i in range(64)
+    ]  # fmt: skip
+
+    def serialise(i: int) -> object:
+        msg = wire.point_from_message(ctx, points[i % len(points)])
+        return wire.encode(wire.typed_point(msg), wire.WireFormat.WS_JSON), wire.encode(msg, wire.WireFormat.LSE_JSON)
+
+    return [_stage("publish[point -> /ws + /lse JSON]", serialise, budget)]
+
+
+def run_stages(
+    models: Models, frames: Sequence[np.ndarray], budget: Budget, quick: bool = False
+) -> tuple[list[StageResult], dict[str, str]]:
+    """Time every stage on `frames` (full-size detector frames). Returns results and skipped stages."""
+    from stream.protocol import decode
+
+    results: list[StageResult] = []
+    skipped: dict[str, str] = dict(models.unavailable)
+    batch_sizes = (1, 8) if quick else (1, 4, 8, 16)
+
+    payloads = _event_payloads(frames)
+    results.append(_stage("decode[msgpack -> zero-copy view]", lambda i: decode(payloads[i % len(payloads)]), budget))
+
+    pre = models.bundle.preprocessor
+    out = np.empty((1, models.input_size, models.input_size), np.float32)
+    results.append(_stage("preprocess[bundle, into a reused buffer]", lambda i: pre(frames[i % len(frames)], out=out), budget))
+    results.append(_stage("preprocess[bundle, allocating]", lambda i: pre(frames[i % len(frames)]), budget))
+
+    enc_results, enc_skipped = _encode_stages(models, frames, budget, batch_sizes, quick)
+    results += enc_results
+    skipped.update(enc_skipped)
+
+    tensors = np.stack([pre(f) for f in frames])
+    latents = np.asarray(models.bundle.encoder.encode(tensors), np.float32)
+    lat1 = [latents[i : i + 1] for i in range(len(latents))]
+    proj = models.bundle.projector
+    results.append(_stage("project[bundle projector]", lambda i: proj.project(lat1[i % len(lat1)]), budget))
+    lat8 = np.concatenate([latents] * (8 // len(latents) + 1))[:8]
+    results.append(_stage("project[bundle projector]", lambda i: proj.project(lat8), budget, batch=8))
+    if models.umap_model is not None:
+        um, tf = models.umap_model, models.latent_transform or (lambda x: x)
+        results.append(_stage("project[umap-learn transform]", lambda i: um.transform(tf(lat1[i % len(lat1)])), budget))
+
+    clusterer = models.bundle.new_clusterer()
+    results.append(_stage("cluster[learn_predict_one]", lambda i: clusterer.learn_predict_one(latents[i % len(latents)]), budget))
+
+    results += _publish_stages(models, latents, budget, skipped)
+    return results, skipped
+
+
+def run_reference_for(models: Models, frames: Sequence[np.ndarray], budget: Budget) -> ReferenceResult | str:
+    """The reference pipeline on the same frames and bundle, or why it cannot run."""
+    if models.torch_model is None:
+        return models.unavailable.get("encode[torch-eager]", "no eager torch model")
+    if models.umap_model is None:
+        return models.unavailable.get("project[umap-learn transform]", "no umap-learn model")
+    pipe = ReferencePipeline(models.torch_model, models.umap_model, models.input_size, models.latent_transform)
+    return run_reference(pipe, frames, budget)
