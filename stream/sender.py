@@ -66,6 +66,11 @@ class FrameSender:
             self._socket = None
 
     @property
+    def endpoint(self) -> str:
+        """The bound address, resolved (``tcp://127.0.0.1:*`` binds a free port)."""
+        return self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    @property
     def socket(self) -> zmq.asyncio.Socket:
         if self._socket is None:
             raise RuntimeError("sender is not open")
