@@ -1,0 +1,390 @@
+"""The FastAPI app clients talk to: websockets (/lse, /ws), REST (/api/*), /metrics and the page.
+
+`create_app` only builds the app; the composition root (stream/serve.py) owns the Hub, the
+prometheus registry and the uvicorn server, and may nest its own lifespan (pipeline tasks) inside
+the app's through `lifespan=`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib.util
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CollectorRegistry
+from pydantic import BaseModel, Field
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from . import frames, wire
+from .hub import ClientClosed, Hub
+from .wire import ModelInfo, WireFormat
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+WS_CLOSE_POLICY_VIOLATION = 1008
+WS_CLOSE_UNSUPPORTED = 1003
+CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TiledConfig:
+    """The Tiled server frames are read from; only URIs under `base_url` are ever fetched."""
+
+    base_url: str
+    api_key: str | None = None
+    timeout_s: float = 30.0
+
+
+@runtime_checkable
+class RunCatalog(Protocol):
+    """Past runs persisted elsewhere (Tiled); plugged in by the persistence side.
+
+    list_runs: newest first, each a dict with at least `run_id`, and where known `run_name`,
+        `started_at`, `stopped_at` (unix seconds), `num_points`.
+    run_points: the run's points as dicts with keys `wire.ROW_KEYS`
+        (index, x, y, cluster, novelty, timestamp, tiled_url), or None for an unknown run.
+    """
+
+    async def list_runs(self, limit: int) -> list[dict[str, Any]]: ...
+
+    async def run_points(self, run_id: str) -> list[dict[str, Any]] | None: ...
+
+
+class AggregateRequest(BaseModel):
+    urls: list[str] = Field(min_length=1)
+    stat: Literal["mean", "std"] = "mean"
+    cmap: frames.Colormap = "gray"
+
+
+def _json(obj: Any, status_code: int = 200) -> Response:
+    return Response(content=wire.dumps(obj), media_type="application/json", status_code=status_code)
+
+
+def _plotly_js() -> Path | None:
+    spec = importlib.util.find_spec("plotly")  # locate without importing plotly
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js"
+    return path if path.is_file() else None
+
+
+def _provided_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return value.strip()
+    return query.get("token")
+
+
+def create_app(
+    hub: Hub,
+    *,
+    registry: CollectorRegistry,
+    model_info: ModelInfo | None = None,
+    reference_embedding: np.ndarray | None = None,
+    reference_clusters: np.ndarray | None = None,
+    tiled: TiledConfig | None = None,
+    token: str | None = None,
+    run_catalog: RunCatalog | None = None,
+    health_extra: Callable[[], Mapping[str, Any]] | None = None,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    max_aggregate: int = 200,
+    runs_limit: int = 100,
+    static_dir: Path = STATIC_DIR,
+) -> FastAPI:
+    """Build the bridge app.
+
+    hub: the Hub the pipeline publishes to (same event loop as the server).
+    registry: rendered by GET /metrics (register the hub's and the pipeline's collectors on it).
+    model_info: the bundle's model names (default: the hub's).
+    reference_embedding / reference_clusters: the bundle's (N, 2) reference map and (N,) labels.
+    tiled: where /api/frame and /api/aggregate read frames; None disables them (503).
+    token: when set, every websocket and /api route requires it (`?token=` or `Authorization: Bearer`).
+    run_catalog: past runs beyond memory (e.g. persisted in Tiled).
+    health_extra: extra keys merged into GET /api/health (e.g. ingest counters).
+    lifespan: the caller's own lifespan, entered inside the app's (start pipeline tasks there).
+    max_aggregate: most frames one POST /api/aggregate may name (413 beyond).
+    """
+    model = model_info or hub.model_info
+    reference_body = _reference_body(model, reference_embedding, reference_clusters)
+    started = time.time()
+
+    @contextlib.asynccontextmanager
+    async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        fetcher = (
+            frames.FrameFetcher(tiled.base_url, tiled.api_key, timeout_s=tiled.timeout_s) if tiled else None
+        )
+        app.state.fetcher = fetcher
+        try:
+            if lifespan is not None:
+                async with lifespan(app):
+                    yield
+            else:
+                yield
+        finally:
+            hub.close_all()
+            if fetcher is not None:
+                await fetcher.aclose()
+
+    app = FastAPI(title="latent-stream bridge", lifespan=app_lifespan, docs_url=None, redoc_url=None)
+
+    def authorized(headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+        if token is None:
+            return True
+        provided = _provided_token(headers, query)
+        return provided is not None and hmac.compare_digest(provided.encode(), token.encode())
+
+    async def require_token(request: Request) -> None:
+        if not authorized(request.headers, request.query_params):
+            raise HTTPException(
+                status_code=401,
+                detail="token required: ?token=... or Authorization: Bearer ...",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def fetcher_of(request: Request) -> frames.FrameFetcher:
+        fetcher = getattr(request.app.state, "fetcher", None)
+        if fetcher is None:
+            raise HTTPException(status_code=503, detail="no Tiled server configured for frames")
+        return fetcher
+
+    # -- websockets -----------------------------------------------------------------------------
+
+    async def serve_websocket(websocket: WebSocket, endpoint: str, fmt: WireFormat, backfill: bool) -> None:
+        client = hub.connect(endpoint, fmt, backfill=backfill)
+        sender = asyncio.create_task(_send_loop(websocket, client))
+        receiver = asyncio.create_task(_receive_loop(websocket))
+        closed = asyncio.create_task(client.wait_closed())
+        tasks = {sender, receiver, closed}
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            close = client.close_reason  # set when the hub closed it (slow client, shutdown)
+            hub.disconnect(client)
+            if close is not None and websocket.application_state is WebSocketState.CONNECTED:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(websocket.close(close.code, close.reason), CLOSE_TIMEOUT_S)
+
+    async def accept_or_refuse(websocket: WebSocket) -> bool:
+        await websocket.accept()
+        if authorized(websocket.headers, websocket.query_params):
+            return True
+        logger.warning(
+            "refused websocket %s from %s: missing or wrong token", websocket.url.path, websocket.client
+        )
+        await websocket.close(WS_CLOSE_POLICY_VIOLATION, "token required")
+        return False
+
+    @app.websocket("/lse")
+    async def lse_socket(websocket: WebSocket, backfill: bool = False) -> None:
+        """The Latent Space Explorer's live feed: point messages only, JSON text."""
+        if await accept_or_refuse(websocket):
+            await serve_websocket(websocket, "lse", WireFormat.LSE_JSON, backfill)
+
+    @app.websocket("/ws")
+    async def ws_socket(websocket: WebSocket, format: str = "json", backfill: bool = True) -> None:
+        """The full typed stream: backfill of the current run, then live."""
+        if not await accept_or_refuse(websocket):
+            return
+        fmt = {"json": WireFormat.WS_JSON, "msgpack": WireFormat.WS_MSGPACK}.get(format)
+        if fmt is None:
+            await websocket.close(WS_CLOSE_UNSUPPORTED, "format must be json or msgpack")
+            return
+        await serve_websocket(websocket, "ws", fmt, backfill)
+
+    # -- REST -----------------------------------------------------------------------------------
+
+    api = [Depends(require_token)]
+
+    @app.get("/api/health", dependencies=api)
+    async def health() -> Response:
+        current = hub.current.summary(current=True) if hub.current is not None else None
+        body: dict[str, Any] = {
+            "status": "ok",
+            "uptime_s": round(time.time() - started, 3),
+            "current_run": current,
+            "clients": hub.client_counts(),
+            "counters": {
+                "points": hub.points_total,
+                "connections": hub.clients_total,
+                "dropped": dict(hub.dropped),
+            },
+            "frames_per_s": round(hub.frames_per_second(), 3),
+            "stage_p50_ms": hub.stage_p50_ms(),
+            "model": {"autoencoder_model": model.autoencoder_model, "dimred_model": model.dimred_model},
+            "tiled": tiled.base_url if tiled else None,
+        }
+        if health_extra is not None:
+            body.update(health_extra())
+        return _json(body)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(content=generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/runs", dependencies=api)
+    async def runs(limit: int = Query(runs_limit, ge=1, le=10_000)) -> Response:
+        listed = hub.runs()
+        known = {run["run_id"] for run in listed}
+        body: dict[str, Any] = {"current": hub.current.run_id if hub.current else None}
+        if run_catalog is not None:
+            try:
+                for run in await run_catalog.list_runs(limit):
+                    if run.get("run_id") not in known:
+                        listed.append({**run, "current": False, "active": False, "source": "catalog"})
+                        known.add(run.get("run_id"))
+            except Exception as exc:  # noqa: BLE001 - live runs must still be listed when the catalog fails
+                logger.warning("run catalog failed to list runs: %s", exc)
+                body["catalog_error"] = str(exc) or type(exc).__name__
+        body["runs"] = listed[:limit]
+        return _json(body)
+
+    @app.get("/api/runs/{run_id}/points", dependencies=api)
+    async def run_points(run_id: str) -> Response:
+        rows = hub.run_rows(run_id)
+        if rows is None and run_catalog is not None:
+            try:
+                rows = await run_catalog.run_points(run_id)
+            except Exception as exc:
+                logger.warning("run catalog failed for run %s: %s", run_id, exc)
+                raise HTTPException(status_code=502, detail=f"run catalog failed: {exc}") from exc
+        if rows is None:
+            raise HTTPException(status_code=404, detail=f"unknown run {run_id!r}")
+        return _json(rows)
+
+    @app.get("/api/reference", dependencies=api)
+    async def reference() -> Response:
+        if reference_body is None:
+            raise HTTPException(status_code=404, detail="the model bundle has no reference embedding")
+        return Response(content=reference_body, media_type="application/json")
+
+    @app.get("/api/frame", dependencies=api)
+    async def frame(
+        request: Request, url: str = Query(..., min_length=1), cmap: frames.Colormap = "gray"
+    ) -> Response:
+        fetcher = fetcher_of(request)
+        try:
+            image = await fetcher.fetch(url)
+        except frames.FrameError as exc:
+            raise _http_error(exc, url) from exc
+        png = await asyncio.to_thread(frames.render_frame_png, image, cmap)
+        return Response(
+            content=png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+        )
+
+    @app.post("/api/aggregate", dependencies=api)
+    async def aggregate(request: Request, body: AggregateRequest) -> Response:
+        if len(body.urls) > max_aggregate:
+            raise HTTPException(
+                status_code=413,
+                detail=f"{len(body.urls)} frames requested; at most {max_aggregate} per request",
+            )
+        fetcher = fetcher_of(request)
+        try:
+            image, mask = await frames.aggregate(fetcher, body.urls, body.stat)
+        except frames.FrameError as exc:
+            raise _http_error(exc, f"{len(body.urls)} frames") from exc
+
+        def render() -> bytes:
+            return frames.encode_png(frames.log_scale(image, mask), body.cmap)
+
+        png = await asyncio.to_thread(render)
+        return Response(content=png, media_type="image/png", headers={"X-Frame-Count": str(len(body.urls))})
+
+    # -- the page -------------------------------------------------------------------------------
+
+    plotly_js = _plotly_js()
+
+    @app.get("/vendor/plotly.min.js")
+    async def plotly() -> FileResponse:
+        if plotly_js is None:
+            raise HTTPException(status_code=404, detail="the plotly package's plotly.min.js is not installed")
+        return FileResponse(plotly_js, media_type="text/javascript")
+
+    @app.get("/")
+    async def index() -> FileResponse:
+        page = static_dir / "index.html"
+        if not page.is_file():
+            raise HTTPException(status_code=404, detail="the live page is not installed")
+        return FileResponse(page, media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=static_dir, check_dir=False), name="static")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    return app
+
+
+async def _send_loop(websocket: WebSocket, client: Any) -> None:
+    try:
+        while True:
+            for payload in await client.next_batch():
+                if isinstance(payload, str):
+                    await websocket.send_text(payload)
+                else:
+                    await websocket.send_bytes(payload)
+    except ClientClosed:
+        return
+    except (WebSocketDisconnect, RuntimeError, OSError) as exc:  # the peer went away mid-send
+        logger.debug("send to %r ended: %s", client, exc)
+
+
+async def _receive_loop(websocket: WebSocket) -> None:
+    """Read (and ignore) what the client sends, to notice when it leaves."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+def _http_error(exc: frames.FrameError, what: str) -> HTTPException:
+    level = logging.WARNING if exc.status_code >= 500 else logging.INFO
+    logger.log(level, "frame request failed (%s): %s", what[:200], exc)
+    return HTTPException(status_code=exc.status_code, detail=str(exc))
+
+
+def _reference_body(
+    model: ModelInfo, embedding: np.ndarray | None, clusters: np.ndarray | None
+) -> bytes | None:
+    """The reference map, encoded once: {x: [...], y: [...], cluster: [...]} plus model names."""
+    if embedding is None:
+        return None
+    embedding = np.asarray(embedding, dtype=np.float64)
+    if embedding.ndim != 2 or embedding.shape[1] != 2:
+        raise ValueError(f"reference_embedding must have shape (N, 2), got {embedding.shape}")
+    n = embedding.shape[0]
+    if clusters is None:
+        labels = np.full(n, -1, dtype=np.int64)
+    else:
+        labels = np.asarray(clusters, dtype=np.int64).reshape(-1)
+        if labels.shape[0] != n:
+            raise ValueError(f"reference_clusters has {labels.shape[0]} labels for {n} points")
+    return wire.dumps(
+        {
+            "autoencoder_model": model.autoencoder_model,
+            "dimred_model": model.dimred_model,
+            "count": n,
+            "x": embedding[:, 0],
+            "y": embedding[:, 1],
+            "cluster": labels,
+        }
+    )

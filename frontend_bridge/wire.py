@@ -1,0 +1,197 @@
+"""Outgoing message shapes for the websocket endpoints and REST routes.
+
+Everything a client sees is built here, once per message and per format, so the hub can fan the
+same encoded payload out to every client of that format.
+
+/lse  : exactly the Latent Space Explorer's `LatentSpaceEvent` keys plus `run_id`, `cluster`, `novelty`.
+/ws   : the same point keys with `"type": "point"`, plus typed run/cluster/backfill events.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import orjson
+
+from operators.messages import ClusterNew, Point, RunStarted, RunStopped
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """The model names clients filter on ("name:version", as in the bundle manifest)."""
+
+    autoencoder_model: str
+    dimred_model: str
+
+
+class WireFormat(enum.Enum):
+    """One encoding of the outgoing stream; each client speaks exactly one."""
+
+    LSE_JSON = "lse-json"  # /lse: point messages only, JSON text frames
+    WS_JSON = "ws-json"  # /ws: typed messages, JSON text frames
+    WS_MSGPACK = "ws-msgpack"  # /ws?format=msgpack: typed messages, binary msgpack frames
+
+    @property
+    def binary(self) -> bool:
+        return self is WireFormat.WS_MSGPACK
+
+
+# The LSE schema's keys, in its order; this service's own keys follow.
+LSE_KEYS: tuple[str, ...] = (
+    "tiled_url",
+    "feature_vector",
+    "index",
+    "autoencoder_model",
+    "dimred_model",
+    "experiment_name",
+    "timestamp",
+    "total_processing_time",
+    "autoencoder_time",
+    "dimred_time",
+)
+SERVICE_KEYS: tuple[str, ...] = ("run_id", "cluster", "novelty")
+POINT_KEYS: tuple[str, ...] = LSE_KEYS + SERVICE_KEYS
+
+# Columns of the compact REST point rows (/api/runs/{id}/points); also what a RunCatalog returns.
+ROW_KEYS: tuple[str, ...] = ("index", "x", "y", "cluster", "novelty", "timestamp", "tiled_url")
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """Per-run constants that every point message of the run repeats."""
+
+    run_id: str
+    experiment_name: str
+    model: ModelInfo
+
+
+def point_message(
+    ctx: RunContext,
+    *,
+    index: int,
+    x: float,
+    y: float,
+    cluster: int,
+    novelty: float,
+    tiled_url: str,
+    timestamp: float,
+    total_time: float,
+    autoencoder_time: float,
+    dimred_time: float,
+) -> dict[str, Any]:
+    """One point as the /lse message (the /ws message adds `"type": "point"`).
+
+    Arguments must already be Python scalars (msgpack rejects numpy scalars).
+    """
+    return {
+        "tiled_url": tiled_url,
+        "feature_vector": [x, y],
+        "index": index,
+        "autoencoder_model": ctx.model.autoencoder_model,
+        "dimred_model": ctx.model.dimred_model,
+        "experiment_name": ctx.experiment_name,
+        "timestamp": timestamp,
+        "total_processing_time": total_time,
+        "autoencoder_time": autoencoder_time,
+        "dimred_time": dimred_time,
+        "run_id": ctx.run_id,
+        "cluster": cluster,
+        "novelty": novelty,
+    }
+
+
+def point_from_message(ctx: RunContext, point: Point) -> dict[str, Any]:
+    """The /lse message for a freshly published `Point`."""
+    t = point.timings
+    return point_message(
+        ctx,
+        index=int(point.index),
+        x=float(point.x),
+        y=float(point.y),
+        cluster=int(point.cluster),
+        novelty=float(point.novelty),
+        tiled_url=point.tiled_url,
+        timestamp=float(point.timestamp),
+        total_time=float(t.total),
+        autoencoder_time=float(t.encode),
+        dimred_time=float(t.project),
+    )
+
+
+def typed_point(message: dict[str, Any]) -> dict[str, Any]:
+    """The /ws form of a point message: `type` first, then the /lse keys."""
+    return {"type": "point", **message}
+
+
+def run_start_event(msg: RunStarted, model: ModelInfo) -> dict[str, Any]:
+    return {
+        "type": "run_start",
+        "run_id": msg.run_id,
+        "run_name": msg.run_name,
+        "started_at": float(msg.started_at),
+        "autoencoder_model": model.autoencoder_model,
+        "dimred_model": model.dimred_model,
+        "metadata": jsonable(msg.metadata),
+    }
+
+
+def run_stop_event(msg: RunStopped) -> dict[str, Any]:
+    return {
+        "type": "run_stop",
+        "run_id": msg.run_id,
+        "stopped_at": float(msg.stopped_at),
+        "num_frames": msg.num_frames,
+        "processed": int(msg.processed),
+        "reason": msg.reason,
+    }
+
+
+def cluster_new_event(msg: ClusterNew) -> dict[str, Any]:
+    return {
+        "type": "cluster_new",
+        "run_id": msg.run_id,
+        "cluster": int(msg.cluster),
+        "index": int(msg.index),
+        "timestamp": float(msg.timestamp),
+    }
+
+
+def backfill_start_event(run_id: str | None, count: int) -> dict[str, Any]:
+    """`count`: points held for the run when the client connected (more may follow while it catches up)."""
+    return {"type": "backfill_start", "run_id": run_id, "count": count}
+
+
+def backfill_end_event(run_id: str | None, count: int, skipped: int) -> dict[str, Any]:
+    """`count`: points actually sent in the backfill; `skipped`: evicted from memory before they could be."""
+    return {"type": "backfill_end", "run_id": run_id, "count": count, "skipped": skipped}
+
+
+def encode(message: dict[str, Any], fmt: WireFormat) -> str | bytes:
+    """Encode for one wire format: `str` goes out as a text frame, `bytes` as a binary frame."""
+    if fmt.binary:
+        return msgpack.packb(message, use_bin_type=True)
+    return orjson.dumps(message).decode()
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON for REST bodies (numpy arrays and scalars allowed)."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def jsonable(value: Any) -> Any:
+    """Run metadata comes from the source's start document: keep what JSON can carry, stringify the rest."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return jsonable(item())
+    return str(value)
