@@ -1,0 +1,216 @@
+"""The ``latent-stream`` command line.
+
+``serve``, ``simulate`` and ``demo`` live here; the model commands (train, export, fit, evaluate),
+replay/record and bench are registered lazily: their modules (torch, tiled, umap...) are imported only
+when that command runs, so ``latent-stream --help`` is fast and never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+log = logging.getLogger("latent_stream")
+
+
+@dataclass(frozen=True, slots=True)
+class _Lazy:
+    module: str
+    attr: str
+    help: str
+
+
+# name -> where it lives. The attribute is a typer app or a plain typer-style function.
+LAZY_COMMANDS: dict[str, _Lazy] = {
+    "train": _Lazy("operators.model.cli", "train", "Train the C-VAE on frames."),
+    "export": _Lazy("operators.model.cli", "export", "Export the encoder to ONNX / TorchScript."),
+    "fit": _Lazy("operators.model.cli", "fit", "Fit the projection and clustering; write a bundle."),
+    "evaluate": _Lazy("operators.model.cli", "evaluate", "Evaluate a bundle on labelled synthetic scans."),
+    "replay": _Lazy("stream.replay", "replay", "Replay a recorded scan over ZeroMQ."),
+    "record": _Lazy("stream.replay", "record", "Record a live scan from ZeroMQ to disk."),
+    "bench": _Lazy("benchmarks.cli", "bench", "Run the benchmarks and write JSON results."),
+}
+
+
+def _load_command(name: str, spec: _Lazy) -> click.Command:
+    try:
+        obj = getattr(importlib.import_module(spec.module), spec.attr)
+    except (ImportError, AttributeError) as exc:
+        raise click.UsageError(f"command {name!r} is not available in this installation ({exc})") from None
+    if isinstance(obj, typer.Typer):
+        command = typer.main.get_command(obj)
+    else:
+        single = typer.Typer(add_completion=False)
+        single.command(name, help=spec.help)(obj)
+        command = typer.main.get_command(single)
+    command.name = name
+    return command
+
+
+class _LazyGroup(TyperGroup):
+    """Lists lazy commands with their stored help; imports a module only when its command runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS and cmd_name not in self.commands:
+            return _load_command(cmd_name, LAZY_COMMANDS[cmd_name])
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                rows.append((name, self.commands[name].get_short_help_str(120)))
+            else:
+                rows.append((name, LAZY_COMMANDS[name].help))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+app = typer.Typer(
+    cls=_LazyGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,  # plain click help: rich help would load every lazy command to list it
+    help="Real-time latent-space streaming of X-ray detector frames: ZeroMQ in, C-VAE + UMAP + online "
+    "clustering, websockets out.",
+)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings_or_exit(factory: Any, **values: Any) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return factory(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(problems) from None
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _run_service(coro_factory: Any) -> None:
+    """Run until the service stops; a clean stop (Ctrl-C, SIGTERM) exits 0 without a traceback."""
+    from stream.serve import ServeError
+
+    try:
+        asyncio.run(coro_factory())
+    except ServeError as exc:
+        log.error("%s", exc)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C before the service installed its own handlers
+        log.info("interrupted during start-up")
+
+
+@app.command()
+def serve(
+    zmq: Annotated[str | None, typer.Option(help="Frame source address; the service connects.")] = None,
+    zmq_pattern: Annotated[str | None, typer.Option(help="pull (lossless) | sub (PUB sources).")] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP/websocket bind address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP/websocket port [8765].")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle directory [the shipped one].")] = None,
+    tiled: Annotated[str | None, typer.Option(help="'embedded' or a Tiled server URL [embedded].")] = None,
+    tiled_port: Annotated[int | None, typer.Option(help="Port of the embedded Tiled server [8000].")] = None,
+    tiled_api_key: Annotated[str | None, typer.Option(help="Tiled API key (generated when embedded).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where embedded Tiled keeps data [./data].")] = None,
+    token: Annotated[str | None, typer.Option(help="Require this token from clients.")] = None,
+    queue_size: Annotated[int | None, typer.Option(help="Frames held between receive and compute [32].")] = None,
+    queue_policy: Annotated[
+        str | None, typer.Option(help="block | drop_oldest | drop_newest [block for pull, drop_oldest for sub].")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Most frames computed together [8].")] = None,
+    runtime: Annotated[str | None, typer.Option(help="Encoder runtime: onnx | torchscript [onnx].")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with any of these options.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="Logging level [INFO].")] = None,
+) -> None:
+    """The beamtime service: frames from ZeroMQ, points and Tiled URIs out over websockets.
+
+    Every option is also settable as LATENT_STREAM_<NAME> or in the --config YAML file.
+    """
+    values = dict(locals())  # exactly the options above (taken before any other local exists)
+    from stream.config import load_settings
+
+    settings = _settings_or_exit(load_settings, **values)
+    _setup_logging(settings.log_level)
+    from stream.serve import serve as run_serve
+
+    _run_service(lambda: run_serve(settings))
+
+
+@app.command()
+def simulate(
+    zmq: Annotated[str, typer.Option(help="Address to bind.")] = "tcp://127.0.0.1:5000",
+    zmq_pattern: Annotated[str, typer.Option(help="push (lossless) | pub.")] = "push",
+    frames: Annotated[int, typer.Option(min=0, help="Frames in the scan.")] = 200,
+    rate: Annotated[float, typer.Option(help="Frames per second; 0 = as fast as the receiver takes them.")] = 10.0,
+    scenario: Annotated[str, typer.Option(help="Synthetic scenario (stream.synthetic.SCENARIOS).")] = "film_formation",
+    seed: Annotated[int, typer.Option(help="Random seed of the scan.")] = 0,
+    run_id: Annotated[str | None, typer.Option(help="Run id of the start document [generated].")] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """A synthetic beamline: streams one scan (start, events, stop) over ZeroMQ."""
+    if zmq_pattern not in ("push", "pub"):
+        raise typer.BadParameter("zmq-pattern must be push or pub")
+    _setup_logging(log_level)
+    from stream.simulate import simulate as run_simulate
+
+    try:
+        report = asyncio.run(
+            run_simulate(zmq, pattern=zmq_pattern, frames=frames, rate=rate, scenario=scenario, seed=seed,
+                         run_id=run_id)  # type: ignore[arg-type]
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        raise typer.Exit(130) from None
+    typer.echo(f"run {report.run_id}: sent {report.frames} frames in {report.seconds:.1f} s ({report.rate:.1f} Hz)")
+
+
+@app.command()
+def demo(
+    frames: Annotated[int, typer.Option(min=1, help="Frames per synthetic scan.")] = 300,
+    rate: Annotated[float, typer.Option(help="Frames per second.")] = 10.0,
+    seed: Annotated[int, typer.Option(help="Seed of the first scan.")] = 0,
+    port: Annotated[int, typer.Option(help="HTTP/websocket port.")] = 8765,
+    tiled_port: Annotated[int, typer.Option(help="Port of the embedded Tiled server.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Where embedded Tiled keeps data.")] = Path("data"),
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle [the shipped default].")] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Everything on embedded defaults: service, embedded Tiled, live page, simulated beamline."""
+    _setup_logging(log_level)
+    from stream.demo import demo as run_demo
+    from stream.demo import demo_settings
+
+    settings = _settings_or_exit(
+        demo_settings, port=port, tiled_port=tiled_port, data_dir=data_dir, bundle=bundle, log_level=log_level
+    )
+    _run_service(lambda: run_demo(settings, frames=frames, rate=rate, seed=seed))
+
+
+def main() -> None:  # pragma: no cover - the console script calls `app`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,267 @@
+"""``latent-stream serve``: the composition root of the live path.
+
+One explicit lifecycle (`Service.run`):
+
+  start: model bundle (load + warm-up) and the embedded Tiled server, concurrently
+         -> Tiled writer -> websocket hub + FastAPI app on uvicorn -> pipeline -> ZeroMQ ingest
+  stop (SIGINT / SIGTERM / `Service.request_stop`), in reverse:
+         ingest (socket closed) -> pipeline drains for ``drain_timeout`` then is cancelled; what is left
+         is counted as dropped{shutdown} and the open run is closed (reason "shutdown")
+         -> Tiled writer drains briefly -> uvicorn -> embedded Tiled -> ZeroMQ context
+
+Heavy modules (onnxruntime, the bundle, tiled, uvicorn) are imported inside `Service.run`, so
+``latent-stream --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq.asyncio
+from prometheus_client import CollectorRegistry
+
+from operators.metrics import PipelineMetrics
+from stream.config import ServeSettings
+
+log = logging.getLogger(__name__)
+
+# Shutdown budget per step (seconds): the whole stop stays within a few seconds.
+_WRITER_DRAIN_S = 2.0
+_UVICORN_STOP_S = 3.0
+
+
+class ServeError(RuntimeError):
+    """The service could not start (port in use, bad bundle, Tiled not reachable...)."""
+
+
+class Service:
+    """The beamtime service. ``await Service(settings).run()`` serves until stopped."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.metrics = PipelineMetrics(self.registry)
+        self.ready = asyncio.Event()  # set once every part is started
+        self.url = f"http://{settings.host}:{settings.port}"
+        self.tiled_url = settings.tiled_base_url
+        self.tiled_api_key: str | None = settings.tiled_api_key
+        self._stop = asyncio.Event()
+        self._cleanups: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Start everything, serve until a stop is requested, then stop everything in reverse order."""
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            tasks = await self._start()
+            self.ready.set()
+            log.info("serving on %s (websockets %s/ws and %s/lse, frames from %s via %s)",
+                     self.url, self.url.replace("http", "ws", 1), self.url.replace("http", "ws", 1),
+                     self.settings.zmq, self.settings.zmq_pattern)
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            for task in done:
+                if task is not stop and not task.cancelled() and task.exception() is not None:
+                    log.error("a service task failed; shutting down", exc_info=task.exception())
+        finally:
+            await self._shutdown()
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stop.is_set():
+            log.warning("second %s: already stopping", signal.Signals(sig).name)
+            return
+        log.info("%s received: stopping", signal.Signals(sig).name)
+        self._stop.set()
+
+    def _on_stop(self, what: str, cleanup: Callable[[], Awaitable[Any]]) -> None:
+        self._cleanups.append((what, cleanup))
+
+    async def _shutdown(self) -> None:
+        for what, cleanup in reversed(self._cleanups):
+            try:
+                await cleanup()
+            except Exception:
+                log.exception("error while stopping %s", what)
+        self._cleanups.clear()
+        log.info("stopped; counters %s", self.metrics.snapshot())
+
+    async def _start(self) -> list[asyncio.Task[Any]]:
+        s = self.settings
+        _check_port_free(s.host, s.port)
+        bundle, endpoint = await _all_or_nothing(self._load_bundle(), self._start_tiled())
+        self.tiled_url, self.tiled_api_key = endpoint
+
+        # -- persistence (publisher): frames that came without a tiled_url, points, latents ------------
+        from operators.persist.writer import TiledWriter
+
+        writer = TiledWriter(self.tiled_url, self.tiled_api_key, data_dir=s.data_dir)
+        await writer.start()
+        self._on_stop("tiled writer", lambda: writer.stop(drain_timeout=_WRITER_DRAIN_S))
+
+        # -- the bridge (publisher + app) ------------------------------------------------------------
+        from frontend_bridge.app import TiledConfig, create_app
+        from frontend_bridge.hub import Hub
+        from frontend_bridge.wire import ModelInfo
+
+        hub = Hub(ModelInfo(bundle.autoencoder_model, bundle.dimred_model), registry=self.registry)
+        self.metrics.set_clients_source(lambda: float(sum(hub.client_counts().values())))
+        app = create_app(
+            hub,
+            registry=self.registry,
+            reference_embedding=bundle.reference_embedding,
+            reference_clusters=bundle.reference_clusters,
+            tiled=TiledConfig(self.tiled_url, self.tiled_api_key),
+            token=s.token,
+            health_extra=self._health,
+        )
+
+        # -- compute ---------------------------------------------------------------------------------
+        from operators.pipeline import LivePipeline
+
+        assert s.queue_policy is not None  # resolved by the settings validator
+        pipeline = LivePipeline(
+            bundle, self.metrics, tiled_base_url=self.tiled_url, max_batch=s.max_batch,
+            queue_size=s.queue_size, policy=s.queue_policy, publish_timeout=s.publish_timeout,
+        )
+        pipeline.add_publisher(hub)
+        pipeline.add_publisher(writer)
+
+        # -- HTTP / websockets -----------------------------------------------------------------------
+        server_task = await self._start_uvicorn(app)
+
+        pipeline_task = asyncio.create_task(pipeline.run(), name="pipeline")
+        self._on_stop("pipeline", lambda: self._stop_pipeline(pipeline, pipeline_task))
+
+        # -- frames in (last to start, first to stop) ------------------------------------------------
+        from stream.ingest import ZmqIngest
+
+        context = zmq.asyncio.Context()
+        self._on_stop("zmq context", lambda: _term_context(context))
+        ingest = ZmqIngest(pipeline, s.zmq, self.metrics, pattern=s.zmq_pattern, limits=s.limits,
+                           context=context, rcvhwm=s.rcvhwm)
+        ingest_task = asyncio.create_task(ingest.start(), name="ingest")
+        self._on_stop("ingest", ingest.stop)
+        await ingest.wait_connected()
+        return [server_task, pipeline_task, ingest_task]
+
+    async def _load_bundle(self) -> Any:
+        from operators.bundle import BundleError, ModelBundle
+
+        try:
+            bundle = await asyncio.to_thread(ModelBundle.load, self.settings.bundle, self.settings.runtime)
+        except (BundleError, FileNotFoundError) as exc:
+            raise ServeError(f"cannot load the model bundle: {exc}") from exc
+        await asyncio.to_thread(bundle.warmup)  # the first frame must not pay for JIT / session set-up
+        log.info("model %s / %s ready", bundle.autoencoder_model, bundle.dimred_model)
+        return bundle
+
+    async def _start_tiled(self) -> tuple[str, str | None]:
+        s = self.settings
+        if not s.embedded_tiled:
+            return s.tiled, s.tiled_api_key
+        from operators.persist.server import EmbeddedTiledServer, TiledServerError
+
+        server = EmbeddedTiledServer(s.data_dir, port=s.tiled_port, api_key=s.tiled_api_key)
+        self._on_stop("embedded tiled", server.stop)  # before start: a cancelled start still reaps the child
+        try:
+            endpoint = await server.start()
+        except TiledServerError as exc:
+            raise ServeError(str(exc)) from exc
+        if server.api_key_generated:
+            log.warning("embedded Tiled at %s: generated API key %s (kept in %s)",
+                        endpoint.url, endpoint.api_key, s.data_dir)
+        return endpoint.url, endpoint.api_key
+
+    async def _start_uvicorn(self, app: Any) -> asyncio.Task[Any]:
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            # Signals belong to the service, not to uvicorn (it would re-raise them after its shutdown).
+            def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+                return contextlib.nullcontext()
+
+        config = uvicorn.Config(app, host=self.settings.host, port=self.settings.port, log_level="warning",
+                                lifespan="on", ws_ping_interval=20, timeout_graceful_shutdown=1)
+        server = _Server(config)
+        task = asyncio.create_task(server.serve(), name="uvicorn")
+        while not server.started:
+            if task.done():
+                exc = task.exception() if not task.cancelled() else None
+                raise ServeError(f"HTTP server could not start on {self.url}: {exc!r}")
+            await asyncio.sleep(0.05)
+
+        async def stop_uvicorn() -> None:
+            server.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(task), _UVICORN_STOP_S)
+            except TimeoutError:
+                server.force_exit = True
+                await asyncio.wait([task], timeout=1.0)
+            except BaseException:  # noqa: BLE001 - uvicorn's own failure was already logged
+                pass
+
+        self._on_stop("uvicorn", stop_uvicorn)
+        return task
+
+    async def _stop_pipeline(self, pipeline: Any, task: asyncio.Task[Any]) -> None:
+        if not await pipeline.wait_idle(self.settings.drain_timeout):
+            log.warning("pipeline still busy after %.1f s: dropping what is queued", self.settings.drain_timeout)
+        task.cancel()
+        await asyncio.wait([task])
+        await pipeline.close()
+
+    def _health(self) -> dict[str, Any]:
+        return {"ingest": self.metrics.snapshot(), "zmq": self.settings.zmq,
+                "zmq_pattern": self.settings.zmq_pattern, "tiled": self.tiled_url}
+
+
+async def _all_or_nothing(*steps: Awaitable[Any]) -> list[Any]:
+    """Run start-up steps concurrently; when one fails, cancel the rest and raise its error."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+async def _term_context(context: zmq.asyncio.Context) -> None:
+    # Every socket was closed by its owner; destroy(linger=0) also covers one that was not.
+    context.destroy(linger=0)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail early and clearly instead of after loading the model."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+async def serve(settings: ServeSettings) -> None:
+    """Run the service until SIGINT/SIGTERM."""
+    await Service(settings).run()
