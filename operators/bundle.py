@@ -1,0 +1,338 @@
+"""The model bundle: a directory with manifest.json and the artifacts it lists, and its runtime API.
+
+    bundle = ModelBundle.load(path, runtime="onnx")   # verifies sha256 + pinned versions first
+    bundle.preprocessor(image, out=None) -> (1, S, S) float32
+    bundle.encoder.encode(batch)  -> (B, latent_dim) float32 latent means
+    bundle.projector.project(latents) -> (B, 2) float32
+    bundle.new_clusterer() -> OnlineClusterer
+    bundle.reference_embedding, bundle.reference_clusters, bundle.warmup()
+
+Integrity: every file in the directory except manifest.json is listed with its sha256; `load` hashes each
+file it lists before anything is parsed or unpickled, refuses a file that differs, is missing or is not
+listed. Versions: `libraries` in the manifest records the versions the bundle was made with and a policy:
+"exact" (pickles: umap-learn, numba, pynndescent, scikit-learn; checked before umap.joblib is unpickled),
+"minimum" (onnxruntime must be at least the major.minor that exported the graphs) or "info".
+Serving imports onnxruntime only; torch only for runtime="torchscript"; umap only for projection="umap".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from operators.clustering import ClusteringSettings, ClusterState, OnlineClusterer
+from operators.preprocess import Preprocessor, PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
+
+# library -> (policy, files whose loading depends on it)
+LIBRARY_POLICY: dict[str, str] = {
+    "umap-learn": "exact",
+    "numba": "exact",
+    "pynndescent": "exact",
+    "scikit-learn": "exact",
+    "onnxruntime": "minimum",
+    "river": "info",
+    "numpy": "info",
+}
+PICKLE_LIBRARIES = ("umap-learn", "numba", "pynndescent", "scikit-learn")
+
+
+class BundleError(Exception):
+    """A model bundle cannot be used; the message names the file (and library) at fault."""
+
+
+class BundleIntegrityError(BundleError):
+    """A bundle file is missing, unlisted, or its sha256 differs from the manifest."""
+
+
+class BundleVersionError(BundleError):
+    """An installed library does not satisfy the version the bundle was made with."""
+
+
+class BundleFormatError(BundleError):
+    """manifest.json is missing, unreadable or lacks a required field."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def installed_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions() -> dict[str, dict[str, str]]:
+    out = {}
+    for lib, policy in LIBRARY_POLICY.items():
+        v = installed_version(lib)
+        if v is not None:
+            out[lib] = {"version": v, "policy": policy}
+    return out
+
+
+def _major_minor(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Add created time, library versions and the sha256 of every file in bundle_dir; write manifest.json."""
+    bundle_dir = Path(bundle_dir)
+    files = {}
+    for p in sorted(bundle_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(bundle_dir).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    full = {
+        "format": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **manifest,
+        "libraries": library_versions(),
+        "files": files,
+    }
+    (bundle_dir / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+    return full
+
+
+def read_manifest(bundle_dir: Path) -> dict[str, Any]:
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleFormatError(f"{path}: no manifest.json, not a model bundle")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleFormatError(f"{path}: unreadable manifest ({e})") from e
+    for key in ("name", "version", "files", "libraries", "preprocessing", "latent_dim", "input_shape",
+                "encoder", "projection", "clustering"):
+        if key not in manifest:
+            raise BundleFormatError(f"{path}: manifest lacks required field {key!r}")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise BundleFormatError(f"{path}: bundle format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_checksums(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    bundle_dir = Path(bundle_dir)
+    listed = manifest["files"]
+    for rel, entry in listed.items():
+        p = bundle_dir / rel
+        if not p.is_file():
+            raise BundleIntegrityError(f"{p}: listed in the manifest but missing")
+        got = sha256_file(p)
+        if got != entry["sha256"]:
+            raise BundleIntegrityError(
+                f"{p}: sha256 {got[:16]}... does not match the manifest ({entry['sha256'][:16]}...); "
+                "the file was modified or corrupted - refusing to load it"
+            )
+    for p in bundle_dir.rglob("*"):
+        rel = p.relative_to(bundle_dir).as_posix()
+        if p.is_file() and p.name != MANIFEST and rel not in listed and "__pycache__" not in rel:
+            raise BundleIntegrityError(f"{p}: not listed in the manifest; refusing a bundle with unknown files")
+
+
+def verify_versions(manifest: dict[str, Any], libraries: tuple[str, ...], file: str) -> None:
+    """Check the recorded versions of `libraries` against the installed ones before `file` is loaded."""
+    recorded = manifest["libraries"]
+    for lib in libraries:
+        entry = recorded.get(lib)
+        if entry is None:
+            continue
+        want, policy = entry["version"], entry.get("policy", "exact")
+        have = installed_version(lib)
+        if policy == "info":
+            continue
+        if have is None:
+            raise BundleVersionError(f"{file}: needs {lib}=={want}, which is not installed")
+        if policy == "exact" and have != want:
+            raise BundleVersionError(
+                f"{file}: made with {lib}=={want} but {lib}=={have} is installed; pickled models break "
+                f"across {lib} versions - install {lib}=={want} or refit the bundle"
+            )
+        if policy == "minimum" and _major_minor(have) < _major_minor(want):
+            raise BundleVersionError(f"{file}: needs {lib}>={want}, but {lib}=={have} is installed")
+
+
+def default_session_options(intra_op_threads: int | None = None) -> Any:
+    """ONNX Runtime options for a small CPU box: a couple of intra-op threads, full graph optimisation."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    n = intra_op_threads or int(os.environ.get("LATENT_STREAM_ORT_THREADS", "0")) or min(2, os.cpu_count() or 1)
+    so.intra_op_num_threads = n
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
+class OnnxEncoder:
+    """encode((B, 1, S, S) float32) -> (B, latent_dim) float32 latent means, through ONNX Runtime."""
+
+    def __init__(self, path: Path, *, session_options: Any = None, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        if providers is None:
+            avail = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+        try:
+            self._sess = ort.InferenceSession(
+                str(path), session_options or default_session_options(), providers=providers
+            )
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise BundleError(f"{path}: ONNX Runtime cannot load the encoder ({e})") from e
+        self._in = self._sess.get_inputs()[0].name
+        self.path = Path(path)
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, np.float32)
+        return self._sess.run(None, {self._in: x})[0]
+
+
+class TorchScriptEncoder:
+    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self._mod = torch.jit.load(str(path), map_location="cpu").eval()
+        self.path = Path(path)
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            x = self._torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+            return self._mod(x).numpy()
+
+
+@dataclass
+class ModelBundle:
+    path: Path
+    manifest: dict[str, Any]
+    preprocessor: Preprocessor
+    encoder: OnnxEncoder | TorchScriptEncoder
+    projector: Any
+    clustering_state: ClusterState
+    clustering_settings: ClusteringSettings
+    reference_embedding: np.ndarray
+    reference_clusters: np.ndarray
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        runtime: str = "onnx",
+        *,
+        projection: str = "approximator",
+        session_options: Any = None,
+        intra_op_threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> ModelBundle:
+        """Load and verify a bundle. runtime: "onnx" | "torchscript"; projection: "approximator" | "umap"."""
+        bdir = Path(path) if path is not None else DEFAULT_BUNDLE
+        manifest = read_manifest(bdir)
+        verify_checksums(bdir, manifest)
+        files = manifest["files"]
+
+        def need(rel: str | None, what: str) -> Path:
+            if not rel or rel not in files:
+                raise BundleFormatError(f"{bdir / MANIFEST}: no {what} artifact listed")
+            return bdir / rel
+
+        pre = Preprocessor.from_spec(manifest["preprocessing"])
+        if runtime == "onnx":
+            enc_path = need(manifest["encoder"].get("onnx"), "ONNX encoder")
+            verify_versions(manifest, ("onnxruntime",), str(enc_path))
+            so = session_options or default_session_options(intra_op_threads)
+            encoder: OnnxEncoder | TorchScriptEncoder = OnnxEncoder(enc_path, session_options=so,
+                                                                    providers=providers)
+        elif runtime == "torchscript":
+            enc_path = need(manifest["encoder"].get("torchscript"), "TorchScript encoder")
+            encoder = TorchScriptEncoder(enc_path, threads=intra_op_threads)
+        else:
+            raise ValueError(f"runtime must be 'onnx' or 'torchscript', got {runtime!r}")
+
+        proj = manifest["projection"]
+        if projection == "approximator":
+            p = need(proj.get("approximator"), "projection approximator")
+            verify_versions(manifest, ("onnxruntime",), str(p))
+            from operators.projection import OnnxProjector
+
+            projector: Any = OnnxProjector(p)
+        elif projection == "umap":
+            p = need(proj.get("umap"), "umap-learn projection")
+            verify_versions(manifest, PICKLE_LIBRARIES, str(p))  # before unpickling
+            import joblib
+
+            from operators.projection import UmapProjector
+
+            projector = UmapProjector(joblib.load(p))
+        else:
+            raise ValueError(f"projection must be 'approximator' or 'umap', got {projection!r}")
+
+        clu = manifest["clustering"]
+        state = ClusterState.load(need(clu.get("state"), "clustering state"))
+        settings = ClusteringSettings.from_dict(clu["settings"])
+        ref_path = need(manifest.get("reference"), "reference embedding")
+        with np.load(ref_path, allow_pickle=False) as z:
+            ref_emb = z["embedding"].astype(np.float32)
+            ref_clu = z["clusters"].astype(np.int64)
+        log.info("loaded bundle %s:%s from %s (runtime=%s, projection=%s)", manifest["name"],
+                 manifest["version"], bdir, runtime, projection)
+        return cls(bdir, manifest, pre, encoder, projector, state, settings, ref_emb, ref_clu)
+
+    @property
+    def autoencoder_model(self) -> str:
+        return f"{self.manifest['name']}:{self.manifest['version']}"
+
+    @property
+    def dimred_model(self) -> str:
+        p = self.manifest["projection"]
+        return f"{p.get('name', 'umap')}:{self.manifest['version']}"
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.manifest["latent_dim"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.manifest["input_shape"][-1])
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return self.preprocessor.spec
+
+    def new_clusterer(self) -> OnlineClusterer:
+        return OnlineClusterer(self.clustering_state, self.clustering_settings)
+
+    def warmup(self) -> None:
+        """Run every session / JIT once so the first frame does not pay for it."""
+        s = self.input_size
+        frame = np.zeros((s, s), np.int32)
+        frame[s // 2, s // 2] = 10
+        x = self.preprocessor(frame)[None]
+        z = self.encoder.encode(x)
+        self.projector.project(z)
+        self.new_clusterer().learn_predict_one(z[0])

@@ -1,0 +1,214 @@
+"""Train the C-VAE (paper section 2.2): Adam, cosine schedule, beta-VAE loss, AMP on CUDA, DDP under torchrun.
+
+    python -m operators.model.train --data data/cache/train_s100 --config lite --epochs 10 --out runs/lite
+    torchrun --nproc_per_node 4 -m operators.model.train --config paper ...   # DDP when WORLD_SIZE > 1
+
+Checkpoints (`last.pt`, every `--ckpt-every` steps and at each epoch end) hold the model, optimiser,
+scheduler, scaler, epoch and step; `--resume` continues from `last.pt` in the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from operators.model.cvae import CVAE, CVAEConfig, build, count_parameters, get_config, vae_loss
+from operators.model.data import load_cache
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+
+
+@dataclass
+class TrainSettings:
+    data: str
+    out: str
+    config: str = "lite"
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta: float | None = None  # default: the config's (0.5)
+    kl_warmup_steps: int = 200  # beta ramps from 0 so the encoder learns structure before the prior bites
+    seed: int = 0
+    ckpt_every: int = 100
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    resume: bool = False
+    threads: int | None = None
+    amp: bool = True  # only on CUDA
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def save_checkpoint(path: Path, model: CVAE, opt, sched, scaler, epoch: int, step: int, extra: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "config": model.cfg.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "step": step,
+            "extra": extra,
+        },
+        tmp,
+    )
+    tmp.replace(path)  # atomic: a crash mid-save never leaves a truncated checkpoint
+
+
+def load_model(checkpoint: str | Path) -> CVAE:
+    """Rebuild the model from a checkpoint (the config travels inside it)."""
+    ck = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    model = CVAE(CVAEConfig.from_dict(ck["config"]))
+    model.load_state_dict(ck["model"])
+    return model.eval()
+
+
+def train(s: TrainSettings) -> Path:
+    """Run training; returns the path of the final checkpoint."""
+    world, rank, local = _dist_info()
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed + rank)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = load_cache(Path(s.data))
+    cfg = get_config(s.config)
+    beta = cfg.beta if s.beta is None else s.beta
+    model = build(cfg).to(device)
+    use_amp = s.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    steps_per_epoch = max(1, len(cache) // (s.batch_size * world))
+    total = s.epochs * steps_per_epoch
+    if s.max_steps:
+        total = min(total, s.max_steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=s.lr * 0.02)
+    epoch, step = 0, 0
+    ck_path = out / CHECKPOINT
+    if s.resume and ck_path.is_file():
+        ck = torch.load(str(ck_path), map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        epoch, step = ck["epoch"], ck["step"]
+        log.info("resumed from %s at epoch %d step %d", ck_path, epoch, step)
+    net = DDP(model, device_ids=[local] if device.type == "cuda" else None) if world > 1 else model
+    if rank == 0:
+        log.info("training %s (%.2fM params) on %d frames, %d steps, device %s, world %d",
+                 cfg.name, count_parameters(model) / 1e6, len(cache), total, device, world)
+        (out / "train_settings.json").write_text(json.dumps(s.__dict__, indent=2))
+    t0 = time.monotonic()
+    history: list[dict] = []
+    pbar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", mininterval=10)
+    done = step >= total
+    while not done:
+        rng = np.random.default_rng([s.seed, epoch])
+        order = rng.permutation(len(cache))[rank::world]  # the distributed sampler: disjoint shards
+        start = (step % steps_per_epoch) * s.batch_size
+        for i in range(start, len(order) - s.batch_size + 1, s.batch_size):
+            x = torch.from_numpy(cache.batch(order[i : i + s.batch_size])).to(device, non_blocking=True)
+            if rng.uniform() < 0.5:
+                x = torch.flip(x, dims=(3,))  # left-right mirror: same physics, a cheap augmentation
+            b = beta * min(1.0, (step + 1) / max(1, s.kl_warmup_steps))
+            net.train()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits, mu, logvar = net(x)
+            loss, recon, kl = vae_loss(logits.float(), x, mu.float(), logvar.float(), b)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+            sched.step()
+            step += 1
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"loss became {float(loss)} at step {step}")
+            if rank == 0:
+                rec = {"step": step, "epoch": epoch, "loss": float(loss), "recon": float(recon),
+                       "kl": float(kl), "lr": sched.get_last_lr()[0]}
+                history.append(rec)
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{rec['loss']:.0f}", kl=f"{rec['kl']:.0f}")
+                if step % s.ckpt_every == 0:
+                    save_checkpoint(ck_path, model, opt, sched, scaler, epoch, step, {"history_tail": history[-5:]})
+                    log.info("step %d epoch %d loss %.1f recon %.1f kl %.1f", step, epoch, rec["loss"],
+                             rec["recon"], rec["kl"])
+            elapsed_min = (time.monotonic() - t0) / 60
+            if step >= total or (s.max_minutes and elapsed_min >= s.max_minutes):
+                done = True
+                break
+        else:
+            epoch += 1
+    if rank == 0:
+        pbar.close()
+        save_checkpoint(ck_path, model, opt, sched, scaler, epoch, step, {"history_tail": history[-5:]})
+        with open(out / "history.jsonl", "a") as f:
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
+        log.info("training done: step %d, %.1f min, checkpoint %s", step, (time.monotonic() - t0) / 60, ck_path)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return ck_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f, default in TrainSettings.__dataclass_fields__.items():
+        typ = {"int": int, "float": float, "str": str, "bool": bool}.get(str(default.type).split(" ")[0], str)
+        if f in ("data", "out"):
+            p.add_argument(f"--{f}", required=True)
+        elif default.type == "bool":
+            p.add_argument(f"--{f.replace('_', '-')}", action="store_true", default=default.default)
+        elif f in ("beta", "max_minutes"):
+            p.add_argument(f"--{f.replace('_', '-')}", type=float, default=None)
+        elif f in ("max_steps", "threads"):
+            p.add_argument(f"--{f.replace('_', '-')}", type=int, default=None)
+        else:
+            p.add_argument(f"--{f.replace('_', '-')}", type=typ, default=default.default)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(TrainSettings(**vars(args)))
+
+
+if __name__ == "__main__":
+    main()

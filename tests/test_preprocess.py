@@ -1,0 +1,113 @@
+"""The shared preprocessing: shape, dtype, masking of gaps / bad / hot pixels, aspect, out buffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from operators.preprocess import PreprocessError, Preprocessor, PreprocessSpec
+from stream.detector import PILATUS3_2M
+
+
+def _frame(seed: int = 0, shape: tuple[int, int] = PILATUS3_2M.shape) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot(yy - h / 2, xx - w / 2)
+    lam = 5 + 200 * np.exp(-((r - 300) ** 2) / 200.0)  # a ring on a flat background
+    img = rng.poisson(lam).astype(np.int32)
+    img[PILATUS3_2M.gap_mask()] = -1
+    return img
+
+
+@pytest.fixture(scope="module")
+def pre() -> Preprocessor:
+    return Preprocessor()
+
+
+def test_full_frame_becomes_one_square_float32_image_in_unit_range(pre) -> None:
+    out = pre(_frame())
+    assert out.shape == (1, 512, 512) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.9
+
+
+def test_aspect_is_kept_by_padding_the_short_side(pre) -> None:
+    out = pre(_frame())
+    nh, nw, top, left = pre.geometry(PILATUS3_2M.shape)
+    assert (nh, top) == (512, 0)
+    assert nw == round(1475 * 512 / 1679) and left == (512 - nw) // 2
+    assert np.all(out[0, :, :left] == 0) and np.all(out[0, :, left + nw :] == 0)
+
+
+def test_gap_pixel_values_do_not_leak_into_the_image(pre) -> None:
+    img = _frame()
+    loud = img.copy()
+    loud[PILATUS3_2M.gap_mask()] = 500_000  # garbage in the gaps must be ignored, not averaged in
+    np.testing.assert_array_equal(pre(img), pre(loud))
+
+
+def test_negative_saturated_and_hot_pixels_are_masked(pre) -> None:
+    img = _frame()
+    bad = img.copy()
+    bad[100, 100] = -2  # bad pixel flag
+    bad[200, 300] = 2**20  # saturated
+    bad[400, 700] = 50_000  # isolated hot pixel
+    bad[401, 900] = 999_000  # hot, just below saturation
+    a, b = pre(img), pre(bad)
+    # only the bins of the four pixels may change, and only slightly (one of ~10 pixels left out)
+    diff = np.abs(a - b)
+    assert diff.max() < 0.05
+    assert (diff > 1e-6).sum() <= 4
+
+
+def test_out_buffer_is_filled_in_place_and_returned(pre) -> None:
+    buf = np.full((1, 512, 512), 7.0, np.float32)
+    res = pre(_frame(), out=buf)
+    assert res is buf
+    np.testing.assert_array_equal(buf, pre(_frame()))
+
+
+def test_same_frame_gives_the_same_result_for_any_integer_or_float_dtype(pre) -> None:
+    img = _frame()
+    ok = img >= 0
+    u16 = np.where(ok, img, 0).astype(np.uint16)
+    base = pre(np.where(ok, img, -1).astype(np.int32))
+    as_float = pre(np.where(ok, img, np.nan).astype(np.float32))
+    np.testing.assert_allclose(base, as_float, atol=1e-6)
+    assert pre(u16).shape == (1, 512, 512)
+
+
+def test_read_only_views_are_accepted(pre) -> None:
+    img = _frame()
+    view = np.frombuffer(img.tobytes(), dtype=np.int32).reshape(img.shape)
+    assert not view.flags.writeable
+    np.testing.assert_array_equal(pre(view), pre(img))
+
+
+def test_frames_of_other_shapes_are_resized_without_the_pilatus_mask() -> None:
+    pre = Preprocessor(PreprocessSpec(size=64))
+    out = pre(np.random.default_rng(1).poisson(10, (100, 300)).astype(np.uint16))
+    nh, nw, top, left = pre.geometry((100, 300))
+    assert (nh, nw) == (21, 64)
+    assert np.all(out[0, :top] == 0) and np.all(out[0, top + nh :] == 0)
+    assert out[0, top : top + nh].max() == pytest.approx(1.0)
+
+
+def test_bad_input_gets_a_clear_error(pre) -> None:
+    with pytest.raises(PreprocessError, match="2-D"):
+        pre(np.zeros((3, 4, 5), np.int32))
+    with pytest.raises(PreprocessError, match="numeric"):
+        pre(np.array([["a"]]))
+    with pytest.raises(PreprocessError, match="out must be"):
+        pre(_frame(), out=np.empty((512, 512), np.float32))
+
+
+def test_an_all_masked_frame_gives_zeros(pre) -> None:
+    out = pre(np.full(PILATUS3_2M.shape, -1, np.int32))
+    assert not out.any()
+
+
+def test_spec_round_trips_through_a_dict() -> None:
+    spec = PreprocessSpec(size=256, high_percentile=99.5)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    assert Preprocessor.from_spec(spec.to_dict()).spec == spec
