@@ -165,12 +165,15 @@ def create_app(
     # -- websockets -----------------------------------------------------------------------------
 
     async def serve_websocket(websocket: WebSocket, endpoint: str, fmt: WireFormat, backfill: bool) -> None:
+        # Register before accepting: whatever is published once the client sees the handshake is queued.
         client = hub.connect(endpoint, fmt, backfill=backfill)
-        sender = asyncio.create_task(_send_loop(websocket, client))
-        receiver = asyncio.create_task(_receive_loop(websocket))
-        closed = asyncio.create_task(client.wait_closed())
-        tasks = {sender, receiver, closed}
+        tasks: set[asyncio.Task[None]] = set()
         try:
+            await websocket.accept()
+            sender = asyncio.create_task(_send_loop(websocket, client))
+            receiver = asyncio.create_task(_receive_loop(websocket))
+            closed = asyncio.create_task(client.wait_closed())
+            tasks = {sender, receiver, closed}
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
@@ -182,31 +185,27 @@ def create_app(
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(websocket.close(close.code, close.reason), CLOSE_TIMEOUT_S)
 
-    async def accept_or_refuse(websocket: WebSocket) -> bool:
+    async def refuse(websocket: WebSocket, code: int, reason: str) -> None:
+        """Accept, then close with a code the client can read (a refused handshake only says 403)."""
+        logger.warning("refused websocket %s from %s: %s", websocket.url.path, websocket.client, reason)
         await websocket.accept()
-        if authorized(websocket.headers, websocket.query_params):
-            return True
-        logger.warning(
-            "refused websocket %s from %s: missing or wrong token", websocket.url.path, websocket.client
-        )
-        await websocket.close(WS_CLOSE_POLICY_VIOLATION, "token required")
-        return False
+        await websocket.close(code, reason)
 
     @app.websocket("/lse")
     async def lse_socket(websocket: WebSocket, backfill: bool = False) -> None:
         """The Latent Space Explorer's live feed: point messages only, JSON text."""
-        if await accept_or_refuse(websocket):
-            await serve_websocket(websocket, "lse", WireFormat.LSE_JSON, backfill)
+        if not authorized(websocket.headers, websocket.query_params):
+            return await refuse(websocket, WS_CLOSE_POLICY_VIOLATION, "token required")
+        await serve_websocket(websocket, "lse", WireFormat.LSE_JSON, backfill)
 
     @app.websocket("/ws")
     async def ws_socket(websocket: WebSocket, format: str = "json", backfill: bool = True) -> None:
         """The full typed stream: backfill of the current run, then live."""
-        if not await accept_or_refuse(websocket):
-            return
+        if not authorized(websocket.headers, websocket.query_params):
+            return await refuse(websocket, WS_CLOSE_POLICY_VIOLATION, "token required")
         fmt = {"json": WireFormat.WS_JSON, "msgpack": WireFormat.WS_MSGPACK}.get(format)
         if fmt is None:
-            await websocket.close(WS_CLOSE_UNSUPPORTED, "format must be json or msgpack")
-            return
+            return await refuse(websocket, WS_CLOSE_UNSUPPORTED, "format must be json or msgpack")
         await serve_websocket(websocket, "ws", fmt, backfill)
 
     # -- REST -----------------------------------------------------------------------------------

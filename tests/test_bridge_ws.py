@@ -1,0 +1,236 @@
+"""The full stream on /ws: typed events, backfill for late joiners, msgpack, slow clients, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+from bridge_support import (
+    bridge,
+    close_code,
+    cluster_new,
+    connect,
+    point,
+    receive,
+    receive_until,
+    run_started,
+    run_stopped,
+)
+from prometheus_client import generate_latest
+from websockets.exceptions import ConnectionClosed
+
+from frontend_bridge import Hub
+from frontend_bridge.wire import LSE_KEYS, SERVICE_KEYS
+
+
+async def publish_paced_by(hub: Hub, received: list[int], n: int, batch: int = 100) -> None:
+    """Publish n points in batches, never more than one batch ahead of the fast reader.
+
+    If a stalled client could hold the hub up, the fast reader would stop progressing and this
+    would never finish; the stalled client meanwhile falls further behind with every batch.
+    """
+    for start in range(0, n, batch):
+        for i in range(start, min(start + batch, n)):
+            await hub.publish(point("r1", i))
+        async with asyncio.timeout(30):
+            while len(received) < start:
+                await asyncio.sleep(0.001)
+
+
+def _types(messages: list[dict]) -> list[str]:
+    return [m["type"] for m in messages]
+
+
+async def test_a_client_present_from_the_start_sees_the_run_as_typed_events_in_order() -> None:
+    async with bridge() as srv, connect(f"{srv.ws}/ws") as ws:
+        assert [await receive(ws), await receive(ws)] == [
+            {"type": "backfill_start", "run_id": None, "count": 0},
+            {"type": "backfill_end", "run_id": None, "count": 0, "skipped": 0},
+        ]
+        await srv.hub.publish(run_started("r1", "scan one", sample="AgBeh"))
+        await srv.hub.publish(point("r1", 0))
+        await srv.hub.publish(cluster_new("r1", 1, 1))
+        await srv.hub.publish(point("r1", 1, cluster=1))
+        await srv.hub.publish(run_stopped("r1", 2))
+        messages = await receive_until(ws, lambda m: m["type"] == "run_stop")
+
+    assert _types(messages) == ["run_start", "point", "cluster_new", "point", "run_stop"]
+    start, p0, new, p1, stop = messages
+    assert start["run_id"] == "r1" and start["run_name"] == "scan one"
+    assert start["metadata"] == {"sample": "AgBeh"}
+    assert set(p0) == {"type", *LSE_KEYS, *SERVICE_KEYS}
+    assert (p0["index"], p1["index"], p1["cluster"]) == (0, 1, 1)
+    assert new == {
+        "type": "cluster_new",
+        "run_id": "r1",
+        "cluster": 1,
+        "index": 1,
+        "timestamp": new["timestamp"],
+    }
+    assert (stop["run_id"], stop["processed"], stop["num_frames"], stop["reason"]) == ("r1", 2, 2, "stop")
+
+
+async def test_a_late_client_gets_the_current_run_then_live_points_without_gaps_or_duplicates() -> None:
+    async with bridge(backfill_chunk=64) as srv:
+        await srv.hub.publish(run_started("r1"))
+        for i in range(300):
+            await srv.hub.publish(point("r1", i, cluster=0 if i < 100 else 1))
+            if i == 100:
+                await srv.hub.publish(cluster_new("r1", 1, 100))
+        async with connect(f"{srv.ws}/ws") as ws:
+            # Keep publishing while the client is still catching up.
+            for i in range(300, 600):
+                await srv.hub.publish(point("r1", i))
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+            messages = await receive_until(ws, lambda m: m.get("index") == 599)
+
+    assert _types(messages[:3]) == ["run_start", "backfill_start", "cluster_new"]
+    assert messages[1] == {"type": "backfill_start", "run_id": "r1", "count": 300}
+    points = [m["index"] for m in messages if m["type"] == "point"]
+    assert points == list(range(600))
+    ends = [m for m in messages if m["type"] == "backfill_end"]
+    assert len(ends) == 1 and ends[0]["count"] >= 300 and ends[0]["skipped"] == 0
+    after_end = messages[messages.index(ends[0]) + 1 :]
+    assert all(m["type"] == "point" for m in after_end)
+    assert [m["index"] for m in messages if m["type"] == "point"][: ends[0]["count"]] == list(
+        range(ends[0]["count"])
+    )
+
+
+async def test_a_client_joining_after_the_run_ended_sees_the_whole_run_and_its_stop() -> None:
+    async with bridge() as srv:
+        await srv.hub.publish(run_started("r1"))
+        for i in range(10):
+            await srv.hub.publish(point("r1", i))
+        await srv.hub.publish(run_stopped("r1", 10))
+        async with connect(f"{srv.ws}/ws") as ws:
+            messages = await receive_until(ws, lambda m: m["type"] == "run_stop")
+    assert _types(messages) == ["run_start", "backfill_start", *["point"] * 10, "backfill_end", "run_stop"]
+
+
+async def test_a_new_run_during_a_backfill_follows_the_old_run_in_order() -> None:
+    async with bridge(backfill_chunk=16) as srv:
+        await srv.hub.publish(run_started("old"))
+        for i in range(200):
+            await srv.hub.publish(point("old", i))
+        async with connect(f"{srv.ws}/ws") as ws:
+            await srv.hub.publish(run_stopped("old", 200))
+            await srv.hub.publish(run_started("new"))
+            await srv.hub.publish(point("new", 0))
+            messages = await receive_until(ws, lambda m: m.get("run_id") == "new" and m["type"] == "point")
+    kinds = [(m["type"], m.get("run_id")) for m in messages if m["type"] != "point" or m["run_id"] == "new"]
+    assert kinds == [
+        ("run_start", "old"),
+        ("backfill_start", "old"),
+        ("backfill_end", "old"),
+        ("run_stop", "old"),
+        ("run_start", "new"),
+        ("point", "new"),
+    ]
+    assert [m["index"] for m in messages if m["type"] == "point" and m["run_id"] == "old"] == list(range(200))
+
+
+async def test_msgpack_clients_get_binary_frames_with_the_same_messages() -> None:
+    async with bridge() as srv:
+        await srv.hub.publish(run_started("r1"))
+        await srv.hub.publish(point("r1", 0))
+        async with connect(f"{srv.ws}/ws?format=msgpack") as packed, connect(f"{srv.ws}/ws") as text:
+            await srv.hub.publish(point("r1", 1))
+            raw = [await asyncio.wait_for(packed.recv(), 10) for _ in range(5)]
+            as_json = await receive_until(text, lambda m: m.get("index") == 1)
+    assert all(isinstance(r, bytes) for r in raw)
+    decoded = [msgpack.unpackb(r, raw=False) for r in raw]
+    assert _types(decoded) == ["run_start", "backfill_start", "point", "backfill_end", "point"]
+    assert decoded == as_json
+
+
+async def test_an_unknown_format_is_refused_with_1003() -> None:
+    async with bridge() as srv, connect(f"{srv.ws}/ws?format=xml") as ws:
+        assert await close_code(ws) == 1003
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_never_delays_the_others() -> None:
+    n = 20_000
+    async with bridge(ws_queue=256) as srv:
+        await srv.hub.publish(run_started("r1"))
+        # max_queue=1: the slow client's library stops reading the socket as soon as one message waits.
+        async with (
+            connect(f"{srv.ws}/ws", max_queue=1, compression=None) as slow,
+            connect(f"{srv.ws}/ws") as fast,
+        ):
+            await receive_until(fast, lambda m: m["type"] == "backfill_end")
+            received: list[int] = []
+
+            async def read_fast() -> None:
+                while len(received) < n:
+                    message = await receive(fast)
+                    if message["type"] == "point":
+                        received.append(message["index"])
+
+            reader = asyncio.create_task(read_fast())
+            await publish_paced_by(srv.hub, received, n)
+            await asyncio.wait_for(reader, 60)
+            assert received == list(range(n))
+            assert srv.hub.dropped["ws_slow_client"] == 1
+            assert srv.hub.client_counts()["ws"] == 1
+            # When the slow client reads again, it finds the server closed it with "try again later".
+            assert await close_code(slow, timeout=30) == 1013
+        metrics = generate_latest(srv.registry).decode()
+    assert 'latent_stream_bridge_dropped_total{reason="ws_slow_client"} 1.0' in metrics
+
+
+async def test_a_slow_lse_client_loses_its_oldest_points_and_keeps_the_newest() -> None:
+    n = 20_000
+    async with bridge(lse_queue=256) as srv:
+        await srv.hub.publish(run_started("r1"))
+        async with (
+            connect(f"{srv.ws}/lse", max_queue=1, compression=None) as slow,
+            connect(f"{srv.ws}/lse") as fast,
+        ):
+            received: list[int] = []
+
+            async def read_fast() -> None:
+                while len(received) < n:
+                    received.append((await receive(fast))["index"])
+
+            reader = asyncio.create_task(read_fast())
+            await publish_paced_by(srv.hub, received, n)
+            await asyncio.wait_for(reader, 60)
+            assert received == list(range(n))
+            dropped = srv.hub.dropped["lse_slow_client"]
+            assert dropped > 0
+            slow_indexes = []
+            while not slow_indexes or slow_indexes[-1] != n - 1:
+                slow_indexes.append((await receive(slow))["index"])
+    assert slow_indexes == sorted(slow_indexes)  # order kept, the oldest queued points dropped
+    assert len(slow_indexes) == n - dropped
+    assert slow_indexes[-256:] == list(range(n - 256, n))
+
+
+@pytest.mark.parametrize("path", ["/ws", "/lse"])
+async def test_with_a_token_websockets_without_it_are_closed_with_1008(path: str) -> None:
+    async with bridge(token="s3cret") as srv:
+        async with connect(f"{srv.ws}{path}") as ws:
+            assert await close_code(ws) == 1008
+        async with connect(f"{srv.ws}{path}?token=wrong") as ws:
+            assert await close_code(ws) == 1008
+        await srv.hub.publish(run_started("r1"))
+        async with (
+            connect(f"{srv.ws}{path}?token=s3cret") as by_query,
+            connect(f"{srv.ws}{path}", additional_headers={"Authorization": "Bearer s3cret"}) as by_header,
+        ):
+            await srv.hub.publish(point("r1", 0))
+            for ws in (by_query, by_header):
+                last = await receive_until(ws, lambda m: m.get("index") == 0)
+                assert last[-1]["run_id"] == "r1"
+
+
+async def test_clients_are_told_when_the_server_shuts_down() -> None:
+    async with bridge() as srv:
+        ws = await connect(f"{srv.ws}/ws")
+        await receive_until(ws, lambda m: m["type"] == "backfill_end")
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code in (1001, 1012)
