@@ -382,8 +382,8 @@ def _reference_body(
             "autoencoder_model": model.autoencoder_model,
             "dimred_model": model.dimred_model,
             "count": n,
-            "x": embedding[:, 0],
-            "y": embedding[:, 1],
+            "x": np.ascontiguousarray(embedding[:, 0]),  # orjson serialises contiguous arrays only
+            "y": np.ascontiguousarray(embedding[:, 1]),
             "cluster": labels,
         }
     )

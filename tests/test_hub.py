@@ -1,0 +1,157 @@
+"""The hub's memory: bounded per-run point store, run index, drop policies and their counters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bridge_support import MODEL, cluster_new, point, run_started, run_stopped
+from prometheus_client import CollectorRegistry, generate_latest
+
+from frontend_bridge import Hub, WireFormat
+from frontend_bridge.hub import ClientClosed, PointStore
+
+
+def _row(i: int) -> tuple:
+    return (i, float(i), -float(i), 0, 0.5, 1000.0 + i, 0.03, 0.02, 0.004)
+
+
+def test_the_point_store_keeps_the_newest_points_and_reports_each_eviction() -> None:
+    store = PointStore(max_points=5, initial_capacity=2)
+    evictions = [store.append(_row(i), f"u{i}") for i in range(8)]
+    assert evictions == [False] * 5 + [True] * 3
+    assert (store.first_seq, store.end_seq, len(store)) == (3, 8, 5)
+    rows = store.rows(0, 100)
+    assert [r[0][0] for r in rows] == [3, 4, 5, 6, 7]
+    assert [url for _, url in rows] == ["u3", "u4", "u5", "u6", "u7"]
+    assert [r[0][0] for r in store.rows(6, 7)] == [6]  # a slice across the ring's wrap point
+    assert store.rows(8, 9) == []
+
+
+def test_the_point_store_rejects_a_zero_bound() -> None:
+    with pytest.raises(ValueError, match="max_points"):
+        PointStore(0)
+
+
+async def test_points_beyond_the_memory_bound_are_evicted_and_counted() -> None:
+    hub = Hub(MODEL, max_points=10)
+    await hub.publish(run_started("r"))
+    for i in range(25):
+        await hub.publish(point("r", i))
+    assert hub.dropped["store_full"] == 15
+    assert hub.runs()[0]["num_points"] == 25
+    assert hub.runs()[0]["points_in_memory"] == 10
+    assert hub.run_rows("r") is None  # partial in memory: the catalog must answer
+
+
+async def test_a_late_client_whose_backfill_was_evicted_is_told_how_many_points_it_missed() -> None:
+    hub = Hub(MODEL, max_points=10, backfill_chunk=4)
+    await hub.publish(run_started("r"))
+    for i in range(10):
+        await hub.publish(point("r", i))
+    client = hub.connect("ws", WireFormat.WS_JSON, backfill=True)
+    batch = [json.loads(p) for p in await client.next_batch()]
+    assert [m["type"] for m in batch] == ["run_start", "backfill_start"]
+    first = [json.loads(p)["index"] for p in await client.next_batch()]
+    for i in range(10, 16):  # evicts 0..5 while the client is between chunks
+        await hub.publish(point("r", i))
+    rest: list[dict] = []
+    while not rest or rest[-1]["type"] != "backfill_end":
+        rest.extend(json.loads(p) for p in await client.next_batch())
+    indexes = first + [m["index"] for m in rest if m["type"] == "point"]
+    assert indexes == [0, 1, 2, 3, *range(6, 16)]
+    assert rest[-1] == {"type": "backfill_end", "run_id": "r", "count": 14, "skipped": 2}
+
+
+async def test_a_new_run_supersedes_an_unstopped_one_and_both_are_indexed() -> None:
+    hub = Hub(MODEL)
+    await hub.publish(run_started("a"))
+    await hub.publish(point("a", 0))
+    await hub.publish(run_started("b"))
+    runs = hub.runs()
+    assert [(r["run_id"], r["current"], r["active"]) for r in runs] == [
+        ("b", True, True),
+        ("a", False, False),
+    ]
+    assert hub.run_rows("a")[0]["index"] == 0
+
+
+async def test_late_points_of_a_finished_run_are_dropped_and_counted() -> None:
+    hub = Hub(MODEL)
+    await hub.publish(run_started("a"))
+    await hub.publish(run_stopped("a", 0))
+    await hub.publish(point("a", 0))
+    await hub.publish(run_started("b"))
+    await hub.publish(point("a", 1))
+    await hub.publish(cluster_new("a", 3, 1))
+    assert hub.dropped["stale_run"] == 3
+    assert hub.run_rows("a") == []
+
+
+async def test_a_point_for_an_unannounced_run_opens_it() -> None:
+    hub = Hub(MODEL)
+    await hub.publish(point("surprise", 0))
+    assert hub.current is not None and hub.current.run_id == "surprise"
+    assert hub.run_rows("surprise")[0]["index"] == 0
+
+
+async def test_unsupported_messages_are_counted_not_raised() -> None:
+    hub = Hub(MODEL)
+    await hub.publish({"msg_type": "event"})  # type: ignore[arg-type]
+    assert hub.dropped["unsupported_message"] == 1
+
+
+async def test_past_runs_keep_their_points_only_within_the_past_points_bound() -> None:
+    hub = Hub(MODEL, max_points=100, max_past_points=15, max_runs=2)
+    for run in ("a", "b", "c", "d"):
+        await hub.publish(run_started(run))
+        for i in range(10):
+            await hub.publish(point(run, i))
+        await hub.publish(run_stopped(run, 10))
+    await hub.publish(run_started("e"))
+    assert [r["run_id"] for r in hub.runs()] == ["e", "d", "c"]  # max_runs finished runs remembered
+    assert len(hub.run_rows("d")) == 10
+    assert hub.run_rows("c") is None  # 10 + 10 > 15: only the newest past run keeps its points
+    assert hub.run_rows("a") is None
+
+
+async def test_a_full_ws_client_queue_closes_that_client_with_1013() -> None:
+    hub = Hub(MODEL, ws_queue=3)
+    await hub.publish(run_started("r"))
+    client = hub.connect("ws", WireFormat.WS_JSON, backfill=False)
+    other = hub.connect("ws", WireFormat.WS_JSON, backfill=False)
+    for i in range(3):
+        await hub.publish(point("r", i))
+    assert len(await other.next_batch()) == 3  # this one keeps up
+    await hub.publish(point("r", 3))
+    assert len(await other.next_batch()) == 1
+    with pytest.raises(ClientClosed) as closed:
+        await client.next_batch()
+    assert closed.value.code == 1013
+    assert hub.dropped["ws_slow_client"] == 1
+
+
+async def test_the_hub_counters_are_on_the_registry_it_was_given() -> None:
+    registry = CollectorRegistry()
+    hub = Hub(MODEL, registry=registry, lse_queue=2)
+    await hub.publish(run_started("r"))
+    hub.connect("lse", WireFormat.LSE_JSON, backfill=False)
+    for i in range(5):
+        await hub.publish(point("r", i))
+    text = generate_latest(registry).decode()
+    assert 'latent_stream_bridge_clients{endpoint="lse"} 1.0' in text
+    assert 'latent_stream_bridge_dropped_total{reason="lse_slow_client"} 3.0' in text
+    assert 'latent_stream_bridge_dropped_total{reason="store_full"} 0.0' in text
+    assert "latent_stream_bridge_points_total 5.0" in text
+    assert "latent_stream_bridge_backfill_points 5.0" in text
+
+
+async def test_health_statistics_come_from_the_published_timings() -> None:
+    hub = Hub(MODEL)
+    await hub.publish(run_started("r"))
+    for i in range(10):
+        await hub.publish(point("r", i))
+    p50 = hub.stage_p50_ms()
+    assert p50["encode"] == pytest.approx(20.0)
+    assert p50["total"] == pytest.approx(30.0)
+    assert hub.frames_per_second() > 0
