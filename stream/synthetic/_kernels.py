@@ -48,27 +48,55 @@ def _uniform(key, counter):  # pragma: no cover - compiled
     return (float(z >> _S11) + 0.5) * _INV_2_53
 
 
+# Acklam's rational approximation of the inverse normal CDF (relative error < 1.2e-9).
+_A = (
+    -3.969683028665376e01,
+    2.209460984245205e02,
+    -2.759285104469687e02,
+    1.383577518672690e02,
+    -3.066479806614716e01,
+    2.506628277459239e00,
+)
+_B = (
+    -5.447609879822406e01,
+    1.615858368580409e02,
+    -1.556989798598866e02,
+    6.680131188771972e01,
+    -1.328068155288572e01,
+    1.0,
+)
+_C = (
+    -7.784894002430293e-03,
+    -3.223964580411365e-01,
+    -2.400758277161838e00,
+    -2.549732539343734e00,
+    4.374664141464968e00,
+    2.938163982698783e00,
+)
+_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00, 1.0)
+_P_LOW = 0.02425
+
+
+@njit(inline="always")
+def _horner(coeffs, x):  # pragma: no cover - compiled
+    acc = 0.0
+    for c in coeffs:
+        acc = acc * x + c
+    return acc
+
+
 @njit(inline="always")
 def _norm_ppf(p):  # pragma: no cover - compiled
-    """Inverse standard normal CDF (Acklam's rational approximation, rel. error < 1.2e-9)."""
-    if p < 0.02425:
+    """Inverse standard normal CDF at p in (0, 1)."""
+    if p < _P_LOW:
         q = math.sqrt(-2.0 * math.log(p))
-        return (((((-7.784894002430293e-03 * q - 3.223964580411365e-01) * q - 2.400758277161838e00) * q
-                  - 2.549732539343734e00) * q + 4.374664141464968e00) * q + 2.938163982698783e00) / (
-            (((7.784695709041462e-03 * q + 3.224671290700398e-01) * q + 2.445134137142996e00) * q
-             + 3.754408661907416e00) * q + 1.0)
-    if p > 0.97575:
+        return _horner(_C, q) / _horner(_D, q)
+    if p > 1.0 - _P_LOW:
         q = math.sqrt(-2.0 * math.log(1.0 - p))
-        return -(((((-7.784894002430293e-03 * q - 3.223964580411365e-01) * q - 2.400758277161838e00) * q
-                   - 2.549732539343734e00) * q + 4.374664141464968e00) * q + 2.938163982698783e00) / (
-            (((7.784695709041462e-03 * q + 3.224671290700398e-01) * q + 2.445134137142996e00) * q
-             + 3.754408661907416e00) * q + 1.0)
+        return -_horner(_C, q) / _horner(_D, q)
     q = p - 0.5
     r = q * q
-    return (((((-3.969683028665376e01 * r + 2.209460984245205e02) * r - 2.759285104469687e02) * r
-              + 1.383577518672690e02) * r - 3.066479806614716e01) * r + 2.506628277459239e00) * q / (
-        ((((-5.447609879822406e01 * r + 1.615858368580409e02) * r - 1.556989798598866e02) * r
-          + 6.680131188771972e01) * r - 1.328068155288572e01) * r + 1.0)
+    return _horner(_A, r) * q / _horner(_B, r)
 
 
 @njit(inline="always")
@@ -98,9 +126,24 @@ def _poisson_from_uniform(lam, u):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def render_expected(rb, cb, iso, arc_r, arc_a, cart_col, cart_row, rowfac,
-                    bc_row, bc_col, bs_radius, arm_cos, arm_sin, arm_half_width, bs_transmission,
-                    out):  # pragma: no cover - compiled
+def render_expected(
+    rb,
+    cb,
+    iso,
+    arc_r,
+    arc_a,
+    cart_col,
+    cart_row,
+    rowfac,
+    bc_row,
+    bc_col,
+    bs_radius,
+    arm_cos,
+    arm_sin,
+    arm_half_width,
+    bs_transmission,
+    out,
+):  # pragma: no cover - compiled
     """Expected counts per pixel: polar lookups (isotropic + anisotropic terms), separable
     Cartesian terms (GISAXS rods), a per-row factor (sample horizon, Yoneda) and the beamstop.
 

@@ -68,7 +68,7 @@ def generate_scan(
     drawn per seed; the noise of frame i depends only on (seed, i). "training" draws an independent
     random phase and nuisance set for every frame.
     """
-    spec = _spec(scenario)
+    _spec(scenario)  # unknown names fail here, before any work
     if n_frames < 0:
         raise ValueError(f"n_frames must be >= 0, got {n_frames}")
     if not frame_period_s > 0:

@@ -185,7 +185,7 @@ class _Scenario:
     fade_fraction: float = 0.03  # cross-fade width as a fraction of the run (2..8 frames)
 
 
-_TRANSMISSION_SAXS = dict(beamstop_radius_px=18.0, arm_angle_deg=90.0, arm_half_width_px=6.0)
+_TRANSMISSION_SAXS = {"beamstop_radius_px": 18.0, "arm_angle_deg": 90.0, "arm_half_width_px": 6.0}
 
 _SCENARIOS: dict[str, _Scenario] = {
     s.spec.name: s
@@ -208,8 +208,9 @@ _SCENARIOS: dict[str, _Scenario] = {
                 "rings appear at half-time and grow as the halo fades.",
                 ("amorphous", "crystalline"),
                 (0.5,),
-                GeometryTemplate(0.3, (0.5, 0.5), beamstop_radius_px=22.0, arm_angle_deg=90.0,
-                                 arm_half_width_px=7.0),
+                GeometryTemplate(
+                    0.3, (0.5, 0.5), beamstop_radius_px=22.0, arm_angle_deg=90.0, arm_half_width_px=7.0
+                ),
             ),
             _crystallization,
         ),
@@ -220,8 +221,15 @@ _SCENARIOS: dict[str, _Scenario] = {
                 "band and a disordered correlation ring, then Bragg rods of lateral order appear.",
                 ("gi_disordered", "gi_ordered"),
                 (0.5,),
-                GeometryTemplate(3.0, (0.85, 0.5), beamstop_radius_px=10.0, arm_angle_deg=270.0,
-                                 arm_half_width_px=4.0, alpha_i_deg=0.15, alpha_c_deg=0.10),
+                GeometryTemplate(
+                    3.0,
+                    (0.85, 0.5),
+                    beamstop_radius_px=10.0,
+                    arm_angle_deg=270.0,
+                    arm_half_width_px=4.0,
+                    alpha_i_deg=0.15,
+                    alpha_c_deg=0.10,
+                ),
             ),
             _gisaxs_ordering,
         ),

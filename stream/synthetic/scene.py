@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Union
 
 import numpy as np
 
@@ -132,7 +131,9 @@ class Rods:
         out = np.zeros_like(qy)
         for m in range(1, self.orders + 1):
             for sign in (-1.0, 1.0):
-                out += (self.amplitude / m**2) / (1.0 + ((qy - sign * m * self.q_spacing) / self.sigma_qy) ** 2)
+                out += (self.amplitude / m**2) / (
+                    1.0 + ((qy - sign * m * self.q_spacing) / self.sigma_qy) ** 2
+                )
         return out
 
     def rows(self, qz: np.ndarray) -> np.ndarray:
@@ -149,7 +150,7 @@ class Spot:
     amplitude: float
 
 
-Component = Union[Peak, Arc, Porod, Flat, Rods, Spot]
+Component = Peak | Arc | Porod | Flat | Rods | Spot
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ class Renderer:
         h, w = self.detector.shape
         r0 = g.beam_center[0] + spot.d_row
         c0 = g.beam_center[1] + spot.d_col
-        half = int(math.ceil(4 * spot.sigma_px))
+        half = math.ceil(4 * spot.sigma_px)
         r_lo, r_hi = max(0, int(r0) - half), min(h, int(r0) + half + 1)
         c_lo, c_hi = max(0, int(c0) - half), min(w, int(c0) + half + 1)
         if r_lo >= r_hi or c_lo >= c_hi:
