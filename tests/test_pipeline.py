@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -47,7 +48,8 @@ class Hanging(Publisher):
 
 @pytest.fixture(scope="module")
 def bundle() -> ModelBundle:
-    loaded = ModelBundle.load()
+    # The bundle the service would serve: LATENT_STREAM_BUNDLE when set, else the shipped default.
+    loaded = ModelBundle.load(os.environ.get("LATENT_STREAM_BUNDLE") or None)
     loaded.warmup()
     return loaded
 
@@ -75,6 +77,7 @@ async def _run_pipeline(pipeline: LivePipeline, messages: list[object], *, expec
     task = asyncio.create_task(pipeline.run())
     try:
         await _until(lambda: any(isinstance(m, RunStopped) for m in recorder.messages))
+        assert await pipeline.wait_idle(10)  # every publisher has had its turn (or timed out)
         assert len(recorder.points()) == expect_points
     finally:
         task.cancel()
