@@ -172,7 +172,9 @@ class EmbeddedTiledServer:
         key, generated = load_or_create_api_key(self.data_dir, self._api_key_arg)
         self.api_key_generated = self.api_key_generated or generated
         await asyncio.to_thread(_reap_stale_server, self.data_dir)
-        self._proc = await asyncio.to_thread(self._spawn, key)
+        # Spawned from this (the event loop's) thread, not a worker: PR_SET_PDEATHSIG fires when the
+        # *thread* that forked the child exits, and executor threads come and go.
+        self._proc = self._spawn(key)
         self.endpoint = TiledEndpoint(url=f"http://{self.host}:{self.port}", api_key=key)
         await self._wait_ready()
         logger.info("embedded Tiled server ready at %s (data %s)", self.endpoint.url, self.tiled_dir)

@@ -1,0 +1,182 @@
+"""Frames and results persist to a real Tiled server as they happen (issue 4)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+from tiled.client import from_uri
+from tiled_support import make_point, tiled_server_fixture
+
+from operators.messages import RunStarted, RunStopped
+from operators.persist.server import EmbeddedTiledServer
+from operators.persist.writer import TiledWriter
+
+tiled_server = tiled_server_fixture()
+
+
+def _read_run(srv: EmbeddedTiledServer, run_id: str):
+    assert srv.endpoint is not None
+    client = from_uri(srv.endpoint.url, api_key=srv.endpoint.api_key)
+    run = client[run_id]
+    return run.metadata, run["latent"]["points"].read(), run["latent"]["vectors"].read()
+
+
+async def _fetch_all(srv: EmbeddedTiledServer, urls: list[str]) -> list[bytes]:
+    assert srv.endpoint is not None
+    headers = {**srv.endpoint.headers, "Accept": "application/octet-stream"}
+    async with httpx.AsyncClient(headers=headers, trust_env=False) as client:
+        out = []
+        for url in urls:
+            r = await client.get(url)
+            assert r.status_code == 200, (url, r.status_code, r.text[:200])
+            out.append(r.content)
+        return out
+
+
+async def test_every_point_url_returns_the_exact_frame_bytes_over_plain_http(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    ep = tiled_server.endpoint
+    assert ep is not None
+    rng = np.random.default_rng(1)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
+    await writer.start()
+    run_id = "run-bytes"
+    await writer.publish(
+        RunStarted(run_id, "bytes scan", time.time(), {"sample": "AgBH", "energy_kev": 12.0})
+    )
+    points, images = [], []
+    # frame numbers start at 1 and skip one: the URI's slice is the frame number, whatever it is
+    for index in [*range(1, 12), *range(13, 26)]:
+        p, img = make_point(ep.url, run_id, index, rng)
+        points.append(p)
+        images.append(img)
+        await writer.publish(p)
+    # two full-size Pilatus frames where size matters
+    for index in (26, 27):
+        p, img = make_point(ep.url, run_id, index, rng, shape=(1679, 1475))
+        p.image = img[:48, :64].copy()  # same run, same detector shape as the stack
+        points.append(p)
+        images.append(p.image)
+        await writer.publish(p)
+    await writer.publish(RunStopped(run_id, time.time(), num_frames=len(points), processed=len(points)))
+    assert await writer.flush(timeout=120)
+    stats = writer.stats()
+    await writer.stop()
+
+    assert stats.frames_written == len(points) and stats.rows_written == len(points)
+    assert stats.frames_not_written == {} and stats.rows_not_written == {}
+    assert stats.lag_p50_s is not None and stats.lag_p50_s > 0
+
+    fetched = await _fetch_all(tiled_server, [p.tiled_url for p in points])
+    for p, img, body in zip(points, images, fetched, strict=True):
+        assert body == img.tobytes(), f"frame {p.index} differs"
+
+    metadata, table, vectors = _read_run(tiled_server, run_id)
+    assert metadata["status"] == "closed" and metadata["sample"] == "AgBH" and metadata["num_frames"] == 26
+    assert list(table["index"]) == [p.index for p in points]
+    assert list(table["row"]) == list(range(len(points)))
+    assert list(table["tiled_url"]) == [p.tiled_url for p in points]
+    np.testing.assert_array_equal(table["cluster"].to_numpy(), [p.cluster for p in points])
+    np.testing.assert_allclose(table["x"].to_numpy(), [p.x for p in points])
+    assert vectors.shape == (len(points), 512) and vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors, np.stack([p.latent for p in points]))
+
+
+async def test_full_size_pilatus_frames_round_trip_byte_identical(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    ep = tiled_server.endpoint
+    assert ep is not None
+    rng = np.random.default_rng(2)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
+    await writer.start()
+    await writer.publish(RunStarted("run-pilatus", "full size", time.time()))
+    points, images = [], []
+    for index in range(3):
+        p, img = make_point(ep.url, "run-pilatus", index, rng, shape=(1679, 1475))
+        points.append(p)
+        images.append(img)
+        await writer.publish(p)
+    assert await writer.flush(timeout=120)
+    await writer.stop()
+    fetched = await _fetch_all(tiled_server, [p.tiled_url for p in points])
+    assert [len(b) for b in fetched] == [1679 * 1475 * 4] * 3
+    assert all(b == img.tobytes() for b, img in zip(fetched, images, strict=True))
+
+
+async def test_frames_that_came_with_a_tiled_url_are_not_rewritten(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    ep = tiled_server.endpoint
+    assert ep is not None
+    rng = np.random.default_rng(3)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
+    await writer.start()
+    await writer.publish(RunStarted("run-facility", "facility frames", time.time()))
+    for index in range(5):
+        p, _ = make_point(ep.url, "run-facility", index, rng)
+        p.tiled_url = f"https://tiled.facility.example/api/v1/array/full/raw/scan9/image?slice={index}"
+        p.stored_by_service, p.image = False, None
+        await writer.publish(p)
+    await writer.publish(RunStopped("run-facility", time.time(), 5, 5))
+    assert await writer.flush(timeout=60)
+    stats = writer.stats()
+    await writer.stop()
+    assert stats.frames_written == 0 and stats.rows_written == 5
+    client = from_uri(ep.url, api_key=ep.api_key)
+    run = client["run-facility"]
+    assert "image" not in run["primary"]
+    assert run["latent"]["points"].read()["tiled_url"].iloc[0].startswith("https://tiled.facility.example/")
+
+
+async def test_a_frame_of_another_shape_is_counted_not_written_with_its_reason(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    ep = tiled_server.endpoint
+    assert ep is not None
+    rng = np.random.default_rng(4)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
+    await writer.start()
+    await writer.publish(RunStarted("run-shapes", "shapes", time.time()))
+    for index in range(4):
+        p, _ = make_point(ep.url, "run-shapes", index, rng, shape=(48, 64) if index != 2 else (32, 32))
+        await writer.publish(p)
+    assert await writer.flush(timeout=60)
+    stats = writer.stats()
+    await writer.stop()
+    assert stats.frames_written == 3 and stats.rows_written == 4
+    assert stats.frames_not_written == {"shape_mismatch": 1}
+
+
+async def test_publish_never_waits_for_tiled_and_the_buffer_drops_oldest_frames_when_full(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    ep = tiled_server.endpoint
+    assert ep is not None
+    rng = np.random.default_rng(5)
+    frame_bytes = 48 * 64 * 4
+    # room for 4 buffered frames; Tiled is made unreachable so nothing drains while we publish
+    writer = TiledWriter(
+        ep.url, ep.api_key, data_dir=tmp_path, max_buffer_bytes=4 * frame_bytes, give_up_after=1.0
+    )
+    await writer.start()
+    await tiled_server.stop()
+    try:
+        await writer.publish(RunStarted("run-full", "buffer", time.time()))
+        for index in range(10):
+            p, _ = make_point(ep.url, "run-full", index, rng)
+            await writer.publish(p)
+        stats = writer.stats()
+        assert stats.buffered_rows == 10  # every row is kept (and logged)
+        assert stats.buffered_bytes <= 4 * frame_bytes
+        assert stats.frames_not_written.get("buffer_full") == 6
+    finally:
+        await writer.stop(drain_timeout=5)
+        await tiled_server.start()
+    stats = writer.stats()
+    # what could not be written is counted with a reason, never silently lost
+    assert sum(stats.frames_not_written.values()) + stats.frames_written == 10
+    assert sum(stats.rows_not_written.values()) + stats.rows_written == 10

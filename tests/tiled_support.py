@@ -1,0 +1,61 @@
+"""Shared helpers for the Tiled tests: a real embedded Tiled server and synthetic points."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from operators.messages import Point, StageTimings
+from operators.persist.server import EmbeddedTiledServer
+from operators.persist.uris import frame_uri
+
+SMALL_SHAPE = (48, 64)  # a small test detector: keeps 2 shared cores fast
+
+
+def tiled_server_fixture() -> Any:
+    """A module-scoped fixture: one real Tiled server (child process) per test module.
+
+    Tests may stop and restart it (same port, same data directory).
+    """
+
+    @pytest.fixture(scope="module")
+    def tiled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTiledServer]:
+        srv = EmbeddedTiledServer(tmp_path_factory.mktemp("tiled-data"), port=0)
+        asyncio.run(srv.start())
+        try:
+            yield srv
+        finally:
+            asyncio.run(srv.stop())
+
+    return tiled_server
+
+
+def make_point(
+    base_url: str, run_id: str, index: int, rng: np.random.Generator, shape: tuple[int, int] = SMALL_SHAPE
+) -> tuple[Point, np.ndarray]:
+    image = rng.integers(0, 2**20, shape, dtype=np.int32)
+    point = Point(
+        run_id=run_id,
+        index=index,
+        x=float(rng.standard_normal()),
+        y=float(rng.standard_normal()),
+        cluster=int(rng.integers(0, 4)),
+        novelty=float(rng.random()),
+        tiled_url=frame_uri(base_url, run_id, index),
+        timestamp=time.time(),
+        timings=StageTimings(total=0.01, encode=0.005, project=0.001),
+        latent=rng.standard_normal(512).astype(np.float32),
+        stored_by_service=True,
+        image=image,
+    )
+    return point, image
+
+
+def data_dir_of(srv: EmbeddedTiledServer) -> Path:
+    return srv.data_dir
