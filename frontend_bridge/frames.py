@@ -364,20 +364,31 @@ class FrameAccumulator:
 
 
 async def aggregate(
-    fetcher: FrameFetcher, urls: Sequence[str], stat: Literal["mean", "std"]
+    fetcher: FrameFetcher, urls: Sequence[str], stat: Literal["mean", "std"], *, workers: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fetch `urls` concurrently (bounded by the fetcher) and reduce them to one image and mask."""
+    """Fetch `urls` a few at a time and reduce them to one image and its valid mask.
+
+    A fixed number of workers each fetch one frame and fold it in before fetching the next, so at
+    most `workers` frames are in memory however many are asked for (Pilatus frames are ~10 MB).
+    """
     for url in urls:
         fetcher.parse(url)  # reject foreign URLs before fetching anything
     acc = FrameAccumulator()
-    tasks = [asyncio.ensure_future(fetcher.fetch(url)) for url in urls]
+    pending = iter(urls)  # shared: each worker takes the next URL
+    fold = asyncio.Lock()
+
+    async def worker() -> None:
+        for url in pending:
+            frame = await fetcher.fetch(url)
+            async with fold:
+                try:
+                    await asyncio.to_thread(acc.add, frame)
+                except ValueError as exc:
+                    raise BadFrameURL(str(exc)) from exc
+
+    tasks = [asyncio.create_task(worker()) for _ in range(min(workers, len(urls)))]
     try:
-        for next_done in asyncio.as_completed(tasks):
-            frame = await next_done
-            try:
-                await asyncio.to_thread(acc.add, frame)
-            except ValueError as exc:
-                raise BadFrameURL(str(exc)) from exc
+        await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()

@@ -21,6 +21,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ DROP_REASONS: tuple[str, ...] = (
     "ws_slow_client",  # a /ws client disconnected with 1013 because its queue was full
     "store_full",  # a point evicted from the run's in-memory store (backfill lost its oldest point)
     "stale_run",  # a point or event for a run that is no longer current
+    "non_finite_point",  # a point whose x or y is NaN or infinite (JSON cannot carry it, plots cannot place it)
     "unsupported_message",  # publish() got something that is not RunStarted/Point/ClusterNew/RunStopped
 )
 
@@ -327,7 +329,9 @@ class Client:
         run = self._bf_run
         assert run is not None
         store = run.store
-        if store is not None:
+        if store is None:  # released while we were sending: the rest is only in the run catalog
+            self._bf_skipped += max(run.points - self._bf_cursor, 0)
+        else:
             if self._bf_cursor < store.first_seq:  # evicted while we were sending
                 self._bf_skipped += store.first_seq - self._bf_cursor
                 self._bf_cursor = store.first_seq
@@ -453,6 +457,10 @@ class Hub:
         if run.stop_event is not None:
             self.count_drop("stale_run")
             logger.warning("dropping point %d of run %s: the run already stopped", point.index, point.run_id)
+            return
+        if not (math.isfinite(point.x) and math.isfinite(point.y)):
+            self.count_drop("non_finite_point")
+            logger.warning("dropping point %d of run %s: non-finite position", point.index, point.run_id)
             return
         t = point.timings
         row = (

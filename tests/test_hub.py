@@ -155,3 +155,14 @@ async def test_health_statistics_come_from_the_published_timings() -> None:
     assert p50["encode"] == pytest.approx(20.0)
     assert p50["total"] == pytest.approx(30.0)
     assert hub.frames_per_second() > 0
+
+
+async def test_a_point_that_cannot_be_placed_is_dropped_and_counted() -> None:
+    hub = Hub(MODEL)
+    await hub.publish(run_started("r"))
+    bad = point("r", 0)
+    bad.x = float("nan")
+    await hub.publish(bad)
+    await hub.publish(point("r", 1))
+    assert hub.dropped["non_finite_point"] == 1
+    assert [row["index"] for row in hub.run_rows("r")] == [1]
