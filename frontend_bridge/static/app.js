@@ -26,6 +26,7 @@ class LivePage {
     this.plot = new ScatterPlot($('plot'), {
       onPick: (slot) => this.framePanel.show(this.plot.store.meta[slot]),
       onSelect: (slots) => this.selectionPanel.show(slots.map((s) => this.plot.store.meta[s])),
+      onDrawn: () => this.scheduleUi(),
     });
     this.framePanel = new FramePanel($('frame-panel'));
     this.selectionPanel = new SelectionPanel($('selection-panel'));

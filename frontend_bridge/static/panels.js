@@ -234,19 +234,25 @@ export class HealthPanel {
     this.last = h;
     this.root.dataset.state = 'ok';
     this.root.title = '';
-    const fps = h.frames_per_second ?? h.fps;
+    const fps = h.frames_per_s;
     this.root.querySelector('[data-field="fps"]').textContent = Number.isFinite(fps) ? fps.toFixed(1) : '–';
-    const stages = h.stage_p50_ms ?? h.latency_ms ?? h.stages_ms ?? {};
+    const stages = h.stage_p50_ms || {};
     const tbody = this.root.querySelector('[data-field="stages"]');
     const names = STAGES.filter((s) => s in stages).concat(Object.keys(stages).filter((s) => !STAGES.includes(s)));
     tbody.replaceChildren(...names.map((s) => el('tr', {},
       el('th', { text: s }),
       el('td', { text: Number.isFinite(stages[s]) ? `${stages[s].toFixed(1)} ms` : '–' }))));
+    // The bridge counts its own drops; the pipeline (ingest, stages) adds its drops and rejects under `pipeline`.
+    const pipeline = h.pipeline || {};
+    const counts = {
+      dropped: { bridge: (h.counters || {}).dropped || {}, pipeline: pipeline.dropped || {} },
+      rejected: { pipeline: pipeline.rejected || {} },
+    };
     for (const key of ['dropped', 'rejected']) {
       const node = this.root.querySelector(`[data-field="${key}"]`);
-      const total = sumCounts(h[key]);
+      const total = sumCounts(counts[key]);
       node.textContent = total.toLocaleString();
-      node.title = countTitle(h[key]);
+      node.title = countTitle({ ...counts[key].bridge, ...counts[key].pipeline });
       node.classList.toggle('bad', total > 0);
     }
   }

@@ -105,12 +105,14 @@ function pointInPolygon(x, y, poly) {
 export class ScatterPlot {
   /**
    * @param {HTMLElement} container
-   * @param {{onPick?: (slot: number) => void, onSelect?: (slots: number[], shape: object) => void}} handlers
+   * @param {{onPick?: (slot: number) => void, onSelect?: (slots: number[], shape: object) => void,
+   *          onDrawn?: () => void}} handlers
    */
-  constructor(container, { onPick = () => {}, onSelect = () => {} } = {}) {
+  constructor(container, { onPick = () => {}, onSelect = () => {}, onDrawn = () => {} } = {}) {
     this.container = container;
     this.onPick = onPick;
     this.onSelect = onSelect;
+    this.onDrawn = onDrawn; // after a render that drew new points
     this.store = null;
     this.uploaded = 0; // points of this.store already on the GPU
     this.gpuCapacity = 0;
@@ -378,6 +380,7 @@ export class ScatterPlot {
     this.renderPending = false;
     this.lastRender = performance.now();
     this.renders += 1;
+    const before = this.uploaded;
     this._upload();
     if (this.autoscale) this._fit();
     const { gl, uni, view: v, dpr } = this;
@@ -414,6 +417,7 @@ export class ScatterPlot {
       gl.drawArrays(gl.POINTS, 0, n);
     }
     this._drawOverlay();
+    if (this.uploaded !== before) this.onDrawn();
   }
 
   _drawOverlay() {
