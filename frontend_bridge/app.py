@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import frames, wire
-from .hub import ClientClosed, Hub
+from .hub import Client, ClientClosed, Hub
 from .wire import ModelInfo, WireFormat
 
 logger = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ def create_app(
     return app
 
 
-async def _send_loop(websocket: WebSocket, client: Any) -> None:
+async def _send_loop(websocket: WebSocket, client: Client) -> None:
     try:
         while True:
             for payload in await client.next_batch():

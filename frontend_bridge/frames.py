@@ -260,6 +260,8 @@ def _sliced_shape(shape: tuple[int, ...], key: tuple[int | slice, ...]) -> tuple
         return view[key].shape
     except IndexError as exc:
         raise FrameNotFound(f"slice out of range for shape {shape}") from exc
+    except ValueError as exc:  # e.g. a zero step
+        raise BadFrameURL(f"bad slice for shape {shape}: {exc}") from exc
 
 
 # -- rendering ----------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ async def test_frame_errors_become_clear_http_answers(tiled: TiledFixture) -> No
         tiled.url("0", path="scan1/primary/nothing"): 404,
         tiled.url("zero"): 422,
         tiled.url("0:2"): 422,  # two frames, not one
+        tiled.url("0:1:0"): 422,  # a zero step
         f"{tiled.base}/api/v1/array/full/scan1/../secret?slice=0": 422,
     }
     async with bridge(tiled=TiledConfig(tiled.base, API_KEY)) as srv, httpx.AsyncClient() as http:
