@@ -239,7 +239,9 @@ async def replay_source(
                 rid = base_id if loops == 1 else f"{base_id}-{n}"
                 task = bar.add_task(f"{rid}", total=src.count)
                 reports.append(
-                    await _send_run(src, sender, rid, delays, report_dir, lambda: bar.advance(task))
+                    await _send_run(
+                        src, sender, rid, delays, report_dir, functools.partial(bar.advance, task)
+                    )
                 )
     return reports
 
@@ -312,7 +314,7 @@ def replay(
                 run_id=run_id,
                 report_dir=report_dir,
                 progress=progress,
-            )  # fmt: skip
+            )
         )
     except KeyboardInterrupt:
         typer.echo("replay interrupted")
