@@ -418,6 +418,9 @@ class Hub:
             logger.error("hub got an unsupported message type %s", type(message).__name__)
 
     def _on_run_started(self, msg: RunStarted) -> None:
+        if self.current is not None and self.current.run_id == msg.run_id and self.current.stop_event is None:
+            logger.warning("run %s started again while active; keeping its points", msg.run_id)
+            return
         if self.current is not None:
             if self.current.stop_event is None:
                 # The pipeline normally sends RunStopped(reason="superseded") first; close it here otherwise.

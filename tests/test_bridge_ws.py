@@ -234,3 +234,13 @@ async def test_clients_are_told_when_the_server_shuts_down() -> None:
     with pytest.raises(ConnectionClosed) as closed:
         await asyncio.wait_for(ws.recv(), 10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code in (1001, 1012)
+
+
+async def test_a_client_can_skip_the_backfill_and_get_only_live_messages() -> None:
+    async with bridge() as srv:
+        await srv.hub.publish(run_started("r1"))
+        await srv.hub.publish(point("r1", 0))
+        async with connect(f"{srv.ws}/ws?backfill=false") as ws:
+            await srv.hub.publish(point("r1", 1))
+            first = await receive(ws)
+    assert (first["type"], first["index"]) == ("point", 1)

@@ -166,3 +166,13 @@ async def test_a_point_that_cannot_be_placed_is_dropped_and_counted() -> None:
     await hub.publish(point("r", 1))
     assert hub.dropped["non_finite_point"] == 1
     assert [row["index"] for row in hub.run_rows("r")] == [1]
+
+
+async def test_a_repeated_start_of_the_active_run_keeps_its_points() -> None:
+    hub = Hub(MODEL)
+    await hub.publish(run_started("r"))
+    await hub.publish(point("r", 0))
+    await hub.publish(run_started("r"))
+    await hub.publish(point("r", 1))
+    assert [r["run_id"] for r in hub.runs()] == ["r"]
+    assert [row["index"] for row in hub.run_rows("r")] == [0, 1]
