@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Tiled request drowns the service's own
 
 
 def _settings_or_exit(factory: Any, **values: Any) -> Any:
@@ -119,6 +121,12 @@ def _run_service(coro_factory: Any) -> None:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:  # Ctrl-C before the service installed its own handlers
         log.info("interrupted during start-up")
+    # Everything is stopped and closed (Tiled child, sockets, threads). Interpreter finalisation of the
+    # JIT-compiled model side (numba/LLVM) alone takes seconds on a busy machine; skip it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()
