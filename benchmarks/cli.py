@@ -12,9 +12,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from benchmarks.report import BenchResult
 
 log = logging.getLogger("benchmarks")
 
@@ -56,6 +59,8 @@ class BenchOptions:
     reference: bool = True
     e2e: bool = True
     seed: int = 0
+    stage_iters: int | None = None  # override the per-stage call count (tiny runs in tests)
+    service_args: list[str] = field(default_factory=list)  # extra `latent-stream serve` options
 
     @classmethod
     def make(cls, quick: bool, rates: str | None, frames: int | None, bundle: Path | None) -> BenchOptions:
@@ -80,7 +85,7 @@ def bench_frames(n: int, seed: int = 0) -> list:
     return synthetic_frames(n, seed)
 
 
-def run_bench(opts: BenchOptions, command: str = "") -> "BenchResult":  # noqa: UP037 - lazy import below
+def run_bench(opts: BenchOptions, command: str = "") -> BenchResult:
     from benchmarks.e2e import E2EPlan, ServiceConfig, run_e2e
     from benchmarks.machine import machine_info
     from benchmarks.report import BenchResult
@@ -89,6 +94,9 @@ def run_bench(opts: BenchOptions, command: str = "") -> "BenchResult":  # noqa: 
     t_start = time.perf_counter()
     machine = machine_info()
     budget = Budget.quick() if opts.quick else Budget()
+    if opts.stage_iters is not None:
+        budget = Budget(warmup=min(budget.warmup, 2), iters=opts.stage_iters, max_seconds=budget.max_seconds,
+                        min_iters=min(budget.min_iters, opts.stage_iters))  # fmt: skip
     frames = bench_frames(opts.distinct_frames, opts.seed)
     result = BenchResult(
         machine=machine,
@@ -101,7 +109,12 @@ def run_bench(opts: BenchOptions, command: str = "") -> "BenchResult":  # noqa: 
             "frame_shape": list(frames[0].shape),
             "frame_dtype": str(frames[0].dtype),
             "bundle": str(opts.bundle) if opts.bundle else "default",
-            "stage_budget": {"warmup": budget.warmup, "iters": budget.iters, "max_seconds": budget.max_seconds},
+            "service_args": opts.service_args,
+            "stage_budget": {
+                "warmup": budget.warmup,
+                "iters": budget.iters,
+                "max_seconds": budget.max_seconds,
+            },
         },
         command=command,
     )
@@ -125,7 +138,9 @@ def run_bench(opts: BenchOptions, command: str = "") -> "BenchResult":  # noqa: 
     if opts.e2e:
         log.info("running the service end to end")
         plan = E2EPlan(rates=opts.rates, frames_per_run=opts.frames, embedded_rates=opts.embedded_rates)
-        e2e = asyncio.run(run_e2e(frames, plan, ServiceConfig(bundle=opts.bundle)))
+        e2e = asyncio.run(
+            run_e2e(frames, plan, ServiceConfig(bundle=opts.bundle, extra_args=opts.service_args))
+        )
         result.e2e = e2e.runs
         result.cold_start_s = e2e.cold_start_s
         result.config["cold_start_first_point_at_client_s"] = e2e.cold_start_first_point_s
@@ -137,15 +152,35 @@ def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A short run (under 3 minutes on 2 cores).")] = False,
     rates: Annotated[
-        str | None, typer.Option("--rates", help="End-to-end input rates in Hz, comma separated; 'max' = as fast as it goes.")
+        str | None,
+        typer.Option(
+            "--rates", help="End-to-end input rates in Hz, comma separated; 'max' = as fast as it goes."
+        ),
     ] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames per end-to-end run.")] = None,
-    markdown: Annotated[Path | None, typer.Option("--markdown", help="Write the markdown table here.")] = None,
-    plots: Annotated[Path | None, typer.Option("--plots", help="Write PNG plots into this directory.")] = None,
-    bundle: Annotated[Path | None, typer.Option("--bundle", help="Model bundle (default: the shipped one).")] = None,
+    markdown: Annotated[
+        Path | None, typer.Option("--markdown", help="Write the markdown table here.")
+    ] = None,
+    plots: Annotated[
+        Path | None, typer.Option("--plots", help="Write PNG plots into this directory.")
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="Model bundle (default: the shipped one).")
+    ] = None,
     stages: Annotated[bool, typer.Option("--stages/--no-stages", help="Time each stage.")] = True,
-    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Run the reference pipeline.")] = True,
+    reference: Annotated[
+        bool, typer.Option("--reference/--no-reference", help="Run the reference pipeline.")
+    ] = True,
     e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Run the service end to end.")] = True,
+    stage_iters: Annotated[
+        int | None, typer.Option("--stage-iters", min=1, help="Calls timed per stage.")
+    ] = None,
+    service_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--service-arg", help="Extra `serve` option, repeatable (e.g. --service-arg=--max-batch=1)."
+        ),
+    ] = None,
 ) -> None:
     """Measure every stage, the reference pipeline and the whole service; write JSON, markdown and plots."""
     from benchmarks.report import markdown as to_markdown
@@ -154,6 +189,7 @@ def bench(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     opts = BenchOptions.make(quick, rates, frames, bundle)
     opts.stages, opts.reference, opts.e2e = stages, reference, e2e
+    opts.stage_iters, opts.service_args = stage_iters, list(service_arg or [])
     command = "latent-stream bench " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "bench")
     result = run_bench(opts, command=command.strip())
     if json_path is not None:

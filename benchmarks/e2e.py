@@ -1,7 +1,7 @@
 """The whole service end to end: frames over ZeroMQ in, points over the websocket out.
 
 `latent-stream serve` runs as its own process (as at a beamline). This process is the detector and the
-client at once: a sender thread pushes full-size frames at a fixed rate (or as fast as the service takes
+client at once: `stream.sender` pushes full-size frames at a fixed rate (or as fast as the service takes
 them), and an asyncio websocket client on ``/ws`` receives the points. Both sides stamp
 ``time.perf_counter()`` (CLOCK_MONOTONIC, shared by processes on one machine), so latency is
 send -> point received, including the wire, decode, compute, publish and the websocket.
@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,8 @@ import psutil
 import websockets
 
 from benchmarks.report import E2ERun
-from benchmarks.sending import FrameSender
 from benchmarks.stats import LatencyStats
+from stream.sender import FrameSender
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def send_run(
+    sender: FrameSender,
+    run_id: str,
+    frames: Sequence[np.ndarray],
+    n: int,
+    *,
+    rate: float | None,
+    tiled_base: str,
+) -> dict[int, float]:
+    """Send start, `n` events (cycling through `frames`) and stop; return frame index -> send time.
+
+    `tiled_base` non-empty: facility mode, each event carries a URI on that server; empty: the service
+    stores the frame. With `rate` None the PUSH socket's backpressure sets the pace. The schedule is
+    absolute (t0 + i / rate), so a late send does not shift the ones after it.
+    """
+    h, w = frames[0].shape
+    meta_url = f"{tiled_base}/api/v1/metadata/{run_id}" if tiled_base else ""
+    await sender.send_start(
+        run_id, run_id, width=w, height=h, data_type=str(frames[0].dtype), tiled_url=meta_url
+    )
+    sent: dict[int, float] = {}
+    t0 = time.perf_counter()
+    for i in range(n):
+        if rate is not None:
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        url = f"{tiled_base}/api/v1/array/full/{run_id}/primary/image?slice={i}" if tiled_base else ""
+        sent[i] = time.perf_counter()
+        await sender.send_event(i, frames[i % len(frames)], tiled_url=url)
+    await sender.send_stop(n)
+    return sent
 
 
 @dataclass(slots=True)
@@ -125,7 +159,9 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        exe = shutil.which("latent-stream", path=os.path.dirname(sys.executable)) or shutil.which("latent-stream")
+        exe = shutil.which("latent-stream", path=os.path.dirname(sys.executable)) or shutil.which(
+            "latent-stream"
+        )
         base = [exe] if exe else [sys.executable, "-m", "stream.cli"]
         args = [
             *base,
@@ -149,11 +185,15 @@ class Service:
         self._log_fh = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.started_wall = time.time()
         self.started_perf = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {self.proc.returncode}; last log lines:\n{self.log_tail()}")
+            raise RuntimeError(
+                f"the service exited with {self.proc.returncode}; last log lines:\n{self.log_tail()}"
+            )
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -163,7 +203,7 @@ class Service:
 
     def metrics_text(self) -> str:
         try:
-            return httpx.get(f"{self.http_url}/metrics", timeout=5).text
+            return httpx.get(f"{self.http_url}/metrics", timeout=5, trust_env=False).text
         except httpx.HTTPError:
             return ""
 
@@ -210,16 +250,20 @@ class PointReceiver:
         self._new = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Called for every new point as it arrives (embedded mode: fetch its frame as a client would).
+        self.on_point: Callable[[tuple[str, int], dict[str, Any], float], None] | None = None
 
     async def start(self, deadline_perf: float, service: Service) -> None:
         while True:
             service.check_alive()
             try:
-                ws = await websockets.connect(self.url, max_size=None, open_timeout=5)
+                ws = await websockets.connect(self.url, max_size=None, open_timeout=5, proxy=None)
                 break
-            except (OSError, websockets.InvalidHandshake, asyncio.TimeoutError):
+            except (TimeoutError, OSError, websockets.InvalidHandshake):
                 if time.perf_counter() > deadline_perf:
-                    raise TimeoutError(f"no websocket at {self.url}; service log:\n{service.log_tail()}") from None
+                    raise TimeoutError(
+                        f"no websocket at {self.url}; service log:\n{service.log_tail()}"
+                    ) from None
                 await asyncio.sleep(0.05)
         self._task = asyncio.create_task(self._loop(ws))
         self.connected.set()
@@ -233,8 +277,12 @@ class PointReceiver:
                     continue
                 key = (str(msg.get("run_id")), int(msg["index"]))
                 # The first arrival counts; a backfill repeat of the same point does not move it.
-                self.arrivals.setdefault(key, now)
-                self.messages.setdefault(key, msg)
+                if key in self.arrivals:
+                    continue
+                self.arrivals[key] = now
+                self.messages[key] = msg
+                if self.on_point is not None:
+                    self.on_point(key, msg, now)
                 if self.first_point_wall is None:
                     self.first_point_wall = time.time()
                     self.first_point_ts = float(msg.get("timestamp") or self.first_point_wall)
@@ -260,38 +308,66 @@ class PointReceiver:
                 await self._task
 
 
-async def _fetch_frames(
-    service: Service,
-    receiver: PointReceiver,
-    run_id: str,
-    frames_by_index: dict[int, np.ndarray],
-    window_s: float,
-    max_checks: int,
-) -> tuple[list[float], int, int]:
-    """Fetch each stored frame by the URI in its point, retrying until `window_s` after the point arrived.
+class FrameFetcher:
+    """Fetches each stored frame by the URI in its point, starting the moment the point arrives.
 
-    Returns (point-arrival -> fetchable latencies, frames fetched byte-identical in time, frames checked).
+    Timing uses a one-pixel slice of the frame (cheap, so polling does not load the service's Tiled);
+    byte-identity of the whole frame is checked afterwards, untimed. At most `concurrency` frames are
+    polled at once, every `interval_s`; a frame still queued behind others when it becomes fetchable is
+    reported late, so the latencies are upper bounds.
     """
-    headers = {"Authorization": f"Apikey {service.cfg.api_key}", "Accept": "application/octet-stream"}
-    keys = sorted(k for k in receiver.arrivals if k[0] == run_id)[:max_checks]
-    latencies: list[float] = []
-    ok = 0
-    async with httpx.AsyncClient(timeout=5, headers=headers) as client:
-        for key in keys:
-            arrived = receiver.arrivals[key]
-            url = receiver.messages[key].get("tiled_url", "")
-            expected = frames_by_index.get(key[1])
-            while url and expected is not None:
+
+    def __init__(self, service: Service, window_s: float, max_checks: int, concurrency: int = 4,
+                 interval_s: float = 0.1) -> None:  # fmt: skip
+        self.window_s = window_s
+        self.max_checks = max_checks
+        self.interval_s = interval_s
+        self._sem = asyncio.Semaphore(concurrency)
+        headers = {"Authorization": f"Apikey {service.cfg.api_key}", "Accept": "application/octet-stream"}
+        self._client = httpx.AsyncClient(timeout=10, headers=headers, trust_env=False)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.latencies: dict[int, float] = {}
+        self.urls: dict[int, str] = {}
+
+    def on_point(self, key: tuple[str, int], msg: dict[str, Any], arrived: float) -> None:
+        url = str(msg.get("tiled_url") or "")
+        if len(self._tasks) >= self.max_checks or not url:
+            return
+        self.urls[key[1]] = url
+        self._tasks.append(asyncio.create_task(self._poll(key[1], url, arrived)))
+
+    @staticmethod
+    def _pixel_url(url: str) -> str:
+        # .../primary/image?slice=<i>  ->  ?slice=<i>,0:1,0:1 (one pixel of that frame)
+        return f"{url},0:1,0:1" if "slice=" in url else url
+
+    async def _poll(self, index: int, url: str, arrived: float) -> None:
+        probe = self._pixel_url(url)
+        async with self._sem:
+            while True:
                 with contextlib.suppress(httpx.HTTPError):
-                    r = await client.get(url)
-                    if r.status_code == 200 and r.content == expected.tobytes():
-                        latencies.append(max(0.0, time.perf_counter() - arrived))
-                        ok += 1
-                        break
-                if time.perf_counter() - arrived > window_s:
-                    break
-                await asyncio.sleep(0.05)
-    return latencies, ok, len(keys)
+                    r = await self._client.get(probe)
+                    if r.status_code == 200:
+                        self.latencies[index] = max(0.0, time.perf_counter() - arrived)
+                        return
+                if time.perf_counter() - arrived > self.window_s:
+                    return
+                await asyncio.sleep(self.interval_s)
+
+    async def finish(self, frames_by_index: dict[int, np.ndarray]) -> tuple[list[float], int, int]:
+        """Wait for the polls; then check whole frames. Returns (latencies, fetched in time and identical, checked)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        ok = 0
+        for index, lat in self.latencies.items():
+            if lat > self.window_s:
+                continue
+            with contextlib.suppress(httpx.HTTPError):
+                r = await self._client.get(self.urls[index])
+                expected = frames_by_index.get(index)
+                if r.status_code == 200 and expected is not None and r.content == expected.tobytes():
+                    ok += 1
+        await self._client.aclose()
+        return sorted(self.latencies.values()), ok, len(self._tasks)
 
 
 @dataclass(slots=True)
@@ -328,10 +404,11 @@ async def _one_run(
     tiled_base = FACILITY_TILED if mode == "facility" else ""
     before = _counters(service.metrics_text())
     rss.take_peak_mb()
-    loop = asyncio.get_running_loop()
-    send_times = await loop.run_in_executor(
-        None, lambda: sender.send_run(run_id, frames, n, rate=rate, tiled_base=tiled_base)
+    fetcher = FrameFetcher(service, plan.fetch_window_s, plan.fetch_checks) if mode == "embedded" else None
+    receiver.on_point = (
+        (lambda key, msg, t: fetcher.on_point(key, msg, t) if key[0] == run_id else None) if fetcher else None
     )
+    send_times = await send_run(sender, run_id, frames, n, rate=rate, tiled_base=tiled_base)
     await receiver.wait_for(run_id, n, timeout_s=plan.drain_timeout_s)
     await asyncio.sleep(0.2)  # let stragglers land before counting
     peak = rss.take_peak_mb()
@@ -359,16 +436,18 @@ async def _one_run(
         received=received,
         duration_s=duration,
         throughput_fps=throughput,
+        offered_fps=(len(send_times) - 1) / max(max(send_times.values()) - min(send_times.values()), 1e-9)
+        if len(send_times) > 1
+        else None,
         latency=LatencyStats.from_seconds(lat) if lat else None,
         peak_rss_mb=peak,
         service_dropped={k: int(v) for k, v in dropped.items()},
         latencies_s=lat,
     )
-    if mode == "embedded":
+    if fetcher is not None:
+        receiver.on_point = None
         by_index = {i: frames[i % len(frames)] for i in range(n)}
-        fetch_lat, ok, checked = await _fetch_frames(
-            service, receiver, run_id, by_index, plan.fetch_window_s, plan.fetch_checks
-        )
+        fetch_lat, ok, checked = await fetcher.finish(by_index)
         run.fetch_latency = LatencyStats.from_seconds(fetch_lat) if fetch_lat else None
         run.fetch_ok, run.fetch_checked, run.fetch_window_s = ok, checked, plan.fetch_window_s
     log.info(
@@ -382,7 +461,8 @@ async def run_e2e(frames: Sequence[np.ndarray], plan: E2EPlan, cfg: ServiceConfi
     """Start the service, measure cold start to first point, then every (mode, rate) run in `plan`."""
     cfg = cfg or ServiceConfig()
     zmq_port = free_port()
-    sender = FrameSender(f"tcp://127.0.0.1:{zmq_port}")
+    sender = FrameSender(f"tcp://127.0.0.1:{zmq_port}", "push")
+    sender.open()
     service = Service(cfg, f"tcp://127.0.0.1:{zmq_port}")
     receiver = PointReceiver(service.ws_url)
     rss: RssSampler | None = None
@@ -393,15 +473,16 @@ async def run_e2e(frames: Sequence[np.ndarray], plan: E2EPlan, cfg: ServiceConfi
         deadline = service.started_perf + cfg.start_timeout_s
         # Cold start: the first frame is already waiting at the PUSH socket when the service comes up.
         warm_id = f"bench-coldstart-{uuid.uuid4().hex[:6]}"
-        loop = asyncio.get_running_loop()
-        send_first = loop.run_in_executor(
-            None, lambda: sender.send_run(warm_id, frames, 1, rate=None, tiled_base=FACILITY_TILED)
+        send_first = asyncio.create_task(
+            send_run(sender, warm_id, frames, 1, rate=None, tiled_base=FACILITY_TILED)
         )
         await receiver.start(deadline, service)
         while receiver.count(warm_id) < 1:
             service.check_alive()
             if time.perf_counter() > deadline:
-                raise TimeoutError(f"no first point within {cfg.start_timeout_s} s; log:\n{service.log_tail()}")
+                raise TimeoutError(
+                    f"no first point within {cfg.start_timeout_s} s; log:\n{service.log_tail()}"
+                )
             await receiver.wait_for(warm_id, 1, timeout_s=0.5)
         await send_first
         first_arrival = receiver.arrivals[(warm_id, 0)]
@@ -422,4 +503,4 @@ async def run_e2e(frames: Sequence[np.ndarray], plan: E2EPlan, cfg: ServiceConfi
         if rss is not None:
             rss.close()
         service.stop()
-        sender.close()
+        sender.close(linger_ms=0)

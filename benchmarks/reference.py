@@ -103,7 +103,9 @@ class ReferenceResult:
     points: np.ndarray  # (n, 2), for a sanity comparison with the service's points
 
 
-def run_reference(pipeline: ReferencePipeline, frames: Sequence[np.ndarray], budget: Budget) -> ReferenceResult:
+def run_reference(
+    pipeline: ReferencePipeline, frames: Sequence[np.ndarray], budget: Budget
+) -> ReferenceResult:
     """Process frames one after another (cycling) and time each step and the whole, after warm-up.
 
     The first umap-learn ``transform`` pays numba's JIT; it is part of the warm-up, as the LSE would pay it
@@ -124,9 +126,17 @@ def run_reference(pipeline: ReferencePipeline, frames: Sequence[np.ndarray], bud
             break
     totals = [t.total for t in times]
     steps = [
-        StageResult("reference preprocess (min-max uint8 + PIL resize)", LatencyStats.from_seconds([t.preprocess for t in times])),
-        StageResult("reference encode (torch eager, batch 1)", LatencyStats.from_seconds([t.encode for t in times])),
-        StageResult("reference project (umap-learn transform, 1 point)", LatencyStats.from_seconds([t.project for t in times])),
+        StageResult(
+            "reference preprocess (min-max uint8 + PIL resize)",
+            LatencyStats.from_seconds([t.preprocess for t in times]),
+        ),
+        StageResult(
+            "reference encode (torch eager, batch 1)", LatencyStats.from_seconds([t.encode for t in times])
+        ),
+        StageResult(
+            "reference project (umap-learn transform, 1 point)",
+            LatencyStats.from_seconds([t.project for t in times]),
+        ),
     ]
     total = StageResult("reference total per frame", LatencyStats.from_seconds(totals))
     log.info("reference pipeline: %d frames, p50 %.1f ms", len(totals), total.stats.p50_ms)

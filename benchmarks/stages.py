@@ -9,8 +9,6 @@ enqueue). A runtime that is absent here is skipped with the reason, never faked.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import time
@@ -48,53 +46,105 @@ class Models:
     unavailable: dict[str, str] = field(default_factory=dict)
 
 
-def _bundle_file(path: Path, manifest: dict[str, Any], *keys: str, suffixes: Sequence[str] = ()) -> Path | None:
-    """Find an artifact named in the manifest under any of `keys`, else by file suffix."""
-    artifacts = manifest.get("artifacts") or manifest.get("files") or {}
-    if isinstance(artifacts, dict):
-        for key in keys:
-            entry = artifacts.get(key)
-            name = entry.get("path") if isinstance(entry, dict) else entry
-            if isinstance(name, str) and (path / name).is_file():
-                return path / name
-    for suffix in suffixes:
-        hits = sorted(path.glob(f"*{suffix}"))
-        if hits:
-            return hits[0]
-    return None
-
-
 def load_models(bundle_path: Path | None) -> Models:
     """Load the bundle for ONNX Runtime, and whatever the reference pipeline and other runtimes need."""
-    from operators.bundle import ModelBundle, default_bundle_path
+    from operators.bundle import DEFAULT_BUNDLE, PICKLE_LIBRARIES, ModelBundle, verify_versions
+    from operators.projection import l2_normalise
 
-    path = Path(bundle_path) if bundle_path else Path(default_bundle_path())
-    bundle = ModelBundle.load(path, runtime="onnx")
-    manifest = json.loads((path / "manifest.json").read_text())
+    bundle = ModelBundle.load(bundle_path, runtime="onnx")
+    path, manifest = bundle.path, bundle.manifest
+    files = manifest.get("files", {})
+
+    def artifact(rel: str | None) -> Path | None:
+        return path / rel if rel and rel in files and (path / rel).is_file() else None
+
     models = Models(
         bundle=bundle,
-        path=path,
+        path=path if bundle_path else DEFAULT_BUNDLE,
         manifest=manifest,
         autoencoder_model=bundle.autoencoder_model,
-        input_size=int(bundle.input_size),
-        latent_dim=int(bundle.latent_dim),
-        onnx_path=_bundle_file(path, manifest, "encoder_onnx", "encoder.onnx", suffixes=(".onnx",)),
-        torchscript_path=_bundle_file(path, manifest, "encoder_torchscript", suffixes=(".ts", ".torchscript.pt")),
+        input_size=bundle.input_size,
+        latent_dim=bundle.latent_dim,
+        onnx_path=artifact(manifest["encoder"].get("onnx")),
+        torchscript_path=artifact(manifest["encoder"].get("torchscript")),
+        latent_transform=l2_normalise,  # the UMAP is fitted on L2-normalised latents
     )
-    models.latent_transform = getattr(bundle.projector, "latent_transform", None)
-    try:
-        models.umap_model = bundle.load_umap()
-    except (AttributeError, FileNotFoundError, ImportError) as exc:
-        models.unavailable["project[umap-learn transform]"] = f"no umap-learn model in the bundle ({exc})"
-    try:
-        from operators.model.load import load_torch_model
+    umap_path = artifact(manifest.get("projection", {}).get("umap"))
+    if umap_path is None:
+        models.unavailable["project[umap-learn transform]"] = "the bundle lists no umap-learn model"
+    else:
+        import joblib
 
-        models.torch_model = load_torch_model(path)
-        models.torch_encoder = models.torch_model.encoder
-    except (ImportError, FileNotFoundError, KeyError) as exc:
+        verify_versions(manifest, PICKLE_LIBRARIES, str(umap_path))  # before unpickling
+        models.umap_model = joblib.load(umap_path)
+    try:
+        models.torch_model = _eager_model(path, manifest)
+        from operators.model.cvae import MeanEncoder
+
+        models.torch_encoder = MeanEncoder(models.torch_model).eval()
+        _check_parity(
+            models,
+            np.random.default_rng(0).poisson(20.0, (models.input_size, models.input_size)).astype(np.int32),
+        )
+    except (ImportError, LookupError, OSError, ValueError) as exc:
         models.unavailable["encode[torch-eager]"] = f"cannot build the eager model from the bundle ({exc})"
     bundle.warmup()
     return models
+
+
+def _eager_model(path: Path, manifest: dict[str, Any]) -> Any:
+    """The full CVAE in eager PyTorch, built from the bundle's architecture config.
+
+    Encoder weights come from the bundle's torch state dict when it lists one, else from the ONNX
+    encoder's initializers (the exporter keeps the module's parameter names). Without a state dict the
+    decoder keeps its initial weights: the reference pipeline runs the full forward as the LSE does, and
+    a decoder's cost does not depend on its weights; only `mu` (encoder) is used. Parity with the ONNX
+    encoder is checked, so a mismatch is an error, not a silent wrong model.
+    """
+    import torch
+
+    from operators.model.cvae import CVAE, CVAEConfig
+
+    cfg_dict = (manifest.get("model") or {}).get("config")
+    if not isinstance(cfg_dict, dict):
+        raise LookupError("the manifest gives no model config (model.config)")  # noqa: TRY004 - a missing key
+    model = CVAE(CVAEConfig.from_dict(cfg_dict)).eval()
+    enc = manifest["encoder"]
+    rel = enc.get("state_dict") or enc.get("torch")
+    if rel:
+        state = torch.load(path / rel, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        return model
+    if not enc.get("onnx"):
+        raise LookupError(
+            "the bundle has neither a torch state dict nor an ONNX encoder to take weights from"
+        )
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx.load(str(path / enc["onnx"]), load_external_data=True).graph.initializer}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("encoder."):
+            continue
+        if name not in inits:
+            raise LookupError(f"ONNX encoder has no initializer {name!r}; cannot rebuild the eager encoder")
+        state[name] = torch.from_numpy(numpy_helper.to_array(inits[name]).copy()).reshape(tensor.shape)
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _check_parity(models: Models, frame: np.ndarray) -> None:
+    """The eager encoder must compute what the bundle's ONNX encoder computes."""
+    import torch
+
+    x = models.bundle.preprocessor(frame)[None]
+    want = models.bundle.encoder.encode(x)
+    with torch.inference_mode():
+        got = models.torch_encoder(torch.from_numpy(x)).numpy()
+    err = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-12))
+    if err > 1e-3:
+        raise ValueError(f"eager encoder differs from the ONNX encoder (relative error {err:.2e})")
 
 
 # -- individual stages ---------------------------------------------------------------------------------
@@ -115,7 +165,9 @@ def _event_payloads(frames: Sequence[np.ndarray]) -> list[bytes]:
     ]
 
 
-def _stage(name: str, fn: Callable[[int], object], budget: Budget, batch: int = 1, note: str = "") -> StageResult:
+def _stage(
+    name: str, fn: Callable[[int], object], budget: Budget, batch: int = 1, note: str = ""
+) -> StageResult:
     stats, _ = time_calls(fn, budget)
     log.info("stage %-40s p50 %8.3f ms  p99 %8.3f ms  (batch %d)", name, stats.p50_ms, stats.p99_ms, batch)
     return StageResult(name=name, stats=stats, batch=batch, note=note)
@@ -152,7 +204,14 @@ def _encode_stages(
 
     for b in batch_sizes:
         xs = _batches(models, frames, b)
-        results.append(_stage("encode[onnx-cpu, bundle]", lambda i: models.bundle.encoder.encode(xs[i % len(xs)]), budget, b))
+        results.append(
+            _stage(
+                "encode[onnx-cpu, bundle]",
+                lambda i, xs=xs: models.bundle.encoder.encode(xs[i % len(xs)]),
+                budget,
+                b,
+            )
+        )
 
     xs1 = _batches(models, frames, 1)
     if models.onnx_path is not None:
@@ -161,7 +220,13 @@ def _encode_stages(
             try:
                 run = _ort_runner(_ort_session(models.onnx_path, ["CPUExecutionProvider"], threads))
                 run(xs1[0])
-                results.append(_stage(f"encode[onnx-cpu, {threads} thread(s)]", lambda i: run(xs1[i % len(xs1)]), budget))
+                results.append(
+                    _stage(
+                        f"encode[onnx-cpu, {threads} thread(s)]",
+                        lambda i, run=run: run(xs1[i % len(xs1)]),
+                        budget,
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - a fixed-batch model may refuse; report why
                 skipped[f"encode[onnx-cpu, {threads} thread(s)]"] = f"{type(exc).__name__}: {exc}"[:200]
     else:
@@ -186,9 +251,13 @@ def _encode_stages(
             t1 = [torch.from_numpy(x) for x in xs1]
             results.append(_stage("encode[torch-eager-cpu]", lambda i: enc(t1[i % len(t1)]), budget))
             if not quick and not gpu:
-                skipped["encode[torch.compile-cpu]"] = "measured on GPU only (inductor's CPU compile takes minutes here)"
+                skipped["encode[torch.compile-cpu]"] = (
+                    "measured on GPU only (inductor's CPU compile takes minutes here)"
+                )
         else:
-            skipped["encode[torch-eager-cpu]"] = models.unavailable.get("encode[torch-eager]", "no eager model")
+            skipped["encode[torch-eager-cpu]"] = models.unavailable.get(
+                "encode[torch-eager]", "no eager model"
+            )
 
         if gpu and models.torch_encoder is not None:
             results += _torch_gpu_stages(models, xs1, budget, skipped)
@@ -199,7 +268,9 @@ def _encode_stages(
     return results, skipped
 
 
-def _torch_gpu_stages(models: Models, xs1: Sequence[np.ndarray], budget: Budget, skipped: dict[str, str]) -> list[StageResult]:
+def _torch_gpu_stages(
+    models: Models, xs1: Sequence[np.ndarray], budget: Budget, skipped: dict[str, str]
+) -> list[StageResult]:
     import torch
 
     out: list[StageResult] = []
@@ -216,9 +287,9 @@ def _torch_gpu_stages(models: Models, xs1: Sequence[np.ndarray], budget: Budget,
 
     out.append(_stage("encode[torch-cuda fp32]", timed(enc, dev), budget))
     half = [x.half() for x in dev]
-    enc16 = models.torch_encoder.half()
-    out.append(_stage("encode[torch-cuda fp16]", timed(enc16, half), budget))
-    models.torch_encoder.float()
+    enc.half()
+    out.append(_stage("encode[torch-cuda fp16]", timed(enc, half), budget))
+    enc.float()
     try:
         compiled = torch.compile(enc, mode="max-autotune")
         out.append(_stage("encode[torch.compile-cuda fp32]", timed(compiled, dev), budget))
@@ -227,7 +298,9 @@ def _torch_gpu_stages(models: Models, xs1: Sequence[np.ndarray], budget: Budget,
     return out
 
 
-def _ort_gpu_stages(models: Models, xs1: Sequence[np.ndarray], budget: Budget, skipped: dict[str, str]) -> list[StageResult]:
+def _ort_gpu_stages(
+    models: Models, xs1: Sequence[np.ndarray], budget: Budget, skipped: dict[str, str]
+) -> list[StageResult]:
     import onnxruntime as ort
 
     out: list[StageResult] = []
@@ -236,7 +309,10 @@ def _ort_gpu_stages(models: Models, xs1: Sequence[np.ndarray], budget: Budget, s
         return out
     for label, providers in (
         ("encode[onnx-cuda]", ["CUDAExecutionProvider"]),
-        ("encode[onnx-tensorrt fp16]", [("TensorrtExecutionProvider", {"trt_fp16_enable": True}), "CUDAExecutionProvider"]),
+        (
+            "encode[onnx-tensorrt fp16]",
+            [("TensorrtExecutionProvider", {"trt_fp16_enable": True}), "CUDAExecutionProvider"],
+        ),
     ):
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if wanted not in available:
@@ -246,7 +322,7 @@ def _ort_gpu_stages(models: Models, xs1: Sequence[np.ndarray], budget: Budget, s
             sess = _ort_session(models.onnx_path, providers)
             run = _ort_runner(sess)
             run(xs1[0])
-            out.append(_stage(label, lambda i: run(xs1[i % len(xs1)]), budget))
+            out.append(_stage(label, lambda i, run=run: run(xs1[i % len(xs1)]), budget))
             out.append(_stage(label.replace("]", ", io-binding]"), _io_bound(sess, xs1), budget))
         except Exception as exc:  # noqa: BLE001 - provider set-up failures vary by machine
             skipped[label] = f"{type(exc).__name__}: {exc}"[:200]
@@ -270,7 +346,9 @@ def _io_bound(sess: Any, xs1: Sequence[np.ndarray]) -> Callable[[int], object]:
     return call
 
 
-def _publish_stages(models: Models, latents: np.ndarray, budget: Budget, skipped: dict[str, str]) -> list[StageResult]:
+def _publish_stages(
+    models: Models, latents: np.ndarray, budget: Budget, skipped: dict[str, str]
+) -> list[StageResult]:
     """Point -> the websocket payload (once per point for every client), and the hub's enqueue for N clients."""
     from operators.messages import Point, StageTimings
 
@@ -292,7 +370,9 @@ def _publish_stages(models: Models, latents: np.ndarray, budget: Budget, skipped
 
     def serialise(i: int) -> object:
         msg = wire.point_from_message(ctx, points[i % len(points)])
-        return wire.encode(wire.typed_point(msg), wire.WireFormat.WS_JSON), wire.encode(msg, wire.WireFormat.LSE_JSON)
+        return wire.encode(wire.typed_point(msg), wire.WireFormat.WS_JSON), wire.encode(
+            msg, wire.WireFormat.LSE_JSON
+        )
 
     return [_stage("publish[point -> /ws + /lse JSON]", serialise, budget)]
 
@@ -308,11 +388,19 @@ def run_stages(
     batch_sizes = (1, 8) if quick else (1, 4, 8, 16)
 
     payloads = _event_payloads(frames)
-    results.append(_stage("decode[msgpack -> zero-copy view]", lambda i: decode(payloads[i % len(payloads)]), budget))
+    results.append(
+        _stage("decode[msgpack -> zero-copy view]", lambda i: decode(payloads[i % len(payloads)]), budget)
+    )
 
     pre = models.bundle.preprocessor
     out = np.empty((1, models.input_size, models.input_size), np.float32)
-    results.append(_stage("preprocess[bundle, into a reused buffer]", lambda i: pre(frames[i % len(frames)], out=out), budget))
+    results.append(
+        _stage(
+            "preprocess[bundle, into a reused buffer]",
+            lambda i: pre(frames[i % len(frames)], out=out),
+            budget,
+        )
+    )
     results.append(_stage("preprocess[bundle, allocating]", lambda i: pre(frames[i % len(frames)]), budget))
 
     enc_results, enc_skipped = _encode_stages(models, frames, budget, batch_sizes, quick)
@@ -328,10 +416,18 @@ def run_stages(
     results.append(_stage("project[bundle projector]", lambda i: proj.project(lat8), budget, batch=8))
     if models.umap_model is not None:
         um, tf = models.umap_model, models.latent_transform or (lambda x: x)
-        results.append(_stage("project[umap-learn transform]", lambda i: um.transform(tf(lat1[i % len(lat1)])), budget))
+        results.append(
+            _stage("project[umap-learn transform]", lambda i: um.transform(tf(lat1[i % len(lat1)])), budget)
+        )
 
     clusterer = models.bundle.new_clusterer()
-    results.append(_stage("cluster[learn_predict_one]", lambda i: clusterer.learn_predict_one(latents[i % len(latents)]), budget))
+    results.append(
+        _stage(
+            "cluster[learn_predict_one]",
+            lambda i: clusterer.learn_predict_one(latents[i % len(latents)]),
+            budget,
+        )
+    )
 
     results += _publish_stages(models, latents, budget, skipped)
     return results, skipped
@@ -343,5 +439,7 @@ def run_reference_for(models: Models, frames: Sequence[np.ndarray], budget: Budg
         return models.unavailable.get("encode[torch-eager]", "no eager torch model")
     if models.umap_model is None:
         return models.unavailable.get("project[umap-learn transform]", "no umap-learn model")
-    pipe = ReferencePipeline(models.torch_model, models.umap_model, models.input_size, models.latent_transform)
+    pipe = ReferencePipeline(
+        models.torch_model, models.umap_model, models.input_size, models.latent_transform
+    )
     return run_reference(pipe, frames, budget)
