@@ -221,7 +221,7 @@ def test_grazing_incidence_has_horizon_shadow_and_yoneda_band_at_the_critical_an
     assert rows[band] > 2.5 * np.nanmean(rows[100:200])  # |T|^2 peaks near 4 at alpha_c
 
 
-@pytest.mark.parametrize("lam", [0.3, 3.0, 12.0, 40.0, 500.0])
+@pytest.mark.parametrize("lam", [0.3, 3.0, 7.77, 15.99, 16.0, 40.0, 500.0])
 def test_counts_follow_poisson_statistics(lam: float) -> None:
     # Far detector: flat illumination within 1e-6, so every pixel has the same expected count.
     g = _geometry(distance_m=1000.0, beamstop_radius_px=0.0, arm_half_width_px=0.0)
@@ -231,6 +231,11 @@ def test_counts_follow_poisson_statistics(lam: float) -> None:
     assert counts.mean() == pytest.approx(lam, abs=5 * math.sqrt(lam / n))
     assert counts.var() == pytest.approx(lam, rel=0.02)
     assert (counts == 0).mean() == pytest.approx(math.exp(-lam), abs=5 * math.sqrt(math.exp(-lam) / n) + 1e-6)
+    # the whole distribution, not just its moments: every count's frequency within 5 sigma of the pmf
+    ks = np.arange(int(lam + 4 * math.sqrt(lam)) + 1)
+    pmf = np.exp(ks * math.log(lam) - lam - np.array([math.lgamma(k + 1.0) for k in ks]))
+    freq = np.bincount(counts.astype(np.int64), minlength=ks.size)[: ks.size] / n
+    np.testing.assert_array_less(np.abs(freq - pmf), 5 * np.sqrt(pmf / n) + 1e-5)
 
 
 def test_hot_pixels_keep_their_counts_and_dead_pixels_read_zero() -> None:

@@ -9,6 +9,7 @@ index): frames can be rendered in any order, in any process, and come out bit-id
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 from numba import njit
@@ -16,15 +17,61 @@ from numba import njit
 # PILATUS3 counters are 20 bit: a pixel saturates at 2**20 - 1 counts per frame.
 SATURATION = (1 << 20) - 1
 GAP_VALUE = -1  # what PILATUS writes into inter-module gap pixels
-# Below this mean, counts are drawn exactly (inversion); above, by a Cornish-Fisher corrected
-# normal quantile, whose error (< 1e-3 in the CDF at lambda=16) is far below counting noise.
+# Below this mean, counts come from tabulated Poisson CDFs (exact distribution, see below);
+# above, from a Cornish-Fisher corrected normal quantile, whose CDF error (< 1e-3 at lambda=16,
+# shrinking as 1/lambda) is far below what one frame's counting noise can reveal.
 EXACT_POISSON_BELOW = 16.0
+# Tabulated CDFs: one row per mean lambda = level / LEVELS_PER_COUNT, up to EXACT_POISSON_BELOW.
+# A pixel's mean is rounded to a neighbouring level at random with probabilities that keep its
+# mean exact; the mixture of the two Poisson laws adds a variance <= (1/64)^2 / 4 = 6e-5 counts^2.
+LEVELS_PER_COUNT = 64
+_K_MAX = 56  # P(X > 56 | lambda = 16) < 1e-12: the tail beyond is folded into the last count
+_GUIDE = 256  # guide table: where to start the CDF search, per 1/256 of the unit interval
+_Z_INTERVALS = 16384  # inverse normal CDF table; linear interpolation error < 1e-3 in z
+_Z_TAIL = 1.0 / 1024.0  # below (above 1 minus) this, the exact rational approximation is used
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
 _INV_2_53 = 1.0 / 9007199254740992.0
+_INV_2_11 = 1.0 / 2048.0
+_LOW11 = np.uint64(0x7FF)
+
+
+def _poisson_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(cdf[level, k], guide[level, j]) for lambda = level / LEVELS_PER_COUNT < EXACT_POISSON_BELOW."""
+    lam = np.arange(int(EXACT_POISSON_BELOW * LEVELS_PER_COUNT) + 2, dtype=np.float64) / LEVELS_PER_COUNT
+    k = np.arange(_K_MAX + 1, dtype=np.float64)
+    lgam = np.array([math.lgamma(x + 1.0) for x in k])
+    log_lam = np.log(np.where(lam > 0.0, lam, 1.0))
+    pmf = np.exp(k[None, :] * log_lam[:, None] - lam[:, None] - lgam[None, :])
+    pmf[0, :] = 0.0  # lambda = 0: always 0 counts
+    pmf[0, 0] = 1.0
+    cdf = np.cumsum(pmf, axis=1)
+    cdf[:, -1] = 1.0  # fold the (< 1e-12) tail into the last count
+    # guide[l, j] = smallest k with cdf[l, k] > j / _GUIDE: a lower bound for any u >= j / _GUIDE.
+    thresholds = np.arange(_GUIDE, dtype=np.float64) / _GUIDE
+    guide = np.empty((lam.size, _GUIDE), dtype=np.uint8)
+    for level in range(lam.size):
+        guide[level] = np.searchsorted(cdf[level], thresholds, side="right")
+    cdf.flags.writeable = False
+    guide.flags.writeable = False
+    return cdf, guide
+
+
+def _z_table() -> np.ndarray:
+    """Inverse standard normal CDF at u = i / _Z_INTERVALS (ends clamped; only used inside the tails)."""
+    nd = NormalDist()
+    u = np.arange(_Z_INTERVALS + 1) / _Z_INTERVALS
+    u[0], u[-1] = _Z_TAIL, 1.0 - _Z_TAIL
+    table = np.array([nd.inv_cdf(float(x)) for x in u])
+    table.flags.writeable = False
+    return table
+
+
+POISSON_CDF, POISSON_GUIDE = _poisson_tables()
+Z_TABLE = _z_table()
 
 
 def frame_key(seed: int, index: int, stream: int = 0) -> np.uint64:
@@ -39,13 +86,18 @@ def frame_key(seed: int, index: int, stream: int = 0) -> np.uint64:
 
 
 @njit(inline="always")
-def _uniform(key, counter):  # pragma: no cover - compiled
-    """Uniform in the open interval (0, 1) from SplitMix64(key + counter * golden)."""
+def _hash(key, counter):  # pragma: no cover - compiled
+    """64 random bits: SplitMix64(key + counter * golden)."""
     z = key + counter * _GOLDEN
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
-    z = z ^ (z >> _S31)
-    return (float(z >> _S11) + 0.5) * _INV_2_53
+    return z ^ (z >> _S31)
+
+
+@njit(inline="always")
+def _uniform(bits):  # pragma: no cover - compiled
+    """Uniform in the open interval (0, 1) from the top 53 bits."""
+    return (float(bits >> _S11) + 0.5) * _INV_2_53
 
 
 # Acklam's rational approximation of the inverse normal CDF (relative error < 1.2e-9).
@@ -100,29 +152,23 @@ def _norm_ppf(p):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _poisson_from_uniform(lam, u):  # pragma: no cover - compiled
-    """Poisson(lam) quantile at u: exact inversion for small lam, Cornish-Fisher above."""
-    if not lam > 0.0:  # also catches NaN
-        return 0
-    if lam < EXACT_POISSON_BELOW:
-        p = math.exp(-lam)
-        s = p
-        k = 0
-        while u > s and k < 200:
-            k += 1
-            p *= lam / k
-            s += p
-        return k
-    z = _norm_ppf(u)
+def _fast_norm_ppf(u, ztab):  # pragma: no cover - compiled
+    """Inverse normal CDF: table interpolation in the body, rational approximation in the tails."""
+    if u < _Z_TAIL or u > 1.0 - _Z_TAIL:
+        return _norm_ppf(u)
+    x = u * _Z_INTERVALS
+    i = int(x)
+    return ztab[i] + (ztab[i + 1] - ztab[i]) * (x - i)
+
+
+@njit(cache=True)
+def _poisson_large(lam, u, ztab):  # pragma: no cover - compiled
+    """Poisson(lam) quantile at u for lam >= EXACT_POISSON_BELOW: Cornish-Fisher expansion
+    (all cumulants equal lam) of the normal quantile, with continuity correction."""
+    z = _fast_norm_ppf(u, ztab)
     sl = math.sqrt(lam)
-    # Cornish-Fisher expansion of the Poisson quantile (cumulants all = lam), continuity corrected.
     x = lam + sl * z + (z * z - 1.0) / 6.0 + (z - z * z * z) / (72.0 * sl)
-    k = math.ceil(x - 0.5)
-    if k < 0:
-        return 0
-    if k > SATURATION:
-        return SATURATION
-    return int(k)
+    return min(max(math.ceil(x - 0.5), 0), SATURATION)
 
 
 @njit(cache=True, nogil=True)
@@ -179,13 +225,33 @@ def render_expected(
 
 
 @njit(cache=True, nogil=True)
-def draw_counts(lam, key, gap, out):  # pragma: no cover - compiled
-    """Poisson counts for every pixel of `lam` (expected counts), GAP_VALUE on gap pixels."""
+def draw_counts(lam, key, gap, cdf, guide, ztab, out):  # pragma: no cover - compiled
+    """Poisson counts for every pixel of `lam` (expected counts), GAP_VALUE on gap pixels.
+
+    Each pixel takes 64 random bits: the top 53 give the quantile u, the low 11 round lam to a
+    neighbouring CDF table level. cdf, guide, ztab: POISSON_CDF, POISSON_GUIDE, Z_TABLE (arguments,
+    not globals, so that the compiled kernel does not embed 1 MB of constants).
+    The small-lam path is written inline here on purpose: behind a helper function with several
+    returns, numba compiled it 6x slower.
+    """
     h, w = lam.shape
     for y in range(h):
         base = np.uint64(y * w)
         for x in range(w):
             if gap[y, x]:
                 out[y, x] = GAP_VALUE
+                continue
+            bits = _hash(key, base + np.uint64(x))
+            u = _uniform(bits)
+            mean = float(lam[y, x])
+            if mean < EXACT_POISSON_BELOW:
+                level_x = max(mean, 0.0) * LEVELS_PER_COUNT  # NaN -> 0
+                level = int(level_x)
+                if (float(bits & _LOW11) + 0.5) * _INV_2_11 < level_x - level:
+                    level += 1
+                k = np.int64(guide[level, int(u * _GUIDE)])
+                while cdf[level, k] < u:
+                    k += 1
+                out[y, x] = k
             else:
-                out[y, x] = _poisson_from_uniform(float(lam[y, x]), _uniform(key, base + np.uint64(x)))
+                out[y, x] = _poisson_large(mean, u, ztab)

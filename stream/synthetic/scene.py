@@ -22,7 +22,16 @@ from functools import lru_cache
 import numpy as np
 
 from stream.detector import PILATUS3_2M, Detector
-from stream.synthetic._kernels import GAP_VALUE, SATURATION, draw_counts, frame_key, render_expected
+from stream.synthetic._kernels import (
+    GAP_VALUE,
+    POISSON_CDF,
+    POISSON_GUIDE,
+    SATURATION,
+    Z_TABLE,
+    draw_counts,
+    frame_key,
+    render_expected,
+)
 
 __all__ = [
     "Arc",
@@ -350,7 +359,9 @@ class Renderer:
         """
         lam = self.expected(scene, geometry)
         out = np.empty(self.detector.shape, dtype=np.int32)
-        draw_counts(lam, frame_key(seed, index), self.detector.gap_mask(), out)
+        draw_counts(
+            lam, frame_key(seed, index), self.detector.gap_mask(), POISSON_CDF, POISSON_GUIDE, Z_TABLE, out
+        )
         flat = out.reshape(-1)
         if hot is not None:
             flat[hot[0]] = hot[1]
