@@ -207,7 +207,7 @@ def run_isolated(
     try:
         stage.process_many(items)
         return list(items)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - isolation: any failure of a batch is retried per item
         if len(items) == 1:
             on_failure(items[0], stage, exc)
             return []
@@ -220,7 +220,7 @@ def run_isolated_one(
     try:
         stage.process_one(item)
         return [item]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - isolation: the item is rejected and counted by on_failure
         on_failure(item, stage, exc)
         return []
 

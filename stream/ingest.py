@@ -26,7 +26,7 @@ import zmq.asyncio
 from operators.base import Listener
 from operators.messages import Frame, RunStarted, RunStopped
 from operators.metrics import PipelineMetrics
-from stream.protocol import Event, Limits, ProtocolError, Start, Stop, decode
+from stream.protocol import DEFAULT_LIMITS, Event, Limits, ProtocolError, Start, Stop, decode
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class IngestDecoder:
     an event or stop with no open run is rejected (``no_active_run``).
     """
 
-    def __init__(self, metrics: PipelineMetrics, limits: Limits = Limits()) -> None:
+    def __init__(self, metrics: PipelineMetrics, limits: Limits = DEFAULT_LIMITS) -> None:
         self.metrics = metrics
         self.limits = limits
         self._run: _RunState | None = None
@@ -139,7 +139,7 @@ class ZmqIngest(Listener):
         metrics: PipelineMetrics,
         *,
         pattern: Pattern = "pull",
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
         context: zmq.asyncio.Context | None = None,
         rcvhwm: int = 16,
     ) -> None:

@@ -86,13 +86,16 @@ class Limits:
     reject_non_finite: bool = True
 
 
-def decode(payload: bytes | memoryview, limits: Limits = Limits()) -> WireMessage:
+DEFAULT_LIMITS = Limits()
+
+
+def decode(payload: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> WireMessage:
     """Parse one ZeroMQ message. Raises `ProtocolError` with a reason label."""
     if len(payload) > limits.max_bytes + _ENVELOPE_SLACK:
         raise ProtocolError("oversized", f"message of {len(payload)} bytes exceeds {limits.max_bytes}")
     try:
         doc = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types (ExtraData, ValueError, ...)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # ExtraData, FormatError, StackError...
         raise ProtocolError("malformed", f"not msgpack: {type(exc).__name__}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("malformed", f"expected a map, got {type(doc).__name__}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import zmq
@@ -43,7 +43,7 @@ class FrameSender:
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
 
-    async def __aenter__(self) -> FrameSender:
+    async def __aenter__(self) -> Self:
         self.open()
         return self
 

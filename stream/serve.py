@@ -212,8 +212,8 @@ class Service:
             except TimeoutError:
                 server.force_exit = True
                 await asyncio.wait([task], timeout=1.0)
-            except BaseException:  # noqa: BLE001 - uvicorn's own failure was already logged
-                pass
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from a failed uvicorn startup, too
+                log.warning("uvicorn stopped with %r", exc)
 
         self._on_stop("uvicorn", stop_uvicorn)
         return task

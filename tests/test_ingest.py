@@ -16,7 +16,7 @@ from operators.base import BoundedQueue, QueuedOperator, QueuePolicy
 from operators.messages import Frame, RunStarted, RunStopped
 from operators.metrics import PipelineMetrics
 from stream.ingest import ZmqIngest
-from stream.protocol import Limits, encode_event
+from stream.protocol import DEFAULT_LIMITS, Limits, encode_event
 from stream.sender import FrameSender
 
 Message = RunStarted | Frame | RunStopped
@@ -53,7 +53,7 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 @asynccontextmanager
 async def _live(
-    pattern: str = "pull", *, delay: float = 0.0, run_operator: bool = True, limits: Limits = Limits(),
+    pattern: str = "pull", *, delay: float = 0.0, run_operator: bool = True, limits: Limits = DEFAULT_LIMITS,
     **operator_kwargs: object,
 ) -> AsyncIterator[tuple[FrameSender, ZmqIngest, Collector, PipelineMetrics]]:
     metrics = PipelineMetrics(CollectorRegistry())

@@ -4,7 +4,17 @@ import msgpack
 import numpy as np
 import pytest
 
-from stream.protocol import Event, Limits, ProtocolError, Start, Stop, decode, encode_event, encode_start, encode_stop
+from stream.protocol import (
+    Event,
+    Limits,
+    ProtocolError,
+    Start,
+    Stop,
+    decode,
+    encode_event,
+    encode_start,
+    encode_stop,
+)
 
 
 def _event_doc(data: bytes, dtype: str = "int32", shape: object = (4, 3), **extra: object) -> bytes:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import httpx
 import msgpack
@@ -105,7 +106,7 @@ class WsClient:
     _task: asyncio.Task[None] | None = None
     _ws: websockets.ClientConnection | None = None
 
-    async def __aenter__(self) -> WsClient:
+    async def __aenter__(self) -> Self:
         self._ws = await websockets.connect(self.url, max_size=None)
         self._task = asyncio.create_task(self._read())
         return self
