@@ -115,6 +115,7 @@ class Service:
 
         # -- the bridge (publisher + app) ------------------------------------------------------------
         from frontend_bridge.app import TiledConfig, create_app
+        from operators.persist.catalog import TiledRunCatalog
         from frontend_bridge.hub import Hub
         from frontend_bridge.wire import ModelInfo
 
@@ -128,6 +129,7 @@ class Service:
             tiled=TiledConfig(self.tiled_url, self.tiled_api_key),
             token=s.token,
             health_extra=self._health,
+            run_catalog=TiledRunCatalog(self.tiled_url, self.tiled_api_key),  # past runs from Tiled
         )
 
         # -- compute ---------------------------------------------------------------------------------
