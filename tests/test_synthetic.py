@@ -191,6 +191,18 @@ def test_arc_is_brightest_along_its_orientation_and_opposite() -> None:
     assert sectors.max() > 20 * np.median(sectors)
 
 
+def test_wide_angle_scattering_is_weaker_along_the_horizontal_polarisation() -> None:
+    g = _geometry(distance_m=0.3, beam_center=(900, 737), beamstop_radius_px=0.0, arm_half_width_px=0.0)
+    image = Renderer().render(Scene((Flat(400.0),)), g, seed=2, index=0)
+    r_px = 500  # 2 theta = atan(500 * 172 um / 0.3 m) = 16 degrees
+    sin2 = math.sin(math.atan(r_px * PILATUS3_2M.pixel_size_m / g.distance_m)) ** 2
+    horizontal = image[895:906, 737 + r_px - 5 : 737 + r_px + 6]  # chi = 0
+    vertical = image[900 - r_px - 5 : 900 - r_px + 6, 732:743]  # chi = 90, same radius
+    assert (horizontal >= 0).all() and (vertical >= 0).all()  # both patches on sensitive pixels
+    ratio = horizontal.mean() / vertical.mean()
+    assert ratio == pytest.approx(1.0 - sin2, abs=0.02)
+
+
 def test_beamstop_and_arm_block_the_direct_beam() -> None:
     geometry = _geometry(arm_angle_deg=90.0, arm_half_width_px=4.0)
     image = Renderer().render(Scene((Flat(200.0),)), geometry, seed=0, index=0)

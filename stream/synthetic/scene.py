@@ -246,18 +246,30 @@ class _PolarCanvas:
 def _polar_canvas(shape: tuple[int, int]) -> _PolarCanvas:
     # A memo of a pure function of the frame shape; the arrays are read-only.
     h, w = shape
-    dy = np.arange(-(h - 1), h, dtype=np.float32)[:, None]
-    dx = np.arange(-(w - 1), w, dtype=np.float32)[None, :]
-    r = np.hypot(dy, dx)
-    rbin = np.rint(r * RADIAL_BINS_PER_PX).astype(np.uint16)
-    n_rbins = int(rbin.max()) + 1
-    chi = np.degrees(np.arctan2(-dy, dx)) % 360.0  # rows grow downwards; chi grows counter-clockwise
-    del r
+    # One quadrant (|dy|, |dx|) holds every radius and every angle modulo reflection: compute it
+    # once and mirror it into the four quadrants (4x fewer hypot/arctan2 evaluations).
+    ady = np.arange(h, dtype=np.float32)[:, None]
+    adx = np.arange(w, dtype=np.float32)[None, :]
+    quad_r = np.rint(np.hypot(ady, adx) * RADIAL_BINS_PER_PX).astype(np.uint16)
+    quad_a = np.degrees(np.arctan2(ady, adx))  # 0..90 degrees from the +x axis
+    rbin = np.empty((2 * h - 1, 2 * w - 1), dtype=np.uint16)
+    chi = np.empty((2 * h - 1, 2 * w - 1), dtype=np.float32)
+    cy, cx = h - 1, w - 1  # canvas centre; rows grow downwards, chi counter-clockwise from +x
+    for flip_y, flip_x, angle in (
+        (True, False, quad_a),  # up-right
+        (True, True, 180.0 - quad_a),  # up-left
+        (False, True, 180.0 + quad_a),  # down-left
+        (False, False, (360.0 - quad_a) % 360.0),  # down-right
+    ):
+        rows = slice(cy, None, -1) if flip_y else slice(cy, None)
+        cols = slice(cx, None, -1) if flip_x else slice(cx, None)
+        rbin[rows, cols] = quad_r
+        chi[rows, cols] = angle
     chibin = (chi * (AZIMUTH_BINS / 360.0)).astype(np.uint16)
     np.minimum(chibin, AZIMUTH_BINS - 1, out=chibin)
     rbin.flags.writeable = False
     chibin.flags.writeable = False
-    return _PolarCanvas(rbin=rbin, chibin=chibin, n_rbins=n_rbins)
+    return _PolarCanvas(rbin=rbin, chibin=chibin, n_rbins=int(quad_r.max()) + 1)
 
 
 @dataclass
@@ -315,6 +327,13 @@ class Renderer:
             else:
                 iso += comp.radial(q)
         iso *= solid
+        # Synchrotron beams are polarised in the horizontal plane: scattering is weakened by
+        # 1 - sin^2(2 theta) cos^2(chi). Separable, so it is one more anisotropic term; only
+        # worth its cost at wide angles (below 2 theta ~ 2 degrees it is < 0.1 %).
+        sin2_2theta = np.sin(np.arctan(self._r_m / geometry.distance_m)) ** 2
+        if sin2_2theta[min(len(sin2_2theta) - 1, 2 * max(h, w))] > 1e-3:
+            arcs_r.append(-iso * sin2_2theta)
+            arcs_a.append(np.cos(np.radians(self._chi_deg)) ** 2)
         rowfac = self._row_factor(geometry)
         off_r, off_c = h - 1 - brow, w - 1 - bcol  # the detector's window on the polar canvas
         rb = self._canvas.rbin[off_r : off_r + h, off_c : off_c + w]
