@@ -113,9 +113,12 @@ def test_consecutive_frames_have_independent_noise() -> None:
 
 def test_unknown_scenario_is_rejected_with_the_valid_names() -> None:
     with pytest.raises(ValueError) as err:
-        next(generate_scan("nope", 3))
+        generate_scan("nope", 3)  # at the call, before iterating
     for name in SCENARIOS:
         assert name in str(err.value)
+    with pytest.raises(ValueError):
+        generate_scan("film_formation", -1)
+    assert list(generate_scan("film_formation", 0)) == []
 
 
 # --- physics ---------------------------------------------------------------------------------

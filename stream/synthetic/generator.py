@@ -14,6 +14,7 @@ from stream.synthetic.scenarios import (
     _SCENARIOS,
     SCENARIOS,
     TRAINING_PHASES,
+    ScenarioSpec,
     Variation,
     _Scenario,
     scenario_id,
@@ -68,7 +69,7 @@ def generate_scan(
     drawn per seed; the noise of frame i depends only on (seed, i). "training" draws an independent
     random phase and nuisance set for every frame.
     """
-    _spec(scenario)  # unknown names fail here, before any work
+    _spec(scenario)  # validated eagerly: a bad name fails at the call, not at the first next()
     if n_frames < 0:
         raise ValueError(f"n_frames must be >= 0, got {n_frames}")
     if not frame_period_s > 0:
@@ -76,12 +77,11 @@ def generate_scan(
     renderer = Renderer(detector)
     log.debug("synthetic scan %s: %d frames, seed %d, detector %s", scenario, n_frames, seed, detector.name)
     if scenario == "training":
-        yield from _training_frames(renderer, n_frames, seed, frame_period_s)
-    else:
-        yield from _scenario_frames(_SCENARIOS[scenario], renderer, n_frames, seed, frame_period_s)
+        return _training_frames(renderer, n_frames, seed, frame_period_s)
+    return _scenario_frames(_SCENARIOS[scenario], renderer, n_frames, seed, frame_period_s)
 
 
-def _spec(scenario: str):
+def _spec(scenario: str) -> ScenarioSpec:
     try:
         return SCENARIOS[scenario]
     except KeyError:
