@@ -37,7 +37,8 @@ LAZY_COMMANDS: dict[str, _Lazy] = {
     "fit": _Lazy("operators.model.cli", "fit", "Fit the projection and clustering; write a bundle."),
     "evaluate": _Lazy("operators.model.cli", "evaluate", "Evaluate a bundle on labelled synthetic scans."),
     "replay": _Lazy("stream.replay", "replay", "Replay a recorded scan over ZeroMQ."),
-    "record": _Lazy("stream.replay", "record", "Record a live scan from ZeroMQ to disk."),
+    "record": _Lazy("stream.replay", "record", "Save a synthetic scan to disk, for replay."),
+    "verify": _Lazy("stream.replay", "verify", "Report per run frames sent, processed, stored, lost."),
     "bench": _Lazy("benchmarks.cli", "bench", "Run the benchmarks and write JSON results."),
 }
 
@@ -51,7 +52,7 @@ def _load_command(name: str, spec: _Lazy) -> click.Command:
         command = typer.main.get_command(obj)
     else:
         single = typer.Typer(add_completion=False)
-        single.command(name, help=spec.help)(obj)
+        single.command(name, help=None if obj.__doc__ else spec.help)(obj)
         command = typer.main.get_command(single)
     command.name = name
     return command

@@ -115,9 +115,9 @@ class Service:
 
         # -- the bridge (publisher + app) ------------------------------------------------------------
         from frontend_bridge.app import TiledConfig, create_app
-        from operators.persist.catalog import TiledRunCatalog
         from frontend_bridge.hub import Hub
         from frontend_bridge.wire import ModelInfo
+        from operators.persist.catalog import TiledRunCatalog
 
         hub = Hub(ModelInfo(bundle.autoencoder_model, bundle.dimred_model), registry=self.registry)
         self.metrics.set_clients_source(lambda: float(sum(hub.client_counts().values())))
