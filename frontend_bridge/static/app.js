@@ -276,8 +276,10 @@ class LivePage {
       const live = s.live ? 'streaming' : s.stopped ? `stopped (${s.stopped.processed ?? s.n} frames)` : 'finished';
       const title = s.name || s.runId;
       $('run-status').textContent = `${title}: ${live}`;
-      $('colorbar-min').textContent = Number.isFinite(s.minIndex) ? `#${s.minIndex}` : '';
-      $('colorbar-max').textContent = Number.isFinite(s.maxIndex) ? `#${s.maxIndex}` : '';
+      // the scale's top is rounded up (so drawn points keep their colour as the run grows)
+      const [lo, hi] = this.plot.colorRange;
+      $('colorbar-min').textContent = s.n ? `#${lo.toLocaleString()}` : '';
+      $('colorbar-max').textContent = s.n ? `#${hi.toLocaleString()}` : '';
       if (!this.paused) this.legend.update(s.clusterCounts);
     } else {
       $('run-status').textContent = 'Waiting for a run…';
@@ -303,6 +305,8 @@ class LivePage {
       connects: () => page.connection.connects,
       backfills: () => page.backfills.map((b) => ({ ...b })),
       renders: () => page.plot.renders,
+      renderMs: () => ({ ...page.plot.renderMs }),
+      fullRedraws: () => page.plot.fullRedraws,
       duplicatesDropped: () => (page.plot.store ? page.plot.store.duplicates : 0),
       /** Viewport coordinates of a frame's point in the shown run, or null when it is not drawn. */
       pointClientPosition: (frameIndex) => {

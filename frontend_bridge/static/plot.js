@@ -4,7 +4,8 @@
 // headless Chromium here it took ~30 ms at 1,000 points, ~130 ms at 20,000 and ~550 ms at 100,000, so a
 // long scan would freeze the page. Here an append uploads only the new points (bufferSubData) and colour by
 // frame index is computed in the vertex shader from a uniform range, so nothing is recoloured as the run
-// grows. Interaction (pan, zoom, click, box and lasso selection) is a linear scan over the typed array,
+// grows. Drawing is incremental too: the canvas keeps its pixels, and a streaming frame draws only the new
+// points on top (a full redraw happens only when the view, colour scale or marker size changes). Interaction (pan, zoom, click, box and lasso selection) is a linear scan over the typed array,
 // done once per gesture, not per frame.
 
 import { CLUSTER_PALETTE, SHAPE_COUNT, UNASSIGNED_COLOR, VIRIDIS_GLSL } from './colors.js';
@@ -13,6 +14,7 @@ import { STRIDE } from './store.js';
 const MARGIN = { left: 60, right: 14, top: 12, bottom: 42 };
 export const TRAJECTORY_LENGTH = 1000; // the faint line follows the most recent frames only
 const DATA_RENDER_INTERVAL_MS = 50; // streaming redraws at most 20 per second; interaction is immediate
+const MAX_DATA_RENDER_INTERVAL_MS = 1000;
 const PICK_RADIUS_PX = 10;
 const CLICK_SLOP_PX = 4;
 
@@ -92,6 +94,24 @@ function niceTicks(a, b, target = 6) {
   return { ticks, decimals: Math.max(0, -Math.floor(Math.log10(step))) };
 }
 
+/** Marker size in CSS px, in half-pixel steps: large for a sparse run, smaller as it fills up. */
+export function markerSize(n) {
+  if (n <= 2000) return 7;
+  return Math.max(3, Math.round(2 * (7 - 2.8 * Math.log10(n / 2000))) / 2);
+}
+
+/**
+ * The top of the frame-index colour scale: the next of 1, 1.5, 2, 3, 5, 7.5 x 10^k at or above the last
+ * index. Fixed between those steps, so points drawn earlier keep their colour while the run grows and the
+ * full redraws needed to rescale happen O(log N) times over a run.
+ */
+export function colorTop(minIndex, maxIndex) {
+  const span = Math.max(maxIndex - minIndex, 10);
+  const mag = 10 ** Math.floor(Math.log10(span));
+  const step = [1, 1.5, 2, 3, 5, 7.5, 10].map((m) => m * mag).find((t) => t >= span);
+  return minIndex + step;
+}
+
 function pointInPolygon(x, y, poly) {
   let inside = false;
   for (let i = 0, j = poly.length - 1; i < poly.length; j = i, i += 1) {
@@ -129,6 +149,14 @@ export class ScatterPlot {
     this.renderPending = false;
     this.lastRender = 0;
     this.renders = 0;
+    this.dataInterval = DATA_RENDER_INTERVAL_MS;
+    this.drawnKey = '';
+    this.canvasCount = 0; // points of the store on the canvas since the last full redraw
+    this.fullRedraws = 0;
+    this.colorRange = [0, 0];
+    this.frameAskedAt = 0;
+    this.frameLatency = 0;
+    this.renderMs = { total: 0, max: 0, upload: 0, overlay: 0 }; // main-thread cost, for the benchmark
     this._renderBound = () => this._render();
 
     this.glCanvas = document.createElement('canvas');
@@ -138,7 +166,9 @@ export class ScatterPlot {
     this.overlay.dataset.testid = 'plot-overlay';
     container.append(this.glCanvas, this.overlay);
 
-    const gl = this.glCanvas.getContext('webgl', { alpha: false, antialias: true, preserveDrawingBuffer: true });
+    // No MSAA: it multiplies the fill cost, which dominates on software GL.
+    // The buffer is kept between frames: streaming frames draw only the new points onto it.
+    const gl = this.glCanvas.getContext('webgl', { alpha: false, antialias: false, preserveDrawingBuffer: true });
     if (!gl) throw new Error('WebGL is not available in this browser');
     this.gl = gl;
     this._initGl();
@@ -192,6 +222,7 @@ export class ScatterPlot {
     gl.bufferData(gl.ARRAY_BUFFER, data, gl.STATIC_DRAW);
     this.refCount = n;
     this.refBounds = n ? b : null;
+    this.fitted = false;
     this.requestRender();
   }
 
@@ -203,6 +234,7 @@ export class ScatterPlot {
     this.picked = -1;
     this.selection = null;
     this.autoscale = true;
+    this.fitted = false;
     this.requestRender();
   }
 
@@ -233,6 +265,7 @@ export class ScatterPlot {
 
   resetView() {
     this.autoscale = true;
+    this.fitted = false;
     this.requestRender();
   }
 
@@ -325,6 +358,10 @@ export class ScatterPlot {
   }
 
   _fit() {
+    const b = this.store && this.store.n ? this.store.bounds : null;
+    const v = this.view;
+    if (this.fitted && (!b || (b.x0 >= v.x0 && b.x1 <= v.x1 && b.y0 >= v.y0 && b.y1 <= v.y1))) return;
+    this.fitted = true;
     const boxes = [this.refBounds, this.store && this.store.n ? this.store.bounds : null].filter(Boolean);
     if (!boxes.length) return;
     let x0 = Math.min(...boxes.map((b) => b.x0));
@@ -342,9 +379,22 @@ export class ScatterPlot {
   requestRender(fromData = false) {
     if (this.renderPending) return;
     this.renderPending = true;
-    const wait = fromData ? this.lastRender + DATA_RENDER_INTERVAL_MS - performance.now() : 0;
-    if (wait > 0) setTimeout(() => requestAnimationFrame(this._renderBound), wait);
-    else requestAnimationFrame(this._renderBound);
+    const wait = fromData ? this.lastRender + this.dataInterval - performance.now() : 0;
+    const ask = () => {
+      this.frameAskedAt = performance.now();
+      requestAnimationFrame(this._renderBound);
+    };
+    if (wait > 0) setTimeout(ask, wait);
+    else ask();
+  }
+
+  // When frames come late (a slow GPU, or software GL filling many points), streaming redraws back off so
+  // the main thread stays free for input; interaction still redraws on the next frame.
+  _adaptInterval(now) {
+    const latency = now - this.frameAskedAt;
+    this.frameLatency = 0.8 * this.frameLatency + 0.2 * latency;
+    this.dataInterval = Math.min(MAX_DATA_RENDER_INTERVAL_MS,
+      Math.max(DATA_RENDER_INTERVAL_MS, 3 * this.frameLatency));
   }
 
   _resize() {
@@ -377,46 +427,63 @@ export class ScatterPlot {
   }
 
   _render() {
+    const t0 = performance.now();
+    this._adaptInterval(t0);
     this.renderPending = false;
-    this.lastRender = performance.now();
+    this.lastRender = t0;
     this.renders += 1;
     const before = this.uploaded;
     this._upload();
+    const t1 = performance.now();
     if (this.autoscale) this._fit();
     const { gl, uni, view: v, dpr } = this;
+    const n = this.uploaded;
+    const store = this.store;
+    // What the canvas holds is reused while nothing but new points changed: the view, the colour scale
+    // and the marker size are fixed between full redraws, so new points are drawn on top of the old.
+    const top = store && n ? colorTop(store.minIndex, store.maxIndex) : 0;
+    const key = [v.x0, v.x1, v.y0, v.y1, this.colorMode, top, markerSize(n), this.refCount,
+      this.glCanvas.width, this.glCanvas.height, store ? store.runId : ''].join('|');
+    const full = key !== this.drawnKey || this.canvasCount > n;
     gl.viewport(0, 0, this.glCanvas.width, this.glCanvas.height);
-    gl.clearColor(1, 1, 1, 1);
-    gl.clear(gl.COLOR_BUFFER_BIT);
     const sx = 2 / (v.x1 - v.x0);
     const sy = 2 / (v.y1 - v.y0);
     gl.uniform2f(uni.u_scale, sx, sy);
     gl.uniform2f(uni.u_offset, -1 - v.x0 * sx, -1 - v.y0 * sy);
-
-    if (this.refCount) {
-      this._bindPointBuffer(this.refBuffer);
-      gl.uniform1f(uni.u_mode, 2);
-      gl.uniform4f(uni.u_color, 0.55, 0.57, 0.6, 0.35);
-      gl.uniform1f(uni.u_size, 3.5 * dpr);
-      gl.uniform1f(uni.u_points, 1);
-      gl.drawArrays(gl.POINTS, 0, this.refCount);
+    if (full) {
+      this.fullRedraws += 1;
+      this.drawnKey = key;
+      this.canvasCount = 0;
+      gl.clearColor(1, 1, 1, 1);
+      gl.clear(gl.COLOR_BUFFER_BIT);
+      if (this.refCount) {
+        this._bindPointBuffer(this.refBuffer);
+        gl.uniform1f(uni.u_mode, 2);
+        gl.uniform4f(uni.u_color, 0.55, 0.57, 0.6, 0.35);
+        gl.uniform1f(uni.u_size, 3.5 * dpr);
+        gl.uniform1f(uni.u_points, 1);
+        gl.drawArrays(gl.POINTS, 0, this.refCount);
+      }
     }
-    const n = this.uploaded;
-    if (n) {
+    if (n > this.canvasCount) {
       this._bindPointBuffer(this.pointBuffer);
-      const tail = Math.min(n, TRAJECTORY_LENGTH);
-      gl.uniform1f(uni.u_mode, 2);
-      gl.uniform4f(uni.u_color, 0.15, 0.2, 0.3, 0.28);
-      gl.uniform1f(uni.u_points, 0);
-      gl.drawArrays(gl.LINE_STRIP, n - tail, tail);
-
       gl.uniform1f(uni.u_mode, this.colorMode === 'cluster' ? 1 : 0);
-      gl.uniform2f(uni.u_irange, this.store.minIndex, this.store.maxIndex);
+      gl.uniform2f(uni.u_irange, store.minIndex, top);
       gl.uniform1f(uni.u_alpha, 0.85);
-      gl.uniform1f(uni.u_size, 7 * dpr);
+      gl.uniform1f(uni.u_size, markerSize(n) * dpr);
       gl.uniform1f(uni.u_points, 1);
-      gl.drawArrays(gl.POINTS, 0, n);
+      gl.drawArrays(gl.POINTS, this.canvasCount, n - this.canvasCount);
+      this.canvasCount = n;
     }
+    this.colorRange = [store && n ? store.minIndex : 0, top];
+    const t2 = performance.now();
     this._drawOverlay();
+    const t3 = performance.now();
+    const ms = this.renderMs;
+    ms.total += t3 - t0;
+    ms.max = Math.max(ms.max, t3 - t0);
+    ms.upload += t1 - t0;
+    ms.overlay += t3 - t2;
     if (this.uploaded !== before) this.onDrawn();
   }
 
@@ -465,6 +532,19 @@ export class ScatterPlot {
     ctx.rect(r.left, r.top, r.width, r.height);
     ctx.clip();
     const store = this.store;
+    if (store && this.uploaded > 1) {
+      // the faint trajectory through the most recent frames, in arrival order
+      const d = store.data;
+      const first = Math.max(0, this.uploaded - TRAJECTORY_LENGTH);
+      ctx.strokeStyle = 'rgba(38, 51, 77, 0.3)';
+      ctx.lineWidth = 1;
+      ctx.beginPath();
+      for (let i = first; i < this.uploaded; i += 1) {
+        const [px, py] = this.dataToScreen(d[i * STRIDE], d[i * STRIDE + 1]);
+        if (i === first) ctx.moveTo(px, py); else ctx.lineTo(px, py);
+      }
+      ctx.stroke();
+    }
     if (store && this.uploaded) {
       const last = store.meta[this.uploaded - 1];
       const [lx, ly] = this.dataToScreen(last.x, last.y);
