@@ -187,6 +187,8 @@ def bench(
     from benchmarks.report import write_json, write_markdown, write_plots
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "numba", "onnx_ir", "onnxscript"):  # per-request / per-pass chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     opts = BenchOptions.make(quick, rates, frames, bundle)
     opts.stages, opts.reference, opts.e2e = stages, reference, e2e
     opts.stage_iters, opts.service_args = stage_iters, list(service_arg or [])
