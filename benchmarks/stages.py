@@ -9,6 +9,7 @@ enqueue). A runtime that is absent here is skipped with the reason, never faked.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ import numpy as np
 
 from benchmarks.reference import ReferencePipeline, ReferenceResult, run_reference
 from benchmarks.report import StageResult
+from benchmarks.stats import LatencyStats
 from benchmarks.timing import Budget, time_calls
 
 log = logging.getLogger(__name__)
@@ -260,7 +262,10 @@ def _encode_stages(
             )
 
         if gpu and models.torch_encoder is not None:
-            results += _torch_gpu_stages(models, xs1, budget, skipped)
+            try:
+                results += _torch_gpu_stages(models, xs1, budget, skipped)
+            except Exception as exc:  # noqa: BLE001 - CUDA set-up failures vary by machine; report and go on
+                skipped["encode[torch-cuda]"] = f"{type(exc).__name__}: {exc}"[:200]
         elif not gpu:
             for name in ("encode[torch-cuda fp32]", "encode[torch-cuda fp16]", "encode[torch.compile-cuda]"):
                 skipped[name] = "no CUDA GPU on this machine"
@@ -374,7 +379,42 @@ def _publish_stages(
             msg, wire.WireFormat.LSE_JSON
         )
 
-    return [_stage("publish[point -> /ws + /lse JSON]", serialise, budget)]
+    results = [_stage("publish[point -> /ws + /lse JSON]", serialise, budget)]
+    try:
+        results.append(_hub_stage(ctx.model, points, budget, clients=10))
+    except ImportError as exc:
+        skipped["publish[hub]"] = f"frontend_bridge.hub unavailable ({exc})"
+    return results
+
+
+def _hub_stage(model_info: Any, points: Sequence[Any], budget: Budget, clients: int) -> StageResult:
+    """`Hub.publish(point)` with `clients` connected (half /lse, half /ws): encode once per format, enqueue."""
+    from frontend_bridge.hub import Hub
+    from frontend_bridge.wire import WireFormat
+    from operators.messages import RunStarted
+
+    hub = Hub(model_info)
+    n = budget.warmup + budget.iters
+
+    async def measure() -> list[float]:
+        await hub.publish(RunStarted(run_id="bench", run_name="bench", started_at=time.time()))
+        for k in range(clients):
+            endpoint, fmt = ("lse", WireFormat.LSE_JSON) if k % 2 else ("ws", WireFormat.WS_JSON)
+            hub.connect(endpoint, fmt, backfill=False)
+        samples = []
+        for i in range(n):
+            point = points[i % len(points)]
+            point.index = i  # a fresh frame number each time, as in a run
+            t0 = time.perf_counter()
+            await hub.publish(point)
+            samples.append(time.perf_counter() - t0)
+        return samples[budget.warmup :]
+
+    samples = asyncio.run(measure())
+    stats = LatencyStats.from_seconds(samples)
+    name = f"publish[hub fan-out, {clients} clients]"
+    log.info("stage %-40s p50 %8.3f ms  p99 %8.3f ms", name, stats.p50_ms, stats.p99_ms)
+    return StageResult(name=name, stats=stats)
 
 
 def run_stages(
