@@ -333,6 +333,8 @@ class ModelBundle:
         frame = np.zeros((s, s), np.int32)
         frame[s // 2, s // 2] = 10
         x = self.preprocessor(frame)[None]
+        frame.setflags(write=False)  # received frames are read-only views: numba compiles those separately
+        self.preprocessor(frame)
         z = self.encoder.encode(x)
         self.projector.project(z)
         self.new_clusterer().learn_predict_one(z[0])

@@ -158,11 +158,12 @@ def train(s: TrainSettings) -> Path:
                 opt.step()
             sched.step()
             step += 1
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"loss became {float(loss)} at step {step}")
+            loss_v = loss.item()
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"loss became {loss_v} at step {step}")
             if rank == 0:
-                rec = {"step": step, "epoch": epoch, "loss": float(loss), "recon": float(recon),
-                       "kl": float(kl), "lr": sched.get_last_lr()[0]}
+                rec = {"step": step, "epoch": epoch, "loss": loss_v, "recon": recon.item(),
+                       "kl": kl.item(), "lr": sched.get_last_lr()[0]}
                 history.append(rec)
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{rec['loss']:.0f}", kl=f"{rec['kl']:.0f}")

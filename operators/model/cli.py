@@ -1,0 +1,117 @@
+"""Typer-style command functions for `latent-stream train | export | fit | evaluate`.
+
+stream/cli.py registers these lazily; torch, umap and onnx are imported inside the bodies so that
+importing this module (and `latent-stream --help`) stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+log = logging.getLogger(__name__)
+
+
+def _logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="Preprocessed frame cache stem (see --render).")],
+    out: Annotated[Path, typer.Option(help="Run directory for checkpoints and history.")] = Path("runs/cvae"),
+    config: Annotated[str, typer.Option(help="Model configuration: lite | paper.")] = "lite",
+    epochs: Annotated[int, typer.Option()] = 10,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    beta: Annotated[float | None, typer.Option(help="KL weight (default: the config's 0.5).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop after this wall time.")] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    render: Annotated[int, typer.Option(help="First render this many synthetic training frames into DATA.")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    gpus: Annotated[int, typer.Option(help="Launch DDP with torchrun over this many local GPUs.")] = 0,
+) -> None:
+    """Train the C-VAE (AMP on CUDA, DDP under torchrun, resumable checkpoints)."""
+    _logging()
+    if render:
+        from operators.model.data import ensure_cache
+
+        ensure_cache(data, scenario="training", n_frames=render, seed=seed + 100)
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m",
+               "operators.model.train", "--data", str(data), "--out", str(out), "--config", config,
+               "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(seed)]
+        if resume:
+            cmd.append("--resume")
+        raise typer.Exit(subprocess.call(cmd))
+    from operators.model.train import TrainSettings
+    from operators.model.train import train as run
+
+    ck = run(TrainSettings(data=str(data), out=str(out), config=config, epochs=epochs, batch_size=batch_size,
+                           lr=lr, beta=beta, max_minutes=max_minutes, max_steps=max_steps, resume=resume,
+                           seed=seed))
+    typer.echo(f"checkpoint: {ck}")
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (last.pt).")],
+    out: Annotated[Path, typer.Option(help="Directory for the exported encoders.")] = Path("artifacts/export"),
+    torchscript: Annotated[bool, typer.Option(help="Also export TorchScript.")] = True,
+) -> None:
+    """Export the mean encoder: ONNX static 1x1x512x512 and dynamic batch, TorchScript; print parity."""
+    _logging()
+    from operators.model.export import export_all
+    from operators.model.train import load_model
+
+    res = export_all(load_model(checkpoint), out, torchscript=torchscript)
+    for name, err in res.parity.items():
+        typer.echo(f"{res.paths[name]}: relative error vs PyTorch {err:.2e}")
+    if any(err >= 1e-4 for err in res.parity.values()):
+        typer.echo("parity check FAILED (relative error >= 1e-4)", err=True)
+        raise typer.Exit(1)
+
+
+def fit(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (last.pt).")],
+    reference: Annotated[Path, typer.Option(help="Reference frames: a cache stem or a .npy (N, H, W) stack.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")] = Path("artifacts/bundle"),
+    name: Annotated[str, typer.Option()] = "cvae-lite",
+    version: Annotated[str, typer.Option()] = "0.1.0",
+    n_reference: Annotated[int, typer.Option(help="Reference frames to fit on (subsampled).")] = 1500,
+    static_onnx: Annotated[bool, typer.Option(help="Also ship the static 1x1xSxS ONNX encoder.")] = False,
+    torchscript: Annotated[bool, typer.Option(help="Also ship a TorchScript encoder.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Encode reference frames, fit UMAP (+ ONNX approximator) and the clustering, write a bundle."""
+    _logging()
+    from operators.model.fit import fit_bundle
+
+    r = fit_bundle(checkpoint, reference, out, name=name, version=version, n_reference=n_reference,
+                   static_onnx=static_onnx, torchscript=torchscript, seed=seed)
+    typer.echo(json.dumps({**r.__dict__, "bundle": str(r.bundle)}, indent=2))
+
+
+def evaluate(
+    bundle: Annotated[Path | None, typer.Option(help="Bundle directory (default: the shipped one).")] = None,
+    frames: Annotated[int, typer.Option(help="Frames per held-out run.")] = 120,
+    seeds: Annotated[list[int] | None, typer.Option(help="Held-out seeds.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """ARI of online clusters vs ground-truth phases and trajectory continuity on held-out runs."""
+    _logging()
+    from operators.model.evaluate import HELDOUT_SEEDS
+    from operators.model.evaluate import evaluate as run
+
+    res = run(bundle, n_frames=frames, seeds=tuple(seeds or HELDOUT_SEEDS))
+    text = json.dumps(res, indent=2)
+    if json_out:
+        json_out.write_text(text + "\n")
+    typer.echo(text)
