@@ -132,6 +132,8 @@ def export_approximator(model: Any, path: Path, latent_dim: int) -> Path:
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         torch.onnx.export(
             model.eval(),
             (torch.randn(2, latent_dim),),

@@ -40,7 +40,8 @@ def _quiet_export(*args, **kwargs) -> None:
     # the dynamo exporter prints progress lines and warns about optional torchvision ops; keep logs clean
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         torch.onnx.export(*args, **kwargs)
 
 

@@ -164,6 +164,7 @@ def fit_bundle(
         if out.exists():
             shutil.rmtree(out)
         shutil.move(str(work), str(out))
+        out.chmod(0o755)  # mkdtemp made it private; a shipped bundle must be readable by the service user
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
