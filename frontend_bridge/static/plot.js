@@ -557,6 +557,9 @@ export class ScatterPlot {
       ctx.font = 'bold 12px system-ui, sans-serif';
       ctx.textAlign = 'left';
       ctx.textBaseline = 'bottom';
+      ctx.strokeStyle = 'rgba(255, 255, 255, 0.9)'; // a halo keeps the label readable over dense points
+      ctx.lineWidth = 3;
+      ctx.strokeText(`#${last.index}`, lx + 11, ly - 6);
       ctx.fillText(`#${last.index}`, lx + 11, ly - 6);
     }
     if (store && this.picked >= 0 && this.picked < store.n) {

@@ -1,0 +1,161 @@
+"""The live page against the real service: `latent-stream serve` (embedded Tiled, shipped bundle) fed by
+`latent-stream simulate`, in headless Chromium. A simulated run of 300 frames shows all 300 points, a click
+shows a frame read back from Tiled, a box selection shows a mean image; after the service restarts, the page
+reconnects by itself, follows the next run live, and still reaches the first run through the run selector.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from page_support import PageProbe, screenshot
+
+CLI = str(Path(sys.executable).with_name("latent-stream"))
+pytestmark = pytest.mark.e2e
+WAIT_MS = 180_000
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """`latent-stream serve` in a subprocess, restartable on the same ports and data directory."""
+
+    tmp: Path
+    port: int
+    tiled_port: int
+    zmq: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 240.0) -> None:
+        cmd = [CLI, "serve", "--port", str(self.port), "--tiled-port", str(self.tiled_port), "--zmq", self.zmq,
+               "--data-dir", str(self.tmp / "data")]  # fmt: skip
+        with open(self.tmp / "serve.log", "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}api/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"serve not ready in {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def simulate(self, run_id: str, frames: int, rate: float) -> subprocess.Popen[bytes]:
+        cmd = [CLI, "simulate", "--zmq", self.zmq, "--frames", str(frames), "--rate", str(rate),
+               "--run-id", run_id, "--log-level", "WARNING"]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return (self.tmp / "serve.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    svc = Service(tmp_path, free_port(), free_port(), f"tcp://127.0.0.1:{free_port()}")
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def finish(sim: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+    out, _ = sim.communicate(timeout=timeout)
+    assert sim.returncode == 0, out.decode(errors="replace")
+
+
+@pytest.mark.timeout(900)  # two service start-ups (model load, embedded Tiled) on a shared machine
+def test_simulated_run_of_300_frames_on_the_page_then_a_restart(
+    page_probe: PageProbe, service: Service
+) -> None:
+    page = page_probe.page
+    page.goto(service.url)
+    page.wait_for_function("() => window.latentStream && window.latentStream.connection() === 'open'",
+                           timeout=WAIT_MS)  # fmt: skip
+    finish(service.simulate("page-e2e-a", 300, rate=15))
+    page.wait_for_function("() => window.latentStream.pointCount() === 300", timeout=WAIT_MS)
+    assert page.evaluate("() => window.latentStream.runId()") == "page-e2e-a"
+    screenshot(page, "e2e_300_points")
+
+    # a click on the latest frame's point shows that frame, read back from the embedded Tiled server
+    page.wait_for_function("() => window.latentStream.pointClientPosition(299) !== null", timeout=WAIT_MS)
+    pos = page.evaluate("() => window.latentStream.pointClientPosition(299)")
+    page.mouse.click(pos["x"], pos["y"])
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=frame-image]').dataset.loadedIndex !== undefined",
+        timeout=WAIT_MS,
+    )
+    assert page.evaluate("() => document.querySelector('[data-testid=frame-image]').naturalWidth") > 100
+    screenshot(page, "e2e_frame_after_click")
+
+    # a box over the whole run: a mean and a std image of an (evenly sampled, bounded) selection
+    b = page.evaluate("() => window.latentStream.dataBounds()")
+    page.get_by_test_id("tool-box").click()
+    a = page.evaluate(f"() => window.latentStream.dataToClient({b['x0']} - 0.01, {b['y1']} + 0.01)")
+    z = page.evaluate(f"() => window.latentStream.dataToClient({b['x1']} + 0.01, {b['y0']} - 0.01)")
+    page.mouse.move(a["x"], a["y"])
+    page.mouse.down()
+    page.mouse.move(z["x"], z["y"], steps=8)
+    page.mouse.up()
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=mean-image]').dataset.loadedCount !== undefined",
+        timeout=WAIT_MS,
+    )
+    assert page.evaluate("() => window.latentStream.selectedCount()") == 300
+    assert page.get_by_test_id("mean-image").get_attribute("data-loaded-count") == "64"
+    screenshot(page, "e2e_mean_after_selection")
+
+    # the service restarts: the page notices, reconnects on its own and follows the next run live
+    service.stop()
+    page.wait_for_function("() => window.latentStream.connection() === 'waiting'", timeout=WAIT_MS)
+    service.start()
+    page.wait_for_function("() => window.latentStream.connects() >= 2", timeout=WAIT_MS)
+    sim = service.simulate("page-e2e-b", 60, rate=10)
+    page.wait_for_function("() => window.latentStream.runId() === 'page-e2e-b'", timeout=WAIT_MS)
+    finish(sim)
+    page.wait_for_function("() => window.latentStream.pointCount() === 60", timeout=WAIT_MS)
+
+    # the first run is persisted: the run selector brings it back from the catalog
+    page.wait_for_function(
+        "() => [...document.querySelector('[data-testid=run-select]').options].some(o => o.value === 'page-e2e-a')",
+        timeout=WAIT_MS,
+    )
+    page.get_by_test_id("run-select").select_option("page-e2e-a")
+    page.wait_for_function("() => window.latentStream.pointCount() === 300", timeout=WAIT_MS)
+    screenshot(page, "e2e_past_run_after_restart")
+    page_probe.check_clean(expected=("ERR_CONNECTION_REFUSED",))
