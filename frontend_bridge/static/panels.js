@@ -242,8 +242,9 @@ export class HealthPanel {
     tbody.replaceChildren(...names.map((s) => el('tr', {},
       el('th', { text: s }),
       el('td', { text: Number.isFinite(stages[s]) ? `${stages[s].toFixed(1)} ms` : '–' }))));
-    // The bridge counts its own drops; the pipeline (ingest, stages) adds its drops and rejects under `pipeline`.
-    const pipeline = h.pipeline || {};
+    // The bridge counts its own drops (counters.dropped); `latent-stream serve` adds the pipeline's counters
+    // (ingest and stages: rejected{reason}, dropped{reason}) under `ingest`.
+    const pipeline = h.ingest || {};
     const counts = {
       dropped: { bridge: (h.counters || {}).dropped || {}, pipeline: pipeline.dropped || {} },
       rejected: { pipeline: pipeline.rejected || {} },
