@@ -47,6 +47,16 @@ def parse_rates(text: str) -> list[float | None]:
     return rates
 
 
+def _parse_env(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--service-env wants KEY=VALUE, got {item!r}")
+        env[key] = value
+    return env
+
+
 @dataclass(slots=True)
 class BenchOptions:
     quick: bool = False
@@ -61,6 +71,7 @@ class BenchOptions:
     seed: int = 0
     stage_iters: int | None = None  # override the per-stage call count (tiny runs in tests)
     service_args: list[str] = field(default_factory=list)  # extra `latent-stream serve` options
+    service_env: dict[str, str] = field(default_factory=dict)  # extra environment for the service
 
     @classmethod
     def make(cls, quick: bool, rates: str | None, frames: int | None, bundle: Path | None) -> BenchOptions:
@@ -110,6 +121,7 @@ def run_bench(opts: BenchOptions, command: str = "") -> BenchResult:
             "frame_dtype": str(frames[0].dtype),
             "bundle": str(opts.bundle) if opts.bundle else "default",
             "service_args": opts.service_args,
+            "service_env": opts.service_env,
             "stage_budget": {
                 "warmup": budget.warmup,
                 "iters": budget.iters,
@@ -139,7 +151,11 @@ def run_bench(opts: BenchOptions, command: str = "") -> BenchResult:
         log.info("running the service end to end")
         plan = E2EPlan(rates=opts.rates, frames_per_run=opts.frames, embedded_rates=opts.embedded_rates)
         e2e = asyncio.run(
-            run_e2e(frames, plan, ServiceConfig(bundle=opts.bundle, extra_args=opts.service_args))
+            run_e2e(
+                frames,
+                plan,
+                ServiceConfig(bundle=opts.bundle, extra_args=opts.service_args, env=opts.service_env),
+            )
         )
         result.e2e = e2e.runs
         result.cold_start_s = e2e.cold_start_s
@@ -181,6 +197,13 @@ def bench(
             "--service-arg", help="Extra `serve` option, repeatable (e.g. --service-arg=--max-batch=1)."
         ),
     ] = None,
+    service_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--service-env",
+            help="KEY=VALUE for the service's environment, repeatable (e.g. LATENT_STREAM_ORT_THREADS=1).",
+        ),
+    ] = None,
 ) -> None:
     """Measure every stage, the reference pipeline and the whole service; write JSON, markdown and plots."""
     from benchmarks.report import markdown as to_markdown
@@ -192,6 +215,7 @@ def bench(
     opts = BenchOptions.make(quick, rates, frames, bundle)
     opts.stages, opts.reference, opts.e2e = stages, reference, e2e
     opts.stage_iters, opts.service_args = stage_iters, list(service_arg or [])
+    opts.service_env = _parse_env(service_env or [])
     command = "latent-stream bench " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "bench")
     result = run_bench(opts, command=command.strip())
     if json_path is not None:

@@ -92,6 +92,7 @@ class ServiceConfig:
     data_dir: Path | None = None  # None: a temporary directory, removed afterwards
     api_key: str = field(default_factory=lambda: uuid.uuid4().hex)
     extra_args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. LATENT_STREAM_ORT_THREADS)
     start_timeout_s: float = 120.0
 
 
@@ -312,14 +313,16 @@ class FrameFetcher:
     """Fetches each stored frame by the URI in its point, starting the moment the point arrives.
 
     Timing uses a one-pixel slice of the frame (cheap, so polling does not load the service's Tiled);
-    byte-identity of the whole frame is checked afterwards, untimed. At most `concurrency` frames are
+    byte-identity of the whole frame is checked afterwards, untimed. Polling goes on past the window (up to
+    `give_up_s`) so a slow writer's real lag is measured, not just "late". At most `concurrency` frames are
     polled at once, every `interval_s`; a frame still queued behind others when it becomes fetchable is
     reported late, so the latencies are upper bounds.
     """
 
     def __init__(self, service: Service, window_s: float, max_checks: int, concurrency: int = 4,
-                 interval_s: float = 0.1) -> None:  # fmt: skip
+                 interval_s: float = 0.1, give_up_s: float = 30.0) -> None:  # fmt: skip
         self.window_s = window_s
+        self.give_up_s = max(give_up_s, window_s)
         self.max_checks = max_checks
         self.interval_s = interval_s
         self._sem = asyncio.Semaphore(concurrency)
@@ -350,7 +353,7 @@ class FrameFetcher:
                     if r.status_code == 200:
                         self.latencies[index] = max(0.0, time.perf_counter() - arrived)
                         return
-                if time.perf_counter() - arrived > self.window_s:
+                if time.perf_counter() - arrived > self.give_up_s:
                     return
                 await asyncio.sleep(self.interval_s)
 
@@ -429,6 +432,12 @@ async def _one_run(
         duration, throughput = 0.0, 0.0
     after = _counters(service.metrics_text())
     dropped = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+    msgs = [m for (rid, _), m in receiver.messages.items() if rid == run_id]
+
+    def service_stats(key: str) -> LatencyStats | None:
+        values = [float(m[key]) for m in msgs if isinstance(m.get(key), int | float)]
+        return LatencyStats.from_seconds(values) if values else None
+
     run = E2ERun(
         mode=mode,
         rate_hz=rate,
@@ -443,6 +452,9 @@ async def _one_run(
         peak_rss_mb=peak,
         service_dropped={k: int(v) for k, v in dropped.items()},
         latencies_s=lat,
+        service_time=service_stats("total_processing_time"),
+        service_encode=service_stats("autoencoder_time"),
+        service_project=service_stats("dimred_time"),
     )
     if fetcher is not None:
         receiver.on_point = None

@@ -60,6 +60,11 @@ class E2ERun:
     fetch_checked: int = 0
     fetch_window_s: float | None = None
     service_dropped: dict[str, int] = field(default_factory=dict)  # the service's own counters, if exposed
+    # The service's own account, from each point message: arrival -> point ready, and its encode / project
+    # shares; e2e minus this is the wire, decode, websocket and client.
+    service_time: LatencyStats | None = None
+    service_encode: LatencyStats | None = None
+    service_project: LatencyStats | None = None
     latencies_s: list[float] = field(default_factory=list)  # raw samples, for the plots
 
     @property
@@ -88,6 +93,9 @@ class E2ERun:
             "fetch_checked": self.fetch_checked,
             "fetch_window_s": self.fetch_window_s,
             "service_dropped": self.service_dropped,
+            "service_time": self.service_time.to_dict() if self.service_time else None,
+            "service_encode": self.service_encode.to_dict() if self.service_encode else None,
+            "service_project": self.service_project.to_dict() if self.service_project else None,
             "latencies_ms": [round(s * 1e3, 3) for s in self.latencies_s],
         }
 
@@ -261,7 +269,7 @@ def markdown(result: BenchResult) -> str:
             f"| {run.mode} | {'max' if run.rate_hz is None else f'{run.rate_hz:g} Hz'} | {run.sent} | {run.received} "
             f"| {run.lost} | {run.throughput_fps:.1f} | {_fmt(lat.p50_ms if lat else None)} "
             f"| {_fmt(lat.p90_ms if lat else None)} | {_fmt(lat.p99_ms if lat else None)} "
-            f"| {_fmt(run.peak_rss_mb, 0)} | {fetch} |"
+            f"| {_fmt(run.service_time.p50_ms if run.service_time else None)} | {_fmt(run.peak_rss_mb, 0)} | {fetch} |"
         )
     libs = ", ".join(f"{k} {v}" for k, v in result.machine.libraries.items())
     lines += ["", f"Libraries: {libs}."]
