@@ -211,7 +211,10 @@ class LivePipeline(QueuedOperator[InMessage]):
     async def wait_idle(self, timeout: float) -> bool:
         """True when the inbox is empty and nothing is being computed, within ``timeout`` seconds."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                # The event alone can lag a put that has not woken the consumer yet: check the inbox too.
+                while not (self._idle.is_set() and self.inbox.empty()):
+                    await asyncio.sleep(0.01)
             return True
         except TimeoutError:
             return False
