@@ -35,11 +35,16 @@ class StageResult:
     note: str = ""
 
     @property
+    def key(self) -> str:
+        """Unique name in the `stages` map: the batch size is part of it when it is not 1."""
+        return self.name if self.batch == 1 else f"{self.name} batch {self.batch}"
+
+    @property
     def per_frame_p50_ms(self) -> float:
         return self.stats.p50_ms / self.batch
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "batch": self.batch, "note": self.note, **self.stats.to_dict()}
+        return {"name": self.key, "batch": self.batch, "note": self.note, **self.stats.to_dict()}
 
 
 @dataclass(slots=True)
@@ -122,12 +127,6 @@ class BenchResult:
             return None
         return min(facility, key=lambda r: abs(math.log((r.rate_hz or 10.0) / 10.0)))
 
-    def stage_p50(self, name: str) -> float | None:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage.stats.p50_ms
-        return None
-
     def summary(self) -> dict[str, Any]:
         head = self.headline_run()
         e2e_p50 = head.latency.p50_ms if head and head.latency else None
@@ -154,7 +153,8 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.summary(),
-            "stages": {s.name: s.per_frame_p50_ms for s in self.stages},
+            # p50 per frame; a batched entry's call time is divided by its batch size.
+            "stages": {s.key: s.per_frame_p50_ms for s in self.stages},
             "stage_details": [s.to_dict() for s in self.stages],
             "skipped": self.skipped,
             "reference": self.reference.to_dict() if self.reference else None,
