@@ -248,6 +248,8 @@ def markdown(result: BenchResult) -> str:
         ]
         for st in [*result.reference_stages, result.reference]:
             lines.append(f"| {st.name} | {st.stats.p50_ms:.2f} | {st.stats.p99_ms:.2f} |")
+        if result.reference.note:
+            lines += ["", f"Reference model: {result.reference.note}."]
     if result.skipped:
         lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()) + "."]
 
