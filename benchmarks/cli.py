@@ -144,8 +144,9 @@ def run_bench(opts: BenchOptions, command: str = "") -> BenchResult:
             if isinstance(ref, str):
                 result.skipped["reference pipeline"] = ref
             else:
-                result.reference, result.reference_stages = ref.total, ref.steps
-                result.reference_latencies_s = ref.latencies_s
+                best, result.reference_variants = ref
+                result.reference, result.reference_stages = best.total, best.steps
+                result.reference_latencies_s = best.latencies_s
         del models
     if opts.e2e:
         log.info("running the service end to end")

@@ -114,6 +114,7 @@ class BenchResult:
     reference: StageResult | None = None  # the reference pipeline, per frame
     reference_stages: list[StageResult] = field(default_factory=list)
     reference_latencies_s: list[float] = field(default_factory=list)
+    reference_variants: dict[str, float] = field(default_factory=dict)  # variant -> p50 ms
     e2e: list[E2ERun] = field(default_factory=list)
     cold_start_s: float | None = None
     command: str = ""
@@ -159,6 +160,7 @@ class BenchResult:
             "skipped": self.skipped,
             "reference": self.reference.to_dict() if self.reference else None,
             "reference_stages": {s.name: s.stats.p50_ms for s in self.reference_stages},
+            "reference_variants_p50_ms": self.reference_variants,
             "reference_latencies_ms": [round(s * 1e3, 3) for s in self.reference_latencies_s],
             "e2e": [r.to_dict() for r in self.e2e],
             "machine": self.machine.to_dict(),
@@ -250,6 +252,9 @@ def markdown(result: BenchResult) -> str:
             lines.append(f"| {st.name} | {st.stats.p50_ms:.2f} | {st.stats.p99_ms:.2f} |")
         if result.reference.note:
             lines += ["", f"Reference model: {result.reference.note}."]
+        if len(result.reference_variants) > 1:
+            variants = "; ".join(f"{k}: p50 {v:.1f} ms" for k, v in result.reference_variants.items())
+            lines += ["", f"Reference variants ({variants}); the speedup is taken against the fastest."]
     if result.skipped:
         lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()) + "."]
 
@@ -257,8 +262,8 @@ def markdown(result: BenchResult) -> str:
         "",
         "### End to end (frames over ZeroMQ -> points over the websocket)",
         "",
-        "| mode | input rate | sent | received | lost | throughput fps | p50 ms | p90 ms | p99 ms | peak RSS MB | frames fetchable |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| mode | input rate | sent | received | lost | throughput fps | p50 ms | p90 ms | p99 ms | in-service p50 ms | peak RSS MB | frames fetchable |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for run in result.e2e:
         lat = run.latency
