@@ -4,18 +4,26 @@ Where clustering happens: in a clustering reduction of the latent, not in the 2-
 L2-normalised (as for the UMAP fit) and projected with a PCA fitted at fit time (stored as plain arrays).
 
 Fit time (`fit_clustering`): HDBSCAN (the paper's choice) on the reduced reference latents gives the
-reference clusters; they become ids 0..k-1 with a centre and a radius (a high quantile of their members'
-distances to the centre).
+reference clusters, ids 0..k-1, each with a centre and a radius (a high quantile of its members' distances);
+the reference `scale` (median distance between reference points) sets the resolution floor.
 
-Run time (`OnlineClusterer.learn_predict_one`): a frame joins the nearest cluster when its distance is
-within `assign_factor` radii (novelty = distance / radius, so <= ~1 means "typical member"). Otherwise it is
-held as pending (cluster -1) in a bounded buffer; once `new_min_points` pending frames sit within one
-typical radius of each other, they found a new cluster: the next id, announced with is_new=True exactly
-once. Ids are never renumbered or merged, so the ids a client saw stay valid for the whole run.
+Run time (`OnlineClusterer.learn_predict_one`), one frame at a time, in order:
+- The run's regimes are groups of frames within `tau` of a centre that follows slow drift (EMA).
+  `tau = clip(noise_factor x median frame-to-frame step of this run, floor, cap)`: the run's own noise
+  decides what counts as the same regime, so two phases that one coarse reference cluster covers are
+  still told apart, and a noisy run is not shattered.
+- A frame within tau of a regime joins it (its id). Otherwise, if it lies inside a reference cluster
+  (within one radius) that no regime of this run holds yet, it founds a regime at once (a known regime
+  needs no further evidence; the run's first frame always does). Otherwise it is pending (cluster -1);
+  once the last `new_min_points` pending frames agree (all within tau of their mean) they found a regime.
+- A founded regime takes the id of the reference cluster it falls in (within `assign_factor` radii) if no
+  other regime of this run holds that id yet; otherwise it gets the next new id, announced with
+  is_new=True exactly once. Ids are never renumbered or merged.
+- novelty = distance to the nearest reference cluster centre / its radius (<= ~1: a typical member).
 
 Why not river's DBSTREAM: its macro-cluster ids shift on every recluster and predict_one never says "new"
 (see the runtime-facts note), so the stable-id and novelty logic would have to be written anyway; on top of
-fitted reference clusters that logic alone is the whole algorithm, deterministic and ~10 us per frame.
+fitted reference clusters that logic alone is the whole algorithm, deterministic and ~20 us per frame.
 """
 
 from __future__ import annotations
@@ -36,11 +44,16 @@ PENDING = -1  # cluster id of a frame that fits no cluster yet
 @dataclass(frozen=True)
 class ClusteringSettings:
     pca_dims: int = 16
-    radius_quantile: float = 0.95  # member-distance quantile that defines a cluster's radius
-    assign_factor: float = 1.5  # join the nearest cluster within this many radii
-    new_min_points: int = 6  # pending frames needed to found a new cluster
+    radius_quantile: float = 0.95  # member-distance quantile that defines a reference cluster's radius
+    assign_factor: float = 1.5  # a founded regime takes a reference id within this many radii
+    noise_factor: float = 5.0  # tau = noise_factor x the run's median frame-to-frame step ...
+    floor_fraction: float = 0.01  # ... but at least this fraction of the reference scale
+    cap_fraction: float = 0.25  # ... and at most this fraction
+    new_min_points: int = 3  # pending frames that must agree to found a regime
     pending_max: int = 64  # bound of the pending buffer (oldest dropped)
-    center_lr: float = 0.0  # drift of centres towards their members per frame (0 keeps them fixed)
+    drift: float = 0.2  # EMA weight pulling a regime's centre towards each new member
+    step_window: int = 64  # frame-to-frame steps kept for the noise estimate
+    known_immediately: bool = True  # a frame inside an unclaimed reference cluster founds its regime at once
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +79,7 @@ class ClusterState:
     centers: np.ndarray  # (k, d) float32
     radii: np.ndarray  # (k,) float32
     counts: np.ndarray  # (k,) int64 members at fit time
+    scale: np.ndarray  # () float32: median distance between reference points in the reduced space
 
     STATE_FILE = "clustering.npz"
 
@@ -76,13 +90,13 @@ class ClusterState:
 
     def save(self, path: Path) -> Path:
         np.savez(path, mean=self.mean, components=self.components, centers=self.centers,
-                 radii=self.radii, counts=self.counts)
+                 radii=self.radii, counts=self.counts, scale=self.scale)
         return Path(path)
 
     @classmethod
     def load(cls, path: Path) -> ClusterState:
         with np.load(path, allow_pickle=False) as z:
-            return cls(**{k: z[k] for k in ("mean", "components", "centers", "radii", "counts")})
+            return cls(**{k: z[k] for k in ("mean", "components", "centers", "radii", "counts", "scale")})
 
 
 def fit_clustering(
@@ -128,7 +142,11 @@ def fit_clustering(
     floor = 0.25 * float(np.median(radii_arr[radii_arr > 0])) if (radii_arr > 0).any() else 1e-3
     radii_arr = np.maximum(radii_arr, floor)
     counts = np.bincount(lab, minlength=len(centers)).astype(np.int64)
-    state = ClusterState(mean=mean, components=comps, centers=centers, radii=radii_arr, counts=counts)
+    rng = np.random.default_rng(seed)
+    pairs = rng.integers(0, len(z), size=(min(20000, len(z) * 10), 2))
+    scale = np.float32(np.median(np.linalg.norm(z[pairs[:, 0]] - z[pairs[:, 1]], axis=1)))
+    state = ClusterState(mean=mean, components=comps, centers=centers, radii=radii_arr, counts=counts,
+                         scale=np.asarray(scale, np.float32))
     log.info("clustering fitted: %d reference clusters from %d latents (pca %d dims)", len(centers), len(z), d)
     return state, lab
 
@@ -137,63 +155,84 @@ class OnlineClusterer:
     """Stable-id online clustering for one run; start a fresh one per run (`ModelBundle.new_clusterer`)."""
 
     def __init__(self, state: ClusterState, settings: ClusteringSettings | None = None) -> None:
-        self.settings = settings or ClusteringSettings()
+        self.settings = s = settings or ClusteringSettings()
         self._state = state
-        self._centers = [c.astype(np.float32).copy() for c in state.centers]
-        self._radii = [float(r) for r in state.radii]
-        self._counts = [int(c) for c in state.counts]
-        self._typical_radius = float(np.median(state.radii)) if len(state.radii) else 1.0
-        self._pending: deque[np.ndarray] = deque(maxlen=self.settings.pending_max)
-        self._stack = np.stack(self._centers) if self._centers else np.zeros((0, state.components.shape[0]))
-        self._radii_arr = np.asarray(self._radii, np.float32)
-        self.n_reference = len(self._centers)
+        self._ref_centers = state.centers.astype(np.float32)
+        self._ref_radii = state.radii.astype(np.float32)
+        self.n_reference = len(self._ref_centers)
+        scale = float(state.scale)
+        self._floor, self._cap = s.floor_fraction * scale, s.cap_fraction * scale
+        self._regimes: list[np.ndarray] = []  # centres, in the order founded
+        self._regime_ids: list[int] = []
+        self._next_id = self.n_reference
+        self._steps: deque[float] = deque(maxlen=s.step_window)
+        self._prev: np.ndarray | None = None
+        self._pending: deque[np.ndarray] = deque(maxlen=s.pending_max)
 
     @property
     def n_clusters(self) -> int:
-        return len(self._centers)
+        """Ids known so far: the reference ones plus those founded in this run."""
+        return self._next_id
 
-    def centers(self) -> np.ndarray:
-        return self._stack.copy()
+    @property
+    def tau(self) -> float:
+        if not self._steps:
+            return self._floor
+        return float(min(max(self.settings.noise_factor * float(np.median(self._steps)), self._floor), self._cap))
 
-    def _nearest(self, z: np.ndarray) -> tuple[int, float]:
-        if not len(self._stack):
+    def _novelty(self, z: np.ndarray) -> tuple[int, float]:
+        if not self.n_reference:
             return PENDING, float("inf")
-        d = np.sqrt(((self._stack - z) ** 2).sum(1))
-        rel = d / self._radii_arr
+        rel = np.sqrt(((self._ref_centers - z) ** 2).sum(1)) / self._ref_radii
         k = int(rel.argmin())
         return k, float(rel[k])
 
-    def _add_cluster(self, members: np.ndarray) -> int:
-        center = members.mean(0).astype(np.float32)
-        spread = float(np.quantile(np.linalg.norm(members - center, axis=1), self.settings.radius_quantile))
-        radius = max(spread, self._typical_radius)
-        self._centers.append(center)
-        self._radii.append(radius)
-        self._counts.append(len(members))
-        self._stack = np.stack(self._centers)
-        self._radii_arr = np.asarray(self._radii, np.float32)
-        return len(self._centers) - 1
+    def _unclaimed_reference(self, z: np.ndarray) -> bool:
+        k, rel = self._novelty(z)
+        return k != PENDING and rel <= 1.0 and k not in self._regime_ids
+
+    def _found(self, center: np.ndarray) -> tuple[int, bool]:
+        k, rel = self._novelty(center)
+        if k != PENDING and rel <= self.settings.assign_factor and k not in self._regime_ids:
+            cid, new = k, False
+        else:
+            cid, new = self._next_id, True
+            self._next_id += 1
+        self._regimes.append(center.astype(np.float32).copy())
+        self._regime_ids.append(cid)
+        return cid, new
 
     def learn_predict_one(self, latent: np.ndarray) -> Assignment:
         z = self._state.reduce(np.asarray(latent, np.float32).reshape(1, -1))[0]
-        k, novelty = self._nearest(z)
+        if self._prev is not None:
+            self._steps.append(float(np.sqrt(((z - self._prev) ** 2).sum())))
+        self._prev = z
+        _, novelty = self._novelty(z)
+        tau = self.tau
         s = self.settings
-        if k != PENDING and novelty <= s.assign_factor:
-            self._counts[k] += 1
-            if s.center_lr > 0:
-                self._centers[k] += s.center_lr * (z - self._centers[k])
-                self._stack[k] = self._centers[k]
-            return Assignment(cluster=k, novelty=novelty, is_new=False)
+        if self._regimes:
+            d = np.sqrt(((np.stack(self._regimes) - z) ** 2).sum(1))
+            j = int(d.argmin())
+            if d[j] <= tau:
+                self._regimes[j] += s.drift * (z - self._regimes[j])
+                self._pending.clear()
+                return Assignment(cluster=self._regime_ids[j], novelty=novelty, is_new=False)
+        if not self._regimes or (s.known_immediately and self._unclaimed_reference(z)):
+            # the run's first frame, or a frame well inside a reference cluster no regime holds yet:
+            # a known regime needs no evidence to be named
+            self._pending.clear()
+            cid, new = self._found(z)
+            return Assignment(cluster=cid, novelty=novelty, is_new=new)
         self._pending.append(z)
         if len(self._pending) >= s.new_min_points:
-            pend = np.stack(self._pending)
-            close = np.linalg.norm(pend - z, axis=1) <= self._typical_radius
-            if int(close.sum()) >= s.new_min_points:
-                new_id = self._add_cluster(pend[close])
-                self._pending = deque((p for p, c in zip(pend, close, strict=True) if not c),
-                                      maxlen=s.pending_max)
-                log.info("new cluster %d founded by %d frames (novelty %.2f)", new_id, int(close.sum()), novelty)
-                return Assignment(cluster=new_id, novelty=novelty, is_new=True)
+            recent = np.stack(list(self._pending)[-s.new_min_points :])
+            center = recent.mean(0)
+            if bool((np.sqrt(((recent - center) ** 2).sum(1)) <= tau).all()):
+                self._pending.clear()
+                cid, new = self._found(center)
+                if new:
+                    log.info("new cluster %d founded (novelty %.2f, tau %.4f)", cid, novelty, tau)
+                return Assignment(cluster=cid, novelty=novelty, is_new=new)
         return Assignment(cluster=PENDING, novelty=novelty, is_new=False)
 
 

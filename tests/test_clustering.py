@@ -72,13 +72,34 @@ def test_a_new_regime_creates_one_new_id_announced_exactly_once(fitted, regimes)
     assert cl.n_clusters == 4
 
 
-def test_scattered_outliers_stay_pending_instead_of_founding_clusters(fitted) -> None:
-    state, _ = fitted
-    rng = np.random.default_rng(5)
-    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8, new_min_points=5))
-    out = [cl.learn_predict_one(rng.standard_normal(DIM).astype(np.float32) * 3) for _ in range(30)]
-    assert all(a.cluster == PENDING and not a.is_new for a in out)
+def test_isolated_outlier_frames_stay_pending_and_found_nothing(fitted, regimes) -> None:
+    rng, centers = regimes
+    state, labels = fitted
+    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8))
+    out = []
+    for i, z in enumerate(_blob(rng, centers[1], 40)):
+        if i % 4 == 3:
+            z = rng.standard_normal(DIM).astype(np.float32) * 3  # a glitch frame
+        out.append(cl.learn_predict_one(z))
+    glitches = out[3::4]
+    assert all(a.cluster == PENDING and not a.is_new for a in glitches)
+    assert {a.cluster for i, a in enumerate(out) if i % 4 != 3} == {int(labels[150])}
     assert cl.n_clusters == 3
+
+
+def test_two_regimes_inside_one_reference_cluster_get_two_ids(fitted, regimes) -> None:
+    # a run's own noise sets the resolution: a shift far beyond it is a new regime, even when the
+    # coarse reference cluster would cover both
+    rng, centers = regimes
+    state, labels = fitted
+    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8))
+    shifted = centers[0] + 0.12 * np.linalg.norm(centers[0]) * state.components[0] / np.linalg.norm(state.components[0])
+    first = [cl.learn_predict_one(z) for z in _blob(rng, centers[0], 20, scale=0.02)]
+    second = [cl.learn_predict_one(z) for z in _blob(rng, shifted, 20, scale=0.02)]
+    assert {a.cluster for a in first} == {int(labels[0])}
+    ids = {a.cluster for a in second[3:]}
+    assert len(ids) == 1 and ids.isdisjoint({int(labels[0])})
+    assert sum(a.is_new for a in first + second) == 1
 
 
 def test_state_round_trips_through_npz_without_pickle(fitted, regimes, tmp_path) -> None:
@@ -86,7 +107,7 @@ def test_state_round_trips_through_npz_without_pickle(fitted, regimes, tmp_path)
     state, _ = fitted
     path = state.save(tmp_path / "clustering.npz")
     with np.load(path, allow_pickle=False) as z:
-        assert set(z.files) == {"mean", "components", "centers", "radii", "counts"}
+        assert set(z.files) == {"mean", "components", "centers", "radii", "counts", "scale"}
     loaded = ClusterState.load(path)
     zs = _blob(rng, centers[1], 10)
     a = [OnlineClusterer(state).learn_predict_one(z) for z in zs]
