@@ -174,6 +174,27 @@ def _event_payloads(frames: Sequence[np.ndarray]) -> list[bytes]:
     ]
 
 
+def _transport_stage(payloads: Sequence[bytes], budget: Budget) -> StageResult:
+    """One event message (~9.9 MB) through a ZeroMQ PUSH -> PULL pair over TCP loopback, send to receive."""
+    import zmq
+
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    try:
+        port = push.bind_to_random_port("tcp://127.0.0.1")
+        pull.connect(f"tcp://127.0.0.1:{port}")
+
+        def hop(i: int) -> object:
+            push.send(payloads[i % len(payloads)], copy=False)
+            return pull.recv(copy=False)
+
+        return _stage("transport[zmq tcp loopback, one event]", hop, budget)
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()
+
+
 def _stage(
     name: str, fn: Callable[[int], object], budget: Budget, batch: int = 1, note: str = ""
 ) -> StageResult:
@@ -457,6 +478,7 @@ def run_stages(
     batch_sizes = (1, 8) if quick else (1, 4, 8, 16)
 
     payloads = _event_payloads(frames)
+    results.append(_transport_stage(payloads, budget))
     results.append(
         _stage("decode[msgpack -> zero-copy view]", lambda i: decode(payloads[i % len(payloads)]), budget)
     )
