@@ -62,6 +62,15 @@ def load_reference(source: str | Path, n: int | None, seed: int, spec: Preproces
     return Preprocessor(spec).batch([raw[i] for i in idx]), [""] * len(idx)
 
 
+def _training_summary(checkpoint: str | Path) -> dict[str, Any]:
+    import torch
+
+    ck = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    tail = ck.get("extra", {}).get("history_tail") or [{}]
+    return {"steps": ck.get("step"), "epoch": ck.get("epoch"), "final_loss": tail[-1].get("loss"),
+            "final_kl": tail[-1].get("kl"), "data": "synthetic 'training' scenario (stream.synthetic)"}
+
+
 def encode_all(encoder: OnnxEncoder, images: np.ndarray, batch: int = 16) -> np.ndarray:
     return np.concatenate([encoder.encode(images[i : i + batch]) for i in range(0, len(images), batch)])
 
@@ -158,7 +167,7 @@ def fit_bundle(
                            "method": "HDBSCAN on PCA of L2-normalised latents; online stable-id assignment"},
             "reference": "reference.npz",
             "n_reference": int(len(latents)),
-            "training": {"checkpoint": Path(checkpoint).name, **(extra or {})},
+            "training": {"checkpoint": Path(checkpoint).name, **_training_summary(checkpoint), **(extra or {})},
         }
         write_manifest(work, manifest)
         if out.exists():

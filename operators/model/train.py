@@ -104,10 +104,9 @@ def train(s: TrainSettings) -> Path:
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     steps_per_epoch = max(1, len(cache) // (s.batch_size * world))
-    total = s.epochs * steps_per_epoch
-    if s.max_steps:
-        total = min(total, s.max_steps)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=s.lr * 0.02)
+    schedule = s.epochs * steps_per_epoch  # the cosine schedule spans all epochs ...
+    total = min(schedule, s.max_steps) if s.max_steps else schedule  # ... max_steps only stops early
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, schedule), eta_min=s.lr * 0.02)
     epoch, step = 0, 0
     ck_path = out / CHECKPOINT
     if s.resume and ck_path.is_file():
