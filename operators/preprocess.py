@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
+import cv2
 import numba
 import numpy as np
 
@@ -134,8 +135,9 @@ class Preprocessor:
         if m is None:
             nh, nw, _, _ = self.geometry(shape)
             # source row/column -> output bin; bins are 3-4 source pixels wide for a 2M frame
-            rows = (np.arange(shape[0]) * nh // shape[0]).astype(np.int32)
-            cols = (np.arange(shape[1]) * nw // shape[1]).astype(np.int32)
+            bh, bw = min(nh, shape[0]), min(nw, shape[1])
+            rows = (np.arange(shape[0]) * bh // shape[0]).astype(np.int32)
+            cols = (np.arange(shape[1]) * bw // shape[1]).astype(np.int32)
             m = (rows, cols)
             self._bin_maps[shape] = m
         return m
@@ -167,16 +169,22 @@ class Preprocessor:
         elif out.shape != (1, s, s) or out.dtype != np.float32:
             raise PreprocessError(f"out must be float32 (1, {s}, {s}), got {out.dtype} {out.shape}")
 
+        if not img.dtype.isnative:  # e.g. big-endian from a file: numba needs native byte order
+            img = img.astype(img.dtype.newbyteorder("="))
         nh, nw, top, left = self.geometry(img.shape)
         rows, cols = self._maps(img.shape)
+        bh, bw = int(rows[-1]) + 1, int(cols[-1]) + 1  # smaller than (nh, nw) only when upscaling
         static = self._static_valid(img.shape)
-        num = np.zeros((nh, nw), np.float64)
-        den = np.zeros((nh, nw), np.float64)
+        num = np.zeros((bh, bw), np.float64)
+        den = np.zeros((bh, bw), np.float64)
         _bin_valid(img, static if static is not None else _NO_MASK, static is not None,
                    float(spec.saturation), float(spec.hot_ratio), float(spec.hot_floor), rows, cols, num, den)
         ok = den > 0
-        mean = np.divide(num, den, out=np.zeros((nh, nw), np.float32), where=ok, casting="unsafe")
+        mean = np.divide(num, den, out=np.zeros((bh, bw), np.float32), where=ok, casting="unsafe")
         np.log1p(mean, out=mean)
+        if (bh, bw) != (nh, nw):  # a frame smaller than the model input: interpolate up, do not leave holes
+            mean = cv2.resize(mean, (nw, nh), interpolation=cv2.INTER_LINEAR)
+            ok = cv2.resize(ok.view(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST).astype(bool)
 
         sample = mean[:: spec.percentile_stride, :: spec.percentile_stride][ok[:: spec.percentile_stride, :: spec.percentile_stride]]
         canvas = out[0]

@@ -111,3 +111,19 @@ def test_spec_round_trips_through_a_dict() -> None:
     spec = PreprocessSpec(size=256, high_percentile=99.5)
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     assert Preprocessor.from_spec(spec.to_dict()).spec == spec
+
+
+def test_small_frames_are_interpolated_up_without_holes() -> None:
+    pre = Preprocessor(PreprocessSpec(size=128, detector=None))
+    yy, xx = np.mgrid[0:40, 0:60]
+    img = (100 + 10 * xx).astype(np.int32)  # a smooth ramp
+    out = pre(img)[0]
+    nh, nw, top, left = pre.geometry(img.shape)
+    inside = out[top + 1 : top + nh - 1, left + 1 : left + nw - 1]
+    assert inside.shape[1] > 60 and (np.diff(inside, axis=1) >= -1e-6).all()  # monotone, no zero stripes
+    assert inside[:, -1].mean() > 0.9
+
+
+def test_big_endian_frames_give_the_same_result(pre) -> None:
+    img = _frame()
+    np.testing.assert_array_equal(pre(img.astype(">i4")), pre(img))
