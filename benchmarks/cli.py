@@ -161,6 +161,7 @@ def run_bench(opts: BenchOptions, command: str = "") -> BenchResult:
         result.e2e = e2e.runs
         result.cold_start_s = e2e.cold_start_s
         result.config["cold_start_first_point_at_client_s"] = e2e.cold_start_first_point_s
+        result.config["cold_start_phases_s"] = e2e.cold_start_phases
     result.config["bench_wall_s"] = time.perf_counter() - t_start
     return result
 

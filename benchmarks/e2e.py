@@ -239,6 +239,35 @@ def _counters(metrics: str) -> dict[str, float]:
     return out
 
 
+_MILESTONES = (
+    ("bundle loaded", "loaded bundle"),
+    ("model ready", "ready", "model"),
+    ("embedded Tiled ready", "embedded Tiled server ready"),
+    ("serving", "serving on"),
+)
+
+
+def cold_start_phases(log_path: Path, started_wall: float) -> dict[str, float]:
+    """Seconds from process start to each start-up milestone the service logs (best effort: log lines of
+    the form "YYYY-mm-dd HH:MM:SS,mmm LEVEL name: message"). Missing milestones are left out."""
+    import datetime as dt
+
+    phases: dict[str, float] = {}
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return phases
+    for line in lines:
+        try:
+            stamp = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        for label, *needles in _MILESTONES:
+            if label not in phases and all(n in line for n in needles):
+                phases[label] = round(stamp - started_wall, 2)
+    return phases
+
+
 class PointReceiver:
     """Keeps one `/ws` connection and stamps each point's arrival, keyed by (run_id, index)."""
 
@@ -390,6 +419,9 @@ class E2EResult:
     cold_start_s: float | None
     cold_start_first_point_s: float | None  # process start -> first point arrival at the client
     service_log_tail: str = ""
+    cold_start_phases: dict[str, float] = field(
+        default_factory=dict
+    )  # service log milestone -> s after start
 
 
 async def _one_run(
@@ -509,7 +541,8 @@ async def run_e2e(frames: Sequence[np.ndarray], plan: E2EPlan, cfg: ServiceConfi
                 service.check_alive()
                 runs.append(await _one_run(service, sender, receiver, rss, frames, mode, rate, plan))
         return E2EResult(runs=runs, cold_start_s=cold, cold_start_first_point_s=cold_client,
-                         service_log_tail=service.log_tail())  # fmt: skip
+                         service_log_tail=service.log_tail(),
+                         cold_start_phases=cold_start_phases(service.log_path, service.started_wall))  # fmt: skip
     finally:
         await receiver.close()
         if rss is not None:

@@ -227,6 +227,13 @@ def markdown(result: BenchResult) -> str:
         lines.append(f"| {label} | {_fmt(s.get(key), digits)} | {_target_cell(key, s.get(key))} |")
     if s.get("e2e_headline"):
         lines.append(f"\nEnd-to-end headline run: {s['e2e_headline']}.")
+    phases = result.config.get("cold_start_phases_s")
+    if phases:
+        lines.append(
+            "\nCold start milestones (s after process start): "
+            + ", ".join(f"{k} {v:g}" for k, v in phases.items())
+            + "."
+        )
 
     lines += [
         "",
