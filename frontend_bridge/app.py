@@ -297,15 +297,16 @@ def create_app(
             )
         fetcher = fetcher_of(request)
         try:
-            image, mask = await frames.aggregate(fetcher, body.urls, body.stat)
+            result = await frames.aggregate(fetcher, body.urls, body.stat)
         except frames.FrameError as exc:
             raise _http_error(exc, f"{len(body.urls)} frames") from exc
 
         def render() -> bytes:
-            return frames.encode_png(frames.log_scale(image, mask), body.cmap)
+            return frames.encode_png(frames.log_scale(result.image, result.valid), body.cmap)
 
         png = await asyncio.to_thread(render)
-        return Response(content=png, media_type="image/png", headers={"X-Frame-Count": str(len(body.urls))})
+        counts = {"X-Frame-Count": str(result.frames), "X-Frames-Missing": str(result.missing)}
+        return Response(content=png, media_type="image/png", headers=counts)
 
     # -- the page -------------------------------------------------------------------------------
 

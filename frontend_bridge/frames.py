@@ -365,13 +365,23 @@ class FrameAccumulator:
         return np.sqrt(var), valid
 
 
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    image: np.ndarray
+    valid: np.ndarray
+    frames: int  # how many frames went into the image
+    missing: int  # how many named frames are not (yet) in Tiled
+
+
 async def aggregate(
     fetcher: FrameFetcher, urls: Sequence[str], stat: Literal["mean", "std"], *, workers: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Aggregate:
     """Fetch `urls` a few at a time and reduce them to one image and its valid mask.
 
     A fixed number of workers each fetch one frame and fold it in before fetching the next, so at
     most `workers` frames are in memory however many are asked for (Pilatus frames are ~10 MB).
+    Frames not yet in Tiled (the writer trails the live points) are skipped and counted as missing;
+    only when none is there does the request fail.
     """
     for url in urls:
         fetcher.parse(url)  # reject foreign URLs before fetching anything
@@ -379,9 +389,16 @@ async def aggregate(
     pending = iter(urls)  # shared: each worker takes the next URL
     fold = asyncio.Lock()
 
+    missing = 0
+
     async def worker() -> None:
+        nonlocal missing
         for url in pending:
-            frame = await fetcher.fetch(url)
+            try:
+                frame = await fetcher.fetch(url)
+            except FrameNotFound:
+                missing += 1
+                continue
             async with fold:
                 try:
                     await asyncio.to_thread(acc.add, frame)
@@ -395,4 +412,7 @@ async def aggregate(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return acc.result(stat)
+    if acc.count == 0:
+        raise FrameNotFound(f"none of the {len(urls)} selected frames is in Tiled yet")
+    image, valid = acc.result(stat)
+    return Aggregate(image, valid, frames=acc.count, missing=missing)

@@ -212,3 +212,15 @@ async def test_an_aggregate_refuses_foreign_urls_and_mixed_shapes(tiled: TiledFi
         )
     assert foreign.status_code == 403
     assert mixed.status_code == 422 and "shape" in mixed.json()["detail"]
+
+
+async def test_an_aggregate_skips_frames_not_yet_stored_and_says_how_many(tiled: TiledFixture) -> None:
+    stored = len(tiled.frames)
+    urls = [tiled.url("1"), tiled.url("4"), tiled.url(str(stored)), tiled.url(str(stored + 7))]
+    async with bridge(tiled=TiledConfig(tiled.base, API_KEY)) as srv, httpx.AsyncClient() as http:
+        partial = await http.post(f"{srv.base}/api/aggregate", json={"urls": urls, "stat": "mean"})
+        none_yet = await http.post(f"{srv.base}/api/aggregate", json={"urls": urls[2:], "stat": "mean"})
+    image = _png(partial)
+    assert (partial.headers["x-frame-count"], partial.headers["x-frames-missing"]) == ("2", "2")
+    assert np.abs(image.astype(int) - _expected(tiled.frames[[1, 4]], "mean").astype(int)).max() <= 1
+    assert none_yet.status_code == 404 and "none of the 2" in none_yet.json()["detail"]

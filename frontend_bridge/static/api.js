@@ -45,6 +45,7 @@ export async function getJson(path, params = {}, { signal } = {}) {
 }
 
 /** POST a JSON body, return the response as a Blob (images). */
+/** POST JSON, answer an image blob plus the response headers (e.g. how many frames went into it). */
 export async function postForBlob(path, body, { signal } = {}) {
   const resp = await check(await fetch(apiUrl(path), {
     method: 'POST',
@@ -52,7 +53,7 @@ export async function postForBlob(path, body, { signal } = {}) {
     body: JSON.stringify(body),
     signal,
   }));
-  return resp.blob();
+  return { blob: await resp.blob(), headers: resp.headers };
 }
 
 export async function getBlob(path, params = {}, { signal } = {}) {

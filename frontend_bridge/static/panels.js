@@ -127,11 +127,15 @@ export class SelectionPanel {
       const [mean, std] = await Promise.all(
         ['mean', 'std'].map((stat) => postForBlob('api/aggregate', { urls, stat }, { signal: abort.signal })),
       );
-      setImageBlob(this.mean, mean);
-      setImageBlob(this.std, std);
-      this.mean.dataset.loadedCount = String(sample.length);
-      this.std.dataset.loadedCount = String(sample.length);
-      this.summary.textContent = `${points.length} frames selected, #${first}–#${last}${sampled}.`;
+      setImageBlob(this.mean, mean.blob);
+      setImageBlob(this.std, std.blob);
+      // The Tiled writer trails the live points: the newest frames may not be stored yet.
+      const used = Number(mean.headers.get('x-frame-count') ?? sample.length);
+      const missing = Number(mean.headers.get('x-frames-missing') ?? 0);
+      this.mean.dataset.loadedCount = String(used);
+      this.std.dataset.loadedCount = String(used);
+      const notYet = missing ? ` Mean and std of ${used}; ${missing} not yet stored.` : '';
+      this.summary.textContent = `${points.length} frames selected, #${first}–#${last}${sampled}.${notYet}`;
     } catch (err) {
       if (err.name === 'AbortError') return;
       this.summary.textContent = `Could not compute the selection images: ${err.message}`;
