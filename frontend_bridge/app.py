@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -72,14 +71,6 @@ class AggregateRequest(BaseModel):
 
 def _json(obj: Any, status_code: int = 200) -> Response:
     return Response(content=wire.dumps(obj), media_type="application/json", status_code=status_code)
-
-
-def _plotly_js() -> Path | None:
-    spec = importlib.util.find_spec("plotly")  # locate without importing plotly
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js"
-    return path if path.is_file() else None
 
 
 def _provided_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
@@ -309,14 +300,6 @@ def create_app(
         return Response(content=png, media_type="image/png", headers=counts)
 
     # -- the page -------------------------------------------------------------------------------
-
-    plotly_js = _plotly_js()
-
-    @app.get("/vendor/plotly.min.js")
-    async def plotly() -> FileResponse:
-        if plotly_js is None:
-            raise HTTPException(status_code=404, detail="the plotly package's plotly.min.js is not installed")
-        return FileResponse(plotly_js, media_type="text/javascript")
 
     @app.get("/")
     async def index() -> FileResponse:

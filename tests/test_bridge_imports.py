@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("torch", "onnxruntime", "umap", "numba", "pynndescent", "sklearn", "cv2", "tiled", "plotly")
+HEAVY = ("torch", "onnxruntime", "umap", "numba", "pynndescent", "sklearn", "cv2", "tiled")
 
 
 def test_importing_frontend_bridge_pulls_in_no_model_code_or_heavy_libraries() -> None:
