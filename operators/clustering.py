@@ -43,10 +43,10 @@ PENDING = -1  # cluster id of a frame that fits no cluster yet
 
 @dataclass(frozen=True)
 class ClusteringSettings:
-    pca_dims: int = 16
+    pca_dims: int = 32
     radius_quantile: float = 0.95  # member-distance quantile that defines a reference cluster's radius
     assign_factor: float = 1.5  # a founded regime takes a reference id within this many radii
-    noise_factor: float = 5.0  # tau = noise_factor x the run's median frame-to-frame step ...
+    noise_factor: float = 10.0  # tau = noise_factor x the run's median frame-to-frame step ...
     floor_fraction: float = 0.01  # ... but at least this fraction of the reference scale
     cap_fraction: float = 0.25  # ... and at most this fraction
     new_min_points: int = 3  # pending frames that must agree to found a regime
