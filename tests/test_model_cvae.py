@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from operators.model.cvae import (  # noqa: E402
+from operators.model.cvae import (
     CONFIGS,
     CVAEConfig,
     WindowAttentionBlock,

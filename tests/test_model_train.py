@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from operators.model.train import TrainSettings, load_model, train  # noqa: E402
-from operators.preprocess import PreprocessSpec  # noqa: E402
+from operators.model.train import TrainSettings, load_model, train
+from operators.preprocess import PreprocessSpec
 
 
 @pytest.fixture()

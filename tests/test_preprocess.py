@@ -87,7 +87,7 @@ def test_read_only_views_are_accepted(pre) -> None:
 def test_frames_of_other_shapes_are_resized_without_the_pilatus_mask() -> None:
     pre = Preprocessor(PreprocessSpec(size=64))
     out = pre(np.random.default_rng(1).poisson(10, (100, 300)).astype(np.uint16))
-    nh, nw, top, left = pre.geometry((100, 300))
+    nh, nw, top, _left = pre.geometry((100, 300))
     assert (nh, nw) == (21, 64)
     assert np.all(out[0, :top] == 0) and np.all(out[0, top + nh :] == 0)
     assert out[0, top : top + nh].max() == pytest.approx(1.0)
@@ -115,7 +115,7 @@ def test_spec_round_trips_through_a_dict() -> None:
 
 def test_small_frames_are_interpolated_up_without_holes() -> None:
     pre = Preprocessor(PreprocessSpec(size=128, detector=None))
-    yy, xx = np.mgrid[0:40, 0:60]
+    _yy, xx = np.mgrid[0:40, 0:60]
     img = (100 + 10 * xx).astype(np.int32)  # a smooth ramp
     out = pre(img)[0]
     nh, nw, top, left = pre.geometry(img.shape)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(res, indent=2)
     if a.json:
         Path(a.json).write_text(text + "\n")
-    print(text)  # noqa: T201 - CLI output
+    print(text)
 
 
 if __name__ == "__main__":

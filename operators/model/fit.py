@@ -166,7 +166,7 @@ def fit_bundle(
                            "reference_clusters": int(state.centers.shape[0]),
                            "method": "HDBSCAN on PCA of L2-normalised latents; online stable-id assignment"},
             "reference": "reference.npz",
-            "n_reference": int(len(latents)),
+            "n_reference": len(latents),
             "training": {"checkpoint": Path(checkpoint).name, **_training_summary(checkpoint), **(extra or {})},
         }
         write_manifest(work, manifest)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     r = fit_bundle(a.checkpoint, a.reference, a.out, name=a.name, version=a.version, n_reference=a.n_reference,
                    seed=a.seed, static_onnx=a.static_onnx, torchscript=a.torchscript)
-    print(json.dumps({**r.__dict__, "bundle": str(r.bundle)}, indent=2))  # noqa: T201 - CLI output
+    print(json.dumps({**r.__dict__, "bundle": str(r.bundle)}, indent=2))
 
 
 if __name__ == "__main__":
