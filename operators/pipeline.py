@@ -42,7 +42,8 @@ class Work:
     """One frame on its way through the compute stages; each stage fills its own field."""
 
     frame: Frame
-    tensor: np.ndarray | None = None  # (1, S, S) float32
+    slot: int  # row of the batch buffer this frame's tensor lives in
+    tensor: np.ndarray | None = None  # (1, S, S) float32, a view on that row
     latent: np.ndarray | None = None  # (latent_dim,) float32
     xy: np.ndarray | None = None  # (2,) float32
     assignment: Any = None  # the clusterer's Assignment(cluster, novelty, is_new)
@@ -50,24 +51,32 @@ class Work:
 
 
 class PreprocessStage(BatchStage[Work]):
+    """Preprocesses each frame straight into its row of one reused (max_batch, 1, S, S) buffer."""
+
     name, reject_reason = "preprocess", "preprocess_error"
 
-    def __init__(self, bundle: Any) -> None:
+    def __init__(self, bundle: Any, batch_buffer: np.ndarray) -> None:
         self.bundle = bundle
+        self.buffer = batch_buffer
 
     def process_many(self, items: Sequence[Work]) -> None:
         for work in items:
-            work.tensor = self.bundle.preprocessor(work.frame.image)
+            work.tensor = self.bundle.preprocessor(work.frame.image, out=self.buffer[work.slot])
 
 
 class EncodeStage(BatchStage[Work]):
     name, reject_reason = "encode", "encode_error"
 
-    def __init__(self, bundle: Any) -> None:
+    def __init__(self, bundle: Any, batch_buffer: np.ndarray) -> None:
         self.bundle = bundle
+        self.buffer = batch_buffer
 
     def process_many(self, items: Sequence[Work]) -> None:
-        batch = np.stack([w.tensor for w in items])  # (B, 1, S, S)
+        n = len(items)
+        if all(work.slot == i for i, work in enumerate(items)):
+            batch = self.buffer[:n]  # the usual case: the batch is already contiguous, no copy
+        else:  # some frames were rejected earlier in this batch
+            batch = np.stack([w.tensor for w in items])
         latents = np.asarray(self.bundle.encoder.encode(batch), dtype=np.float32)
         if latents.shape != (len(items), self.bundle.latent_dim):
             raise ValueError(f"encoder returned {latents.shape} for a batch of {len(items)}")
@@ -137,7 +146,7 @@ class LivePipeline(QueuedOperator[InMessage]):
         metrics: PipelineMetrics,
         *,
         tiled_base_url: str,
-        max_batch: int = 8,
+        max_batch: int = 4,
         queue_size: int = 32,
         policy: QueuePolicy = QueuePolicy.BLOCK,
         publish_timeout: float = 1.0,
@@ -149,9 +158,11 @@ class LivePipeline(QueuedOperator[InMessage]):
         self.tiled_base_url = tiled_base_url
         self.max_batch = max_batch
         self.cluster_stage = ClusterStage(bundle)
+        size = bundle.preprocessor.spec.size
+        batch_buffer = np.zeros((max_batch, 1, size, size), np.float32)
         self.stages: tuple[BatchStage[Work], ...] = (
-            PreprocessStage(bundle),
-            EncodeStage(bundle),
+            PreprocessStage(bundle, batch_buffer),
+            EncodeStage(bundle, batch_buffer),
             ProjectStage(bundle),
             self.cluster_stage,
         )
@@ -278,7 +289,7 @@ class LivePipeline(QueuedOperator[InMessage]):
     def _compute(self, frames: list[Frame]) -> _BatchResult:
         """Runs in the compute thread: every stage on the batch, each frame isolated."""
         start = time.perf_counter()
-        items = [Work(frame) for frame in frames]
+        items = [Work(frame, slot) for slot, frame in enumerate(frames)]
         for work in items:
             work.timings.queue = start - work.frame.received_perf
             self.metrics.observe("queue", work.timings.queue)

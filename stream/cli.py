@@ -146,7 +146,7 @@ def serve(
     queue_policy: Annotated[
         str | None, typer.Option(help="block | drop_oldest | drop_newest [block for pull, drop_oldest for sub].")
     ] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Most frames computed together [8].")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Most frames computed together [4].")] = None,
     runtime: Annotated[str | None, typer.Option(help="Encoder runtime: onnx | torchscript [onnx].")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options.")] = None,
     log_level: Annotated[str | None, typer.Option(help="Logging level [INFO].")] = None,

@@ -138,6 +138,10 @@ async def test_a_frame_that_breaks_a_stage_is_rejected_alone(bundle: ModelBundle
     recorder = await _run_pipeline(pipeline, messages, expect_points=2)
     assert [p.index for p in recorder.points()] == [0, 2]
     assert metrics.snapshot()["rejected"] == {"preprocess_error": 1}
+    # The survivors' points are exactly what each frame gives on its own (no row of the batch mixed up).
+    for point, image in zip(recorder.points(), images[:2], strict=True):
+        alone = bundle.projector.project(bundle.encoder.encode(bundle.preprocessor(image)[None]))[0]
+        np.testing.assert_allclose([point.x, point.y], alone, rtol=1e-4, atol=1e-4)
 
 
 async def test_frames_that_arrive_with_a_tiled_url_keep_it_and_are_not_stored_again(
