@@ -7,7 +7,13 @@ server can be stopped / restarted on its own (the outage tests do exactly that).
 
 Not ``tiled.server.SimpleTiledServer``: it hard-codes a 1000-entry in-memory streaming cache
 that holds every written frame (RSS grew by GBs in ../shared/notes/tiled.md). We build the app
-ourselves with a small cache.
+ourselves with no streaming cache at all: every PATCH would also copy its 10 MB body into it, for
+Tiled's experimental websocket streams that nothing here uses (clients get URIs from our own /ws).
+
+Arrays this server creates are compressed with Blosc LZ4 + byte shuffle instead of zarr's default
+Zstd: on a full PILATUS frame (int32 counts) ~4x faster to write and to read back at ~5x
+compression (Zstd ~6x); see benchmarks/persist.py --codecs. The files stay plain zarr v3, readable
+by any Tiled. Chunking (one frame per chunk) is the writer's choice and unchanged.
 
 Lifecycle::
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -42,8 +49,8 @@ logger = logging.getLogger(__name__)
 API_KEY_ENV = "LATENT_STREAM_TILED_API_KEY"
 _PID_FILE = "tiled-server.pid"
 _KEY_FILE = "tiled-api-key"
-# Small streaming cache: bounded per-node entries and short TTL (a frame is ~10 MB).
-_CACHE_CONFIG = {"uri": "memory", "datastore": "memory", "maxsize": 16, "data_ttl": 60, "seq_ttl": 3600}
+# Codec for arrays created by the embedded server (see the module doc).
+BLOSC_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 
 
 class TiledServerError(RuntimeError):
@@ -236,6 +243,23 @@ class EmbeddedTiledServer:
         return self._proc is not None and self._proc.poll() is None
 
 
+def _use_fast_codec() -> None:
+    """In the server child only: new zarr arrays get `BLOSC_CODEC` instead of zarr's default Zstd.
+
+    Tiled 0.2.20 creates arrays with ``tiled.adapters.zarr.create_array(store, shape=, chunks=,
+    dtype=)`` and offers no codec option (zarr 3.1 has no config key for the default either), so
+    that one module attribute is wrapped; this process does nothing but serve Tiled.
+    """
+    import tiled.adapters.zarr as tiled_zarr
+    from zarr.codecs import BloscCodec
+
+    create = getattr(tiled_zarr, "create_array", None)
+    if create is None or tiled_zarr.ZARR_LIB_V2:
+        raise TiledServerError("this Tiled/zarr version creates arrays differently: review _use_fast_codec")
+    codec = BloscCodec(**BLOSC_CODEC)
+    tiled_zarr.create_array = functools.partial(create, compressors=(codec,))  # type: ignore[attr-defined]
+
+
 def _serve(directory: Path, host: str, port: int) -> None:
     """Child-process entry point: build the catalog and app, serve until SIGTERM."""
     import uvicorn
@@ -247,11 +271,12 @@ def _serve(directory: Path, host: str, port: int) -> None:
     if not api_key:
         raise SystemExit(f"{API_KEY_ENV} is not set")
     (directory / "data").mkdir(parents=True, exist_ok=True)
+    _use_fast_codec()
     catalog = from_uri(
         directory / "catalog.db",
         writable_storage=[directory / "data", f"duckdb:///{directory / 'tables.duckdb'}"],
         init_if_not_exists=True,
-        cache_config=dict(_CACHE_CONFIG),
+        cache_config=None,
     )
     app = build_app(catalog, authentication=Authentication(single_user_api_key=api_key))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

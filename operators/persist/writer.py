@@ -1,7 +1,9 @@
 """Persist frames and results to Tiled as they happen, off the per-frame path.
 
 `TiledWriter` is a publisher (`async publish(message)`): `publish` only logs the point to the
-run's result log (see wal.py) and enqueues it; one background task writes batches to Tiled:
+run's result log (see wal.py) and enqueues it; one background task writes to Tiled, each frame
+as soon as it can (one PATCH per frame, in order) and the rows in batches (up to `max_batch`
+rows or `rows_interval` seconds, after their frames):
 
   /<run_id>                  container, start metadata; "status" open -> closed
   /<run_id>/primary/image    (N, H, W) frames that came without a tiled_url, one chunk per frame,
@@ -29,11 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
+import io
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -42,6 +47,8 @@ from operators.messages import ClusterNew, PipelineMessage, Point, RunStarted, R
 from operators.persist.wal import RecoveredRun, ResultLog
 
 logger = logging.getLogger(__name__)
+
+APACHE_ARROW_FILE = "application/vnd.apache.arrow.file"
 
 POINT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("row", "int64"),
@@ -99,6 +106,7 @@ class _Row:
     latent: np.ndarray
     image: np.ndarray | None
     published_at: float  # unix s, the point's timestamp
+    queued_at: float = 0.0  # monotonic s, when publish enqueued it (rows are written in batches by age)
 
 
 @dataclass(slots=True)
@@ -107,9 +115,9 @@ class _RunState:
     next_row: int = 0
     start: dict[str, Any] | None = None
     created: bool = False
-    image_shape: tuple[int, ...] | None = None
+    image_shape: tuple[int, ...] | None = None  # set once /<run>/primary/image exists (one frame's shape)
     image_dtype: str | None = None
-    vectors_dim: int | None = None
+    vectors_dim: int | None = None  # set once /<run>/latent/vectors exists
     recovered_open: bool = False
     frames_written: int = 0
     rows_written: int = 0
@@ -119,10 +127,8 @@ class _RunState:
 
 @dataclass(slots=True)
 class _BatchOutcome:
-    """What a (possibly retried) batch write achieved; filled in the worker thread, read on the loop."""
+    """What a (possibly retried) batch of rows achieved."""
 
-    frames_done: dict[int, float] = field(default_factory=dict)  # row -> unix s when fetchable
-    mismatched: set[int] = field(default_factory=set)
     rows_done: int = 0
     rows_skipped: int = 0  # already in Tiled from an attempt whose answer was lost
 
@@ -155,6 +161,7 @@ class TiledWriter:
         root: str = "",
         max_buffer_bytes: int = 512 * 2**20,
         max_batch: int = 16,
+        rows_interval: float = 1.0,
         give_up_after: float = 300.0,
         request_timeout: float = 30.0,
     ) -> None:
@@ -163,6 +170,7 @@ class TiledWriter:
         self.root = root.strip("/")
         self.max_buffer_bytes = max_buffer_bytes
         self.max_batch = max_batch
+        self.rows_interval = rows_interval
         self.give_up_after = give_up_after
         self.request_timeout = request_timeout
         self._log = ResultLog(Path(data_dir) / "results-log")
@@ -176,6 +184,8 @@ class TiledWriter:
         self._runs: dict[str, _RunState] = {}
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None  # tiled container client, created in a worker thread
+        self._http: httpx.AsyncClient | None = None  # frames, vectors and rows (see _connect)
+        self._flushing = 0  # flush() callers waiting: write rows now rather than batch them
         self._lags: collections.deque[float] = collections.deque(maxlen=10_000)
         self._retries = 0
         self._closing = False
@@ -244,7 +254,7 @@ class TiledWriter:
             {"t": "point", "run_id": p.run_id, **values, "stored_by_service": image is not None,
              "latent": latent.tobytes()},
         )  # fmt: skip
-        r = _Row(p.run_id, row, int(p.index), values, latent, image, float(p.timestamp))
+        r = _Row(p.run_id, row, int(p.index), values, latent, image, float(p.timestamp), time.monotonic())
         self._ops.append(("row", r))
         if image is not None:
             self._frame_queue.append(r)
@@ -303,6 +313,9 @@ class TiledWriter:
                     self._drop_image(item, "shutdown")
         self._ops.clear()
         self._log.close()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         if self._client is not None:
             await asyncio.to_thread(self._client.context.close)
             self._client = None
@@ -310,11 +323,16 @@ class TiledWriter:
     async def flush(self, timeout: float = 60.0) -> bool:
         """Wait until everything enqueued so far is written (or given up); False on timeout."""
         deadline = time.monotonic() + timeout
-        while self._ops or self._busy:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        self._flushing += 1
+        self._wake.set()
+        try:
+            while self._ops or self._busy:
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(0.02)
+            return True
+        finally:
+            self._flushing -= 1
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -367,7 +385,7 @@ class TiledWriter:
                 self._client = await asyncio.to_thread(
                     from_uri, self.base_url, api_key=self.api_key, timeout=self.request_timeout
                 )
-                return
+                break
             except Exception as exc:
                 err = _translate(exc)
                 if isinstance(err, TiledRejected) or time.monotonic() - t0 > self.give_up_after:
@@ -375,6 +393,15 @@ class TiledWriter:
                 logger.warning("Tiled at %s not reachable yet (%s); retrying", self.base_url, err)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        # Frames, vectors and table rows go as plain async PATCHes on one kept-alive connection: the
+        # Tiled client copies each frame (tobytes), is synchronous (a worker thread per call), and
+        # re-reads node metadata on every lookup; that cost ~110 ms of CPU per 10 MB frame in this
+        # process (benchmarks/persist.py). Containers and arrays are still created with the client.
+        headers = {"Authorization": f"Apikey {self.api_key}"} if self.api_key else {}
+        self._http = httpx.AsyncClient(
+            headers=headers, timeout=self.request_timeout, trust_env=False,
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+        )  # fmt: skip
 
     async def _loop(self) -> None:
         while True:
@@ -393,10 +420,32 @@ class TiledWriter:
         kind, item = self._ops[0]
         if kind == "row":
             batch: list[_Row] = []
+            boundary = False  # the batch ends at another run / a start / a stop: no point waiting
             for k, it in self._ops:
-                if k != "row" or it.run_id != item.run_id or len(batch) >= self.max_batch:
+                if k != "row" or it.run_id != item.run_id:
+                    boundary = True
+                    break
+                if len(batch) >= self.max_batch:
                     break
                 batch.append(it)
+            # Frames go out as they come (each is fetchable as soon as its PATCH returns); rows wait
+            # to be written in batches (one vectors PATCH + one table append), frames first so that
+            # a visible row's tiled_url resolves.
+            self._wake.clear()
+            await self._write_frames(batch)
+            due = (
+                boundary or len(batch) >= self.max_batch or self._closing or self._flushing > 0
+                or time.monotonic() - batch[0].queued_at >= self.rows_interval
+            )  # fmt: skip
+            if not due:
+                if len(self._ops) > len(batch) or any(r.image is not None for r in batch):
+                    return  # more arrived while the frames were written
+                timeout = self.rows_interval - (time.monotonic() - batch[0].queued_at)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(timeout, 0.0))
+                except TimeoutError:
+                    pass
+                return
             await self._write_batch(batch)
             for _ in batch:
                 self._ops.popleft()
@@ -413,16 +462,21 @@ class TiledWriter:
                 self._log.discard(run_id)
 
     async def _with_retry(self, what: str, fn: Any, *args: Any) -> str | None:
-        """Run `fn(*args, attempt)` in a worker thread, retrying transient errors.
+        """Run `fn(*args, attempt)` (a coroutine function on the loop, else in a worker thread),
+        retrying transient errors.
 
         Returns None on success, else the reason it gave up ("rejected_by_tiled" | "tiled_unreachable").
         """
         delay = 0.2
         t0 = time.monotonic()
         attempt = 0
+        is_async = inspect.iscoroutinefunction(fn)
         while True:
             try:
-                await asyncio.to_thread(fn, *args, attempt)
+                if is_async:
+                    await fn(*args, attempt)
+                else:
+                    await asyncio.to_thread(fn, *args, attempt)
                 return None
             except Exception as exc:  # noqa: BLE001 - translated at this boundary
                 err = exc if isinstance(exc, PersistError) else _translate(exc)
@@ -440,36 +494,109 @@ class TiledWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _write_frames(self, batch: list[_Row]) -> None:
+        """Write the frames still waiting in `batch`, in order, one PATCH each; bookkeeping on the loop."""
+        for r in batch:
+            if r.image is None:
+                continue
+            image = r.image  # out of the droppable buffer: it is in flight now
+            self._buffered_bytes -= image.nbytes
+            r.image = None
+            self._frame_queue.remove(r)
+            st = self._run(r.run_id)
+            if st.image_shape is None:
+                failed = await self._with_retry(
+                    f"image array of run {r.run_id}", self._ensure_image_array, r.run_id, image
+                )
+                if failed:
+                    st.frames_not_written[failed] += 1
+                    continue
+            if (tuple(image.shape), image.dtype.str) != (st.image_shape, st.image_dtype):
+                st.frames_not_written["shape_mismatch"] += 1
+                logger.warning("run %s frame %d not written: shape/dtype differs from the run's first frame",
+                               r.run_id, r.index)  # fmt: skip
+                continue
+            try:
+                failed = await self._with_retry(
+                    f"frame {r.index} of run {r.run_id}", self._patch_frame, r.run_id, r.index, image
+                )
+            except asyncio.CancelledError:  # stop() gave up draining while this frame was in flight
+                st.frames_not_written["shutdown"] += 1
+                raise
+            if failed:
+                st.frames_not_written[failed] += 1
+                continue
+            self._lags.append(time.time() - r.published_at)
+            st.frames_written += 1
+            self._log.append(r.run_id, {"t": "frame_ok", "run_id": r.run_id, "index": r.index})
+
     async def _write_batch(self, batch: list[_Row]) -> None:
-        """Write one batch of rows (and their frames); all bookkeeping stays on the event loop."""
-        images: dict[int, np.ndarray] = {}
-        for r in batch:  # take the images out of the droppable buffer: they are in flight now
-            if r.image is not None:
-                images[r.row] = r.image
-                self._buffered_bytes -= r.image.nbytes
-                r.image = None
-                self._frame_queue.remove(r)
+        """Write one batch of rows (points table + latent vectors); bookkeeping stays on the loop."""
         out = _BatchOutcome()
         run_id = batch[0].run_id
-        failed = await self._with_retry(f"rows of run {run_id}", self._write_rows, batch, images, out)
+        failed = await self._with_retry(f"rows of run {run_id}", self._write_rows, batch, out)
         st = self._run(run_id)
-        by_row = {r.row: r for r in batch}
-        for row, written_at in out.frames_done.items():
-            r = by_row[row]
-            self._lags.append(written_at - r.published_at)
-            st.frames_written += 1
-            self._log.append(run_id, {"t": "frame_ok", "run_id": run_id, "index": r.index})
-        for row in out.mismatched:
-            st.frames_not_written["shape_mismatch"] += 1
-            logger.warning("run %s frame %d not written: shape/dtype differs from the run's first frame",
-                           run_id, by_row[row].index)  # fmt: skip
         st.rows_written += out.rows_done
         if failed:
-            for row in images.keys() - out.frames_done.keys() - out.mismatched:
-                st.frames_not_written[failed] += 1
             st.rows_not_written[failed] += len(batch) - out.rows_done - out.rows_skipped
 
-    # ---- Tiled calls (worker thread) ------------------------------------------------------------
+    # ---- raw HTTP (on the event loop) ----------------------------------------------------------
+
+    def _url(self, route: str, *parts: str) -> str:
+        path = "/".join(quote(p, safe="") for p in self._path(*parts))
+        return f"{self.base_url}/api/v1/{route}/{path}"
+
+    async def _patch(self, url: str, params: dict[str, str], body: Any, length: int, media_type: str) -> None:
+        assert self._http is not None
+        r = await self._http.patch(
+            url, params=params, content=body,
+            headers={"Content-Type": media_type, "Content-Length": str(length)},
+        )  # fmt: skip
+        r.raise_for_status()
+
+    async def _patch_frame(self, run_id: str, index: int, image: np.ndarray, attempt: int = 0) -> None:
+        """Slice `index` of /<run>/primary/image. Idempotent (same slice, same bytes): safe to retry."""
+        data = np.ascontiguousarray(image)
+
+        async def body() -> Any:  # the frame's own buffer: no copy on this side
+            yield memoryview(data).cast("B")
+
+        params = {"offset": str(index), "shape": ",".join(map(str, (1, *data.shape))), "extend": "true"}
+        await self._patch(self._url("array/full", run_id, "primary", "image"), params, body(), data.nbytes,
+                          "application/octet-stream")  # fmt: skip
+
+    async def _write_rows(self, batch: list[_Row], out: _BatchOutcome, attempt: int = 0) -> None:
+        import pyarrow as pa
+
+        run_id = batch[0].run_id
+        st = self._run(run_id)
+        if not st.created:
+            await asyncio.to_thread(self._ensure_run, run_id)
+        rows = batch
+        if attempt > 0:  # the previous append may have landed: skip rows already there
+            present = await asyncio.to_thread(lambda: self._rows_present(self._node(run_id)))
+            rows = [r for r in batch if r.row not in present]
+            out.rows_skipped = len(batch) - len(rows)
+        if not rows:
+            return
+        dim = rows[0].latent.shape[0]
+        if st.vectors_dim is None:
+            await asyncio.to_thread(self._ensure_vectors_array, run_id, dim)
+        for group in _consecutive(rows, key=lambda r: r.row):  # idempotent: rewriting the same rows
+            vec = np.stack([r.latent for r in group]).astype(np.float32, copy=False)
+            params = {"offset": str(group[0].row), "shape": f"{len(group)},{dim}", "extend": "true"}
+            await self._patch(self._url("array/full", run_id, "latent", "vectors"), params, vec.tobytes(),
+                              vec.nbytes, "application/octet-stream")  # fmt: skip
+        table = pa.Table.from_pylist([r.values for r in rows], schema=point_schema())
+        sink = io.BytesIO()
+        with pa.ipc.new_file(sink, table.schema) as f:
+            f.write_table(table)
+        body = sink.getvalue()
+        await self._patch(self._url("table/partition", run_id, "latent", "points"), {"partition": "0"}, body,
+                          len(body), APACHE_ARROW_FILE)  # fmt: skip
+        out.rows_done = len(rows)
+
+    # ---- Tiled client calls (worker thread): containers, arrays, metadata ---------------------
 
     def _path(self, *parts: str) -> list[str]:
         return [p for p in (self.root, *parts) if p]
@@ -511,6 +638,18 @@ class TiledWriter:
                     raise
         st.created = True
 
+    def _ensure_image_array(self, run_id: str, first: np.ndarray, attempt: int = 0) -> None:
+        """Create (or find, after a restart) /<run>/primary/image; remember its frame shape and dtype."""
+        st = self._run(run_id)
+        if not st.created:
+            self._ensure_run(run_id)
+        img = self._ensure_array(self._node(run_id, "primary"), "image", first.shape, first.dtype)
+        st.image_shape, st.image_dtype = tuple(img.shape[1:]), np.dtype(img.dtype).str
+
+    def _ensure_vectors_array(self, run_id: str, dim: int, attempt: int = 0) -> None:
+        vec = self._ensure_array(self._node(run_id, "latent"), "vectors", (dim,), np.dtype(np.float32))
+        self._run(run_id).vectors_dim = int(vec.shape[1])
+
     def _ensure_array(self, parent: Any, key: str, row_shape: tuple[int, ...], dtype: np.dtype) -> Any:
         """An appendable array (1, *row_shape) with one chunk per leading index; no data written."""
         from tiled.client.utils import ClientError
@@ -535,51 +674,6 @@ class TiledWriter:
             if exc.response.status_code == 409:
                 return parent[key]
             raise
-
-    def _write_rows(
-        self, batch: list[_Row], images: dict[int, np.ndarray], out: _BatchOutcome, attempt: int = 0
-    ) -> None:
-        run_id = batch[0].run_id
-        st = self._run(run_id)
-        if not st.created:
-            self._ensure_run(run_id)
-        run = self._node(run_id)
-        # Frames first: a row's tiled_url should resolve once the row is visible.
-        framed = [
-            r
-            for r in batch
-            if r.row in images and r.row not in out.frames_done and r.row not in out.mismatched
-        ]
-        if framed:
-            first = images[framed[0].row]
-            img = self._ensure_array(run["primary"], "image", first.shape, first.dtype)
-            want = (tuple(img.shape[1:]), np.dtype(img.dtype))
-            for r in framed:
-                if (images[r.row].shape, images[r.row].dtype) != want:
-                    out.mismatched.add(r.row)
-            framed = [r for r in framed if r.row not in out.mismatched]
-            for group in _consecutive(framed, key=lambda r: r.index):
-                img.patch(np.stack([images[r.row] for r in group]), offset=(group[0].index,), extend=True)
-                now = time.time()
-                for r in group:
-                    out.frames_done[r.row] = now
-        if out.rows_done:
-            return
-        rows = batch
-        if attempt > 0:  # the previous append may have landed: skip rows already there
-            present = self._rows_present(run)
-            rows = [r for r in batch if r.row not in present]
-            out.rows_skipped = len(batch) - len(rows)
-        if rows:
-            dim = rows[0].latent.shape[0]
-            vec = self._ensure_array(run["latent"], "vectors", (dim,), np.dtype(np.float32))
-            for group in _consecutive(rows, key=lambda r: r.row):
-                vec.patch(np.stack([r.latent for r in group]), offset=(group[0].row,), extend=True)
-            import pyarrow as pa
-
-            table = pa.Table.from_pylist([r.values for r in rows], schema=point_schema())
-            run["latent"]["points"].append_partition(0, table)
-        out.rows_done = len(rows)
 
     def _rows_present(self, run: Any) -> set[int]:
         points = run["latent"]["points"]
