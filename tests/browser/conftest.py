@@ -43,7 +43,9 @@ def require_chromium() -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an asyncio loop running in the main thread while it
+# is open, and every pytest-asyncio test collected after the browser tests would fail to start its own loop.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     require_chromium()
     from playwright.sync_api import sync_playwright
