@@ -180,3 +180,28 @@ async def test_publish_never_waits_for_tiled_and_the_buffer_drops_oldest_frames_
     # what could not be written is counted with a reason, never silently lost
     assert sum(stats.frames_not_written.values()) + stats.frames_written == 10
     assert sum(stats.rows_not_written.values()) + stats.rows_written == 10
+
+
+async def test_a_frame_not_written_yet_answers_404_not_a_dropped_connection(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    ep = tiled_server.endpoint
+    assert ep is not None
+    rng = np.random.default_rng(6)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
+    await writer.start()
+    await writer.publish(RunStarted("run-early", "polled early", time.time()))
+    points = []
+    for index in range(2):
+        p, _ = make_point(ep.url, "run-early", index, rng)
+        points.append(p)
+        await writer.publish(p)
+    assert await writer.flush(timeout=60)
+    await writer.stop()
+    headers = {**ep.headers, "Accept": "application/octet-stream"}
+    async with httpx.AsyncClient(headers=headers, trust_env=False) as client:
+        # a client polling for frame 5 before it is written (Tiled 0.2.20 alone drops the connection)
+        early = await client.get(points[1].tiled_url.replace("slice=1", "slice=5,0:1,0:1"))
+        written = await client.get(points[1].tiled_url)
+    assert early.status_code == 404 and "not written" in early.json()["detail"]
+    assert written.status_code == 200 and len(written.content) == 48 * 64 * 4

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -260,6 +261,23 @@ def _use_fast_codec() -> None:
     tiled_zarr.create_array = functools.partial(create, compressors=(codec,))  # type: ignore[attr-defined]
 
 
+_OUT_OF_RANGE = "out-of-bounds index"
+
+
+async def _slice_out_of_range(request: Any, exc: Exception) -> Any:
+    """A 404 for a frame slice beyond the array's current length (a frame not written yet).
+
+    Tiled 0.2.20 lets that ValueError escape (``ndslice.compose_slices``): the client's connection is
+    dropped and a full traceback is logged per request, which under a client polling for its frame
+    costs the server more than the writes do. Any other ValueError is re-raised unchanged.
+    """
+    from starlette.responses import JSONResponse
+
+    if _OUT_OF_RANGE not in str(exc):
+        raise exc
+    return JSONResponse({"detail": f"slice out of range (not written yet?): {exc}"}, status_code=404)
+
+
 def _serve(directory: Path, host: str, port: int) -> None:
     """Child-process entry point: build the catalog and app, serve until SIGTERM."""
     import uvicorn
@@ -279,6 +297,7 @@ def _serve(directory: Path, host: str, port: int) -> None:
         cache_config=None,
     )
     app = build_app(catalog, authentication=Authentication(single_user_api_key=api_key))
+    app.add_exception_handler(ValueError, _slice_out_of_range)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
