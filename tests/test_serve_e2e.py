@@ -3,139 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
-import websockets
 from prometheus_client.parser import text_string_to_metric_families
+from service_support import CLI, LiveService, WsClient
+from service_support import start_service as _start_service
+from service_support import stop_service as _stop_service
+from service_support import until as _until
 
 from stream.protocol import encode_event
 from stream.sender import FrameSender
 
-CLI = str(Path(sys.executable).with_name("latent-stream"))
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class LiveService:
-    proc: subprocess.Popen[bytes]
-    port: int
-    tiled_port: int
-    zmq: str
-    log: Path
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _start_service(tmp: Path, timeout: float = 240.0) -> LiveService:
-    port, tiled_port, zmq_port = _free_port(), _free_port(), _free_port()
-    log = tmp / "serve.log"
-    cmd = [CLI, "serve", "--port", str(port), "--tiled-port", str(tiled_port),
-           "--zmq", f"tcp://127.0.0.1:{zmq_port}", "--data-dir", str(tmp / "data")]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    service = LiveService(proc, port, tiled_port, f"tcp://127.0.0.1:{zmq_port}", log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited with {proc.returncode} during start-up:\n{service.log_text()[-4000:]}")
-        try:
-            if httpx.get(f"{service.http}/api/health", timeout=2).status_code == 200:
-                return service
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    _stop_service(service)
-    pytest.fail(f"serve not ready in {timeout} s:\n{service.log_text()[-4000:]}")
-
-
-def _stop_service(service: LiveService, sig: int = signal.SIGINT, timeout: float = 20.0) -> tuple[int, float]:
-    t0 = time.monotonic()
-    service.proc.send_signal(sig)
-    try:
-        rc = service.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        service.proc.kill()
-        service.proc.wait()
-        rc = -9
-    return rc, time.monotonic() - t0
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
-    live = _start_service(tmp_path_factory.mktemp("serve"))
-    yield live
-    _stop_service(live)
-
-
-@dataclass
-class WsClient:
-    """A websocket client that reads everything into `messages`."""
-
-    url: str
-    messages: list[dict] = field(default_factory=list)
-    _task: asyncio.Task[None] | None = None
-    _ws: websockets.ClientConnection | None = None
-
-    async def __aenter__(self) -> Self:
-        self._ws = await websockets.connect(self.url, max_size=None)
-        self._task = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self._ws is not None
-        async for raw in self._ws:
-            self.messages.append(json.loads(raw))
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._ws is not None and self._task is not None
-        await self._ws.close()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    def points(self, run_id: str) -> list[dict]:
-        return [m for m in self.messages if m.get("type") == "point" and m["run_id"] == run_id]
-
-    def stopped(self, run_id: str) -> bool:
-        return any(m.get("type") == "run_stop" and m["run_id"] == run_id for m in self.messages)
-
-
-async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 async def _counters(service: LiveService) -> dict[str, dict[str, float]]:
