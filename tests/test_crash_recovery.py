@@ -131,6 +131,7 @@ async def test_sigkill_mid_run_loses_no_point_clients_got_and_the_restarted_serv
                 assert run["latent"]["vectors"].shape[0] == len(stored) + MORE_FRAMES
                 md = run.metadata
                 assert md["reason"] == "stop" and md["rows"] == len(stored) + MORE_FRAMES
+                assert md["num_frames"] == more[-1] + 1  # as the source announced it in its stop
                 # frames whose image died with the first process are counted, not silently missing
                 persist = md["persist"]
                 lost = persist["frames_not_written"].get("lost_in_crash", 0)
