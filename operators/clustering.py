@@ -51,7 +51,12 @@ class ClusteringSettings:
     cap_fraction: float = 0.25  # ... and at most this fraction
     new_min_points: int = 3  # pending frames that must agree to found a regime
     pending_max: int = 64  # bound of the pending buffer (oldest dropped)
-    drift: float = 0.2  # EMA weight pulling a regime's centre towards each new member
+    # EMA weight pulling a regime's centre towards each new member. A run moving steadily at v per frame
+    # lags its centre by v (1 - drift) / drift, so a regime only splits when v > noise_factor x drift /
+    # (1 - drift) x the median step (2.5x here): a gradual phase change (film formation's dispersion ->
+    # aggregation) is followed, not split. Lower drift splits it sooner but shatters drifting phases
+    # (shear alignment); see operators.model.tune_clustering for the validation sweep.
+    drift: float = 0.2
     step_window: int = 64  # frame-to-frame steps kept for the noise estimate
     known_immediately: bool = True  # a frame inside an unclaimed reference cluster founds its regime at once
 
