@@ -1,7 +1,7 @@
 // The side panels: the frame behind a point, the mean/std of a selection, the cluster legend, live health,
 // and short notices. Each owns its DOM subtree and is fed plain data by app.js.
 
-import { getBlob, getJson, postForBlob } from './api.js';
+import { ApiError, getBlob, getJson, postForBlob } from './api.js';
 import { clusterCss, clusterGlyph } from './colors.js';
 
 // The LSE fetches at most 30 frames for a live selection; the service aggregates server-side, so more is
@@ -22,11 +22,22 @@ const el = (tag, attrs = {}, ...children) => {
 
 const ms = (seconds) => (Number.isFinite(seconds) ? `${(seconds * 1000).toFixed(1)} ms` : '–');
 
-/** Swap an <img>'s blob URL, releasing the previous one. */
-function setImageBlob(img, blob) {
+/** Swap an <img>'s blob URL, releasing the previous one; resolves once the new image is decoded. */
+async function setImageBlob(img, blob) {
   if (img.src.startsWith('blob:')) URL.revokeObjectURL(img.src);
   img.src = blob ? URL.createObjectURL(blob) : '';
+  if (blob) await img.decode();
 }
+
+const sleep = (ms, signal) => new Promise((resolve, reject) => {
+  const timer = setTimeout(resolve, ms);
+  signal.addEventListener('abort', () => { clearTimeout(timer); reject(new DOMException('aborted', 'AbortError')); });
+});
+
+// The Tiled writer trails the live points (seconds for full-size frames on a busy machine), so a click on
+// the newest point can come before its frame is stored: retry a 404 for a while instead of giving up.
+const FRAME_RETRY_MS = 1000;
+const FRAME_RETRIES = 30;
 
 export class FramePanel {
   constructor(root) {
@@ -65,8 +76,17 @@ export class FramePanel {
     this.status.textContent = `Loading frame #${p.index}…`;
     this.status.title = p.tiledUrl;
     try {
-      const blob = await getBlob('api/frame', { url: p.tiledUrl }, { signal: abort.signal });
-      setImageBlob(this.img, blob);
+      let blob = null;
+      for (let attempt = 0; blob === null; attempt += 1) {
+        try {
+          blob = await getBlob('api/frame', { url: p.tiledUrl }, { signal: abort.signal });
+        } catch (err) {
+          if (!(err instanceof ApiError && err.status === 404) || attempt >= FRAME_RETRIES) throw err;
+          this.status.textContent = `Frame #${p.index} is not stored in Tiled yet; retrying…`;
+          await sleep(FRAME_RETRY_MS, abort.signal);
+        }
+      }
+      await setImageBlob(this.img, blob);
       this.img.alt = `frame ${p.index} (log scale)`;
       this.img.dataset.loadedIndex = String(p.index);
       this.status.textContent = `Frame #${p.index}, log-scaled intensity`;
@@ -127,8 +147,7 @@ export class SelectionPanel {
       const [mean, std] = await Promise.all(
         ['mean', 'std'].map((stat) => postForBlob('api/aggregate', { urls, stat }, { signal: abort.signal })),
       );
-      setImageBlob(this.mean, mean.blob);
-      setImageBlob(this.std, std.blob);
+      await Promise.all([setImageBlob(this.mean, mean.blob), setImageBlob(this.std, std.blob)]);
       // The Tiled writer trails the live points: the newest frames may not be stored yet.
       const used = Number(mean.headers.get('x-frame-count') ?? sample.length);
       const missing = Number(mean.headers.get('x-frames-missing') ?? 0);

@@ -267,8 +267,12 @@ class TiledWriter:
             return
         self._buffered_bytes -= r.image.nbytes
         r.image = None
-        self._run(r.run_id).frames_not_written[reason] += 1
-        logger.warning("run %s frame %d not written to Tiled: %s", r.run_id, r.index, reason)
+        dropped = self._run(r.run_id).frames_not_written
+        dropped[reason] += 1
+        # Under sustained overload this fires for every frame: say it once, then every 100th (all are counted).
+        if dropped[reason] == 1 or dropped[reason] % 100 == 0:
+            logger.warning("run %s frame %d not written to Tiled: %s (%d so far in this run)",
+                           r.run_id, r.index, reason, dropped[reason])
 
     def _enqueue_stop(self, m: RunStopped) -> None:
         st = self._run(m.run_id)
