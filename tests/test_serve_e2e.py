@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,13 @@ from stream.protocol import encode_event
 from stream.sender import FrameSender
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    live = _start_service(tmp_path_factory.mktemp("serve"))
+    yield live
+    _stop_service(live)
 
 
 async def _counters(service: LiveService) -> dict[str, dict[str, float]]:
