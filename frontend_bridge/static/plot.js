@@ -15,6 +15,7 @@ const MARGIN = { left: 60, right: 14, top: 12, bottom: 42 };
 export const TRAJECTORY_LENGTH = 1000; // the faint line follows the most recent frames only
 const DATA_RENDER_INTERVAL_MS = 50; // streaming redraws at most 20 per second; interaction is immediate
 const MAX_DATA_RENDER_INTERVAL_MS = 1000;
+const MAX_POINTS_PER_FRAME = 20000; // drawn per animation frame when (re)drawing many points
 const PICK_RADIUS_PX = 10;
 const CLICK_SLOP_PX = 4;
 
@@ -472,8 +473,12 @@ export class ScatterPlot {
       gl.uniform1f(uni.u_alpha, 0.85);
       gl.uniform1f(uni.u_size, markerSize(n) * dpr);
       gl.uniform1f(uni.u_points, 1);
-      gl.drawArrays(gl.POINTS, this.canvasCount, n - this.canvasCount);
-      this.canvasCount = n;
+      // A full redraw of a long run is spread over several frames, so no single frame blocks the main thread
+      // (software GL fills ~1.4 us per point: 100,000 points in one go was a 140 ms long task).
+      const upto = Math.min(n, this.canvasCount + MAX_POINTS_PER_FRAME);
+      gl.drawArrays(gl.POINTS, this.canvasCount, upto - this.canvasCount);
+      this.canvasCount = upto;
+      if (upto < n) this.requestRender();
     }
     this.colorRange = [store && n ? store.minIndex : 0, top];
     const t2 = performance.now();
