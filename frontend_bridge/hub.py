@@ -192,7 +192,7 @@ class RunState:
             "current": current,
             "num_points": self.points,
             "points_in_memory": len(self.store) if self.store is not None else 0,
-            "clusters": len(self.clusters),
+            "new_clusters": len(self.clusters),  # founded during the run (cluster_new)
             "source": "memory",
         }
 
