@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 4 -m operators.model.train --config paper ...   # DDP when WORLD_SIZE > 1
 
 Checkpoints (`last.pt`, every `--ckpt-every` steps and at each epoch end) hold the model, optimiser,
-scheduler, scaler, epoch and step; `--resume` continues from `last.pt` in the output directory.
+scheduler, scaler, epoch and step; `--resume` continues from `last.pt` in the output directory, on its
+original schedule. `--init-from CKPT` takes only the weights of another run and starts a fresh optimiser and
+cosine schedule: how a model trained part-way is annealed to a low learning rate.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class TrainSettings:
     max_steps: int | None = None
     max_minutes: float | None = None
     resume: bool = False
+    init_from: str | None = None  # fine-tune: start from this checkpoint's weights with a fresh optimiser and schedule
     threads: int | None = None
     amp: bool = True  # only on CUDA
 
@@ -109,6 +112,12 @@ def train(s: TrainSettings) -> Path:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, schedule), eta_min=s.lr * 0.02)
     epoch, step = 0, 0
     ck_path = out / CHECKPOINT
+    if s.init_from and not (s.resume and ck_path.is_file()):
+        ck = torch.load(str(s.init_from), map_location=device, weights_only=False)
+        if CVAEConfig.from_dict(ck["config"]) != cfg:
+            raise ValueError(f"{s.init_from} holds a different model configuration than {cfg.name!r}")
+        model.load_state_dict(ck["model"])
+        log.info("initialised from %s (its step %d); fresh optimiser and schedule", s.init_from, ck["step"])
     if s.resume and ck_path.is_file():
         ck = torch.load(str(ck_path), map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
