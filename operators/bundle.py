@@ -175,13 +175,21 @@ def verify_versions(manifest: dict[str, Any], libraries: tuple[str, ...], file: 
             raise BundleVersionError(f"{file}: needs {lib}>={want}, but {lib}=={have} is installed")
 
 
+def compute_threads(requested: int | None = None) -> int:
+    """Threads one frame's compute may use (ONNX Runtime intra-op, the preprocessing pass).
+
+    `requested`, else $LATENT_STREAM_ORT_THREADS, else min(2, cores): the stages run one after another,
+    so each may use the same cores in turn.
+    """
+    return requested or int(os.environ.get("LATENT_STREAM_ORT_THREADS", "0")) or min(2, os.cpu_count() or 1)
+
+
 def default_session_options(intra_op_threads: int | None = None) -> Any:
     """ONNX Runtime options for a small CPU box: a couple of intra-op threads, full graph optimisation."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    n = intra_op_threads or int(os.environ.get("LATENT_STREAM_ORT_THREADS", "0")) or min(2, os.cpu_count() or 1)
-    so.intra_op_num_threads = n
+    so.intra_op_num_threads = compute_threads(intra_op_threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -264,7 +272,7 @@ class ModelBundle:
                 raise BundleFormatError(f"{bdir / MANIFEST}: no {what} artifact listed")
             return bdir / rel
 
-        pre = Preprocessor.from_spec(manifest["preprocessing"])
+        pre = Preprocessor.from_spec(manifest["preprocessing"], threads=compute_threads(intra_op_threads))
         if runtime == "onnx":
             enc_path = need(manifest["encoder"].get("onnx"), "ONNX encoder")
             verify_versions(manifest, ("onnxruntime",), str(enc_path))

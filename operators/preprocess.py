@@ -9,7 +9,8 @@ raw detector frame (H, W), any numeric dtype  ->  (1, S, S) float32 in [0, 1]
 2. Resize with the aspect ratio KEPT: the frame is scaled so its longer side is S and centred on an S x S
    canvas; the padding counts as masked. The resize is a mask-aware box average (each output pixel is the
    mean of the valid source pixels of its bin, 3-4 px wide for a 2M frame), done in one numba pass over
-   the raw frame so gaps do not darken their neighbours and no full-size float copy is made.
+   the raw frame (split into bands of rows across `threads`) so gaps do not darken their neighbours and
+   no full-size float copy is made.
 3. Robust intensity transform: log1p, then a per-frame percentile window [p_low, p_high] of the valid
    pixels mapped to [0, 1] and clipped (a few hot pixels cannot stretch the scale). Masked pixels are 0.
 
@@ -18,7 +19,9 @@ The spec is a frozen dataclass written into the bundle manifest; `Preprocessor.f
 
 from __future__ import annotations
 
+import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -35,12 +38,16 @@ _NO_MASK = np.ones((1, 1), np.uint8)
 
 
 @numba.njit(cache=True, nogil=True)
-def _bin_valid(img, static, use_static, saturation, hot_ratio, hot_floor, rows, cols, num, den):  # pragma: no cover
-    # One pass over the raw frame: mask-aware box binning (sum and count of valid pixels per output bin).
+def _bin_band(img, static, use_static, saturation, hot_ratio, hot_floor, rows, cols, y0, y1, num, den, mean, ok):  # pragma: no cover
+    # Source rows y0..y1-1 (whole output bins): mask-aware box binning into num/den, then mean = log1p of the
+    # valid pixels' mean (0 where none). Bands of disjoint bins run concurrently, one thread each (nogil).
     # A pixel is dropped when negative (gap / bad), >= saturation, statically masked, or hot: brighter
     # than hot_ratio x its brighter horizontal neighbour + hot_floor (an isolated one-pixel spike).
-    h, w = img.shape
-    for y in range(h):
+    w = img.shape[1]
+    r0, r1 = rows[y0], rows[y1 - 1] + 1
+    num[r0:r1] = 0.0
+    den[r0:r1] = 0.0
+    for y in range(y0, y1):
         ry = rows[y]
         num_row = num[ry]
         den_row = den[ry]
@@ -64,6 +71,36 @@ def _bin_valid(img, static, use_static, saturation, hot_ratio, hot_floor, rows, 
             rx = cols[x]
             num_row[rx] += fv
             den_row[rx] += 1.0
+    bw = num.shape[1]
+    for ry in range(r0, r1):
+        for rx in range(bw):
+            d = den[ry, rx]
+            if d > 0:
+                mean[ry, rx] = np.log1p(np.float32(num[ry, rx] / d))
+                ok[ry, rx] = True
+            else:
+                mean[ry, rx] = 0.0
+                ok[ry, rx] = False
+
+
+@numba.njit(cache=True, nogil=True)
+def _window(mean, ok, lo, scale, out):  # pragma: no cover
+    # the percentile window mapped to [0, 1], clipped; bins without a valid pixel stay 0
+    h, w = mean.shape
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = min(max((mean[y, x] - lo) * scale, 0.0), 1.0) if ok[y, x] else 0.0
+
+
+@dataclass(slots=True)
+class _Scratch:
+    """Per-shape buffers reused frame after frame, and the bands of source rows (one per thread)."""
+
+    num: np.ndarray  # (bh, bw) float64 sum of valid pixels per bin
+    den: np.ndarray  # (bh, bw) float64 count of valid pixels per bin
+    mean: np.ndarray  # (bh, bw) float32 log1p(mean), then windowed in place
+    ok: np.ndarray  # (bh, bw) bool: the bin has a valid pixel
+    bands: list[tuple[int, int]]
 
 
 class PreprocessError(ValueError):
@@ -104,10 +141,19 @@ def detector_mask(name: str | None) -> np.ndarray | None:
 
 
 class Preprocessor:
-    """Callable `(image, out=None) -> (1, S, S) float32`. Holds per-shape scratch buffers; not thread-safe."""
+    """Callable `(image, out=None) -> (1, S, S) float32`. Holds per-shape scratch buffers; not thread-safe.
 
-    def __init__(self, spec: PreprocessSpec | None = None, *, static_mask: np.ndarray | None = None) -> None:
+    `threads` > 1 splits the pass over the raw frame into that many bands of output rows, run at once
+    (the kernel releases the GIL); the result is identical for any thread count.
+    """
+
+    def __init__(
+        self, spec: PreprocessSpec | None = None, *, static_mask: np.ndarray | None = None, threads: int = 1
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.spec = spec or PreprocessSpec()
+        self.threads = threads
         if self.spec.aspect != "pad":
             raise ValueError(f"unsupported aspect mode {self.spec.aspect!r} (only 'pad' keeps aspect)")
         if self.spec.transform != "log1p":
@@ -116,10 +162,12 @@ class Preprocessor:
         self._valid_cache: dict[tuple[int, int], np.ndarray] = {}
         self._geometry: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self._bin_maps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._scratch: dict[tuple[int, int], _Scratch] = {}
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="preprocess") if threads > 1 else None
 
     @classmethod
-    def from_spec(cls, spec: dict | PreprocessSpec) -> Preprocessor:
-        return cls(spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec))
+    def from_spec(cls, spec: dict | PreprocessSpec, *, threads: int = 1) -> Preprocessor:
+        return cls(spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec), threads=threads)
 
     def _static_valid(self, shape: tuple[int, int]) -> np.ndarray | None:
         if self._static_mask is None or self._static_mask.shape != shape:
@@ -141,6 +189,19 @@ class Preprocessor:
             m = (rows, cols)
             self._bin_maps[shape] = m
         return m
+
+    def _scratch_for(self, shape: tuple[int, int]) -> _Scratch:
+        sc = self._scratch.get(shape)
+        if sc is None:
+            rows, cols = self._maps(shape)
+            bh, bw = int(rows[-1]) + 1, int(cols[-1]) + 1
+            # band k covers output rows [k*bh/n, (k+1)*bh/n): cut the source rows where those bins start
+            cuts = [int(np.searchsorted(rows, k * bh // self.threads)) for k in range(self.threads)] + [shape[0]]
+            bands = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+            sc = _Scratch(np.empty((bh, bw), np.float64), np.empty((bh, bw), np.float64),
+                          np.empty((bh, bw), np.float32), np.empty((bh, bw), np.bool_), bands)  # fmt: skip
+            self._scratch[shape] = sc
+        return sc
 
     def geometry(self, shape: tuple[int, int]) -> tuple[int, int, int, int]:
         """(new_h, new_w, top, left) of the resized frame on the S x S canvas."""
@@ -173,30 +234,29 @@ class Preprocessor:
             img = img.astype(img.dtype.newbyteorder("="))
         nh, nw, top, left = self.geometry(img.shape)
         rows, cols = self._maps(img.shape)
-        bh, bw = int(rows[-1]) + 1, int(cols[-1]) + 1  # smaller than (nh, nw) only when upscaling
         static = self._static_valid(img.shape)
-        num = np.zeros((bh, bw), np.float64)
-        den = np.zeros((bh, bw), np.float64)
-        _bin_valid(img, static if static is not None else _NO_MASK, static is not None,
-                   float(spec.saturation), float(spec.hot_ratio), float(spec.hot_floor), rows, cols, num, den)
-        ok = den > 0
-        mean = np.divide(num, den, out=np.zeros((bh, bw), np.float32), where=ok, casting="unsafe")
-        np.log1p(mean, out=mean)
-        if (bh, bw) != (nh, nw):  # a frame smaller than the model input: interpolate up, do not leave holes
+        sc = self._scratch_for(img.shape)
+        args = (img, static if static is not None else _NO_MASK, static is not None, float(spec.saturation),
+                float(spec.hot_ratio), float(spec.hot_floor), rows, cols)  # fmt: skip
+        *others, last = sc.bands
+        futures = [self._pool.submit(_bin_band, *args, y0, y1, sc.num, sc.den, sc.mean, sc.ok)
+                   for y0, y1 in others] if self._pool else []  # fmt: skip
+        _bin_band(*args, *last, sc.num, sc.den, sc.mean, sc.ok)
+        for f in futures:
+            f.result()
+        mean, ok = sc.mean, sc.ok
+        if mean.shape != (nh, nw):  # a frame smaller than the model input: interpolate up, do not leave holes
             mean = cv2.resize(mean, (nw, nh), interpolation=cv2.INTER_LINEAR)
             ok = cv2.resize(ok.view(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST).astype(bool)
 
-        sample = mean[:: spec.percentile_stride, :: spec.percentile_stride][ok[:: spec.percentile_stride, :: spec.percentile_stride]]
+        stride = spec.percentile_stride
+        sample = mean[::stride, ::stride][ok[::stride, ::stride]]
         canvas = out[0]
         canvas.fill(0.0)
         if sample.size:
             lo, hi = np.percentile(sample, (spec.low_percentile, spec.high_percentile))
             scale = 1.0 / (hi - lo) if hi > lo else 0.0
-            mean -= lo
-            mean *= scale
-            np.clip(mean, 0.0, 1.0, out=mean)
-            mean[~ok] = 0.0
-            canvas[top : top + nh, left : left + nw] = mean
+            _window(mean, ok, float(lo), float(scale), canvas[top : top + nh, left : left + nw])
         return out
 
     def batch(self, images: list[np.ndarray] | np.ndarray) -> np.ndarray:

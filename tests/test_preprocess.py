@@ -127,3 +127,17 @@ def test_small_frames_are_interpolated_up_without_holes() -> None:
 def test_big_endian_frames_give_the_same_result(pre) -> None:
     img = _frame()
     np.testing.assert_array_equal(pre(img.astype(">i4")), pre(img))
+
+
+@pytest.mark.parametrize("shape", [PILATUS3_2M.shape, (195, 487), (37, 53)])
+def test_splitting_the_frame_across_threads_gives_the_identical_result(pre, shape) -> None:
+    img = _frame(3, shape) if shape == PILATUS3_2M.shape else np.random.default_rng(3).poisson(50, shape)
+    for threads in (2, 3, 7):
+        np.testing.assert_array_equal(Preprocessor(threads=threads)(img), pre(img))
+
+
+def test_consecutive_frames_do_not_leak_into_each_other_through_reused_buffers(pre) -> None:
+    a, b = _frame(4), _frame(5)
+    first_a = pre(a).copy()
+    pre(b)
+    np.testing.assert_array_equal(pre(a), first_a)
