@@ -239,6 +239,33 @@ def _counters(metrics: str) -> dict[str, float]:
     return out
 
 
+def _stage_totals(metrics: str) -> dict[str, tuple[float, float]]:
+    """stage -> (seconds summed, frames counted) from the service's per-stage histogram."""
+    out: dict[str, list[float]] = {}
+    for line in metrics.splitlines():
+        if not line.startswith("latent_stream_stage_seconds_") or 'stage="' not in line:
+            continue
+        name = line.split("{", 1)[0]
+        field_ = 0 if name.endswith("_sum") else 1 if name.endswith("_count") else None
+        if field_ is None:
+            continue
+        stage = line.split('stage="', 1)[1].split('"', 1)[0]
+        with contextlib.suppress(ValueError):
+            out.setdefault(stage, [0.0, 0.0])[field_] = float(line.rpartition(" ")[2])
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def stage_means_ms(before: str, after: str) -> dict[str, float]:
+    """Mean milliseconds per observation of each stage between two /metrics texts (batched stages: per batch)."""
+    b, a = _stage_totals(before), _stage_totals(after)
+    means = {}
+    for stage, (total, count) in a.items():
+        t0, c0 = b.get(stage, (0.0, 0.0))
+        if count > c0:
+            means[stage] = 1e3 * (total - t0) / (count - c0)
+    return means
+
+
 _MILESTONES = (
     ("bundle loaded", "loaded bundle"),
     ("model ready", "ready", "model"),
@@ -437,7 +464,8 @@ async def _one_run(
     run_id = f"bench-{mode}-{'max' if rate is None else f'{rate:g}hz'}-{uuid.uuid4().hex[:6]}"
     n = plan.frames_per_run
     tiled_base = FACILITY_TILED if mode == "facility" else ""
-    before = _counters(service.metrics_text())
+    metrics_before = service.metrics_text()
+    before = _counters(metrics_before)
     rss.take_peak_mb()
     fetcher = FrameFetcher(service, plan.fetch_window_s, plan.fetch_checks) if mode == "embedded" else None
     receiver.on_point = (
@@ -462,7 +490,8 @@ async def _one_run(
             throughput = received / max(duration, 1e-9)
     else:
         duration, throughput = 0.0, 0.0
-    after = _counters(service.metrics_text())
+    metrics_after = service.metrics_text()
+    after = _counters(metrics_after)
     dropped = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
     msgs = [m for (rid, _), m in receiver.messages.items() if rid == run_id]
 
@@ -487,6 +516,7 @@ async def _one_run(
         service_time=service_stats("total_processing_time"),
         service_encode=service_stats("autoencoder_time"),
         service_project=service_stats("dimred_time"),
+        service_stage_means_ms=stage_means_ms(metrics_before, metrics_after),
     )
     if fetcher is not None:
         receiver.on_point = None

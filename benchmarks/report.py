@@ -70,6 +70,8 @@ class E2ERun:
     service_time: LatencyStats | None = None
     service_encode: LatencyStats | None = None
     service_project: LatencyStats | None = None
+    # mean ms per frame (per batch for batched stages) of each stage inside the service, from its /metrics
+    service_stage_means_ms: dict[str, float] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)  # raw samples, for the plots
 
     @property
@@ -101,6 +103,7 @@ class E2ERun:
             "service_time": self.service_time.to_dict() if self.service_time else None,
             "service_encode": self.service_encode.to_dict() if self.service_encode else None,
             "service_project": self.service_project.to_dict() if self.service_project else None,
+            "service_stage_means_ms": self.service_stage_means_ms,
             "latencies_ms": [round(s * 1e3, 3) for s in self.latencies_s],
         }
 
@@ -285,9 +288,26 @@ def markdown(result: BenchResult) -> str:
             f"| {_fmt(lat.p90_ms if lat else None)} | {_fmt(lat.p99_ms if lat else None)} "
             f"| {_fmt(run.service_time.p50_ms if run.service_time else None)} | {_fmt(run.peak_rss_mb, 0)} | {fetch} |"
         )
+    breakdown = [run for run in result.e2e if run.service_stage_means_ms]
+    if breakdown:
+        stages = [s for s in _SERVICE_STAGES if any(s in r.service_stage_means_ms for r in breakdown)]
+        lines += [
+            "",
+            "Inside the service, mean ms per frame (batched stages: per batch), from its own `/metrics`:",
+            "",
+            "| run | " + " | ".join(stages) + " |",
+            "| --- |" + " ---: |" * len(stages),
+        ]
+        for run in breakdown:
+            cells = " | ".join(_fmt(run.service_stage_means_ms.get(s)) for s in stages)
+            lines.append(f"| {run.label} | {cells} |")
     libs = ", ".join(f"{k} {v}" for k, v in result.machine.libraries.items())
     lines += ["", f"Libraries: {libs}."]
     return "\n".join(lines) + "\n"
+
+
+# In path order: ingest decode, waiting in the inbox, the compute stages, fan-out, and the whole.
+_SERVICE_STAGES = ("decode", "queue", "preprocess", "encode", "project", "cluster", "publish", "total")
 
 
 def write_markdown(result: BenchResult, path: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 import typer
 
 from benchmarks.cli import parse_rates
+from benchmarks.e2e import stage_means_ms
 from benchmarks.machine import machine_info
 from benchmarks.report import BenchResult, E2ERun, StageResult, markdown
 from benchmarks.stats import LatencyStats
@@ -65,9 +66,30 @@ def test_bench_runs_the_service_end_to_end_and_writes_json_markdown_and_plots(tm
         assert doc["speedup_vs_reference"] == pytest.approx(doc["reference_p50_ms"] / doc["e2e_p50_ms"])
     assert doc["machine"]["cpu_model"] and doc["machine"]["libraries"]["onnxruntime"]
 
+    # ... and the service's own account of where each frame's time went
+    assert {"decode", "preprocess", "encode", "total"} <= set(run["service_stage_means_ms"])
+    assert run["service_stage_means_ms"]["total"] >= run["service_stage_means_ms"]["encode"] > 0
     assert "| end-to-end p50 (ms) |" in md.read_text()
+    assert "Inside the service, mean ms per frame" in md.read_text()
     for name in ("latency_distribution.png", "throughput_vs_rate.png"):
         assert (plots / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_stage_means_come_from_the_difference_of_two_metrics_scrapes() -> None:
+    before = (
+        'latent_stream_stage_seconds_sum{stage="encode"} 1.0\n'
+        'latent_stream_stage_seconds_count{stage="encode"} 100.0\n'
+        'latent_stream_stage_seconds_bucket{le="0.01",stage="encode"} 90.0\n'
+    )
+    after = (
+        'latent_stream_stage_seconds_sum{stage="encode"} 1.5\n'
+        'latent_stream_stage_seconds_count{stage="encode"} 200.0\n'
+        'latent_stream_stage_seconds_sum{stage="decode"} 0.2\n'
+        'latent_stream_stage_seconds_count{stage="decode"} 100.0\n'
+        'latent_stream_stage_seconds_sum{stage="cluster"} 0.0\n'
+        'latent_stream_stage_seconds_count{stage="cluster"} 0.0\n'
+    )
+    assert stage_means_ms(before, after) == pytest.approx({"encode": 5.0, "decode": 2.0})
 
 
 def _run(mode: str, rate: float | None, sent: int, received: int, p50_s: float) -> E2ERun:
