@@ -366,56 +366,66 @@ class PointReceiver:
 
 
 class FrameFetcher:
-    """Fetches each stored frame by the URI in its point, starting the moment the point arrives.
+    """Fetches stored frames by the URI in their points, as the points arrive, to time point -> fetchable.
 
-    Timing uses a one-pixel slice of the frame (cheap, so polling does not load the service's Tiled);
-    byte-identity of the whole frame is checked afterwards, untimed. Polling goes on past the window (up to
-    `give_up_s`) so a slow writer's real lag is measured, not just "late". At most `concurrency` frames are
-    polled at once, every `interval_s`; a frame still queued behind others when it becomes fetchable is
-    reported late, so the latencies are upper bounds.
+    One prober, one request at a time: the writer stores frames in order, so the prober takes the sampled
+    frames (every `every`-th) in order and polls each until it answers, every `interval_s`. Each request
+    costs the service's Tiled ~30 ms of CPU whatever its size, so a harness polling many frames at once
+    would slow the very writer it measures. Timing uses a one-pixel slice of the frame; byte-identity of
+    the whole frame is checked afterwards, untimed. Polling goes on past the window (up to `give_up_s`) so
+    a slow writer's real lag is measured, not just "late". Latencies are upper bounds by one interval.
     """
 
-    def __init__(self, service: Service, window_s: float, max_checks: int, concurrency: int = 4,
-                 interval_s: float = 0.1, give_up_s: float = 30.0) -> None:  # fmt: skip
+    def __init__(self, service: Service, window_s: float, max_checks: int, every: int = 1,
+                 interval_s: float = 0.2, give_up_s: float = 30.0) -> None:  # fmt: skip
         self.window_s = window_s
         self.give_up_s = max(give_up_s, window_s)
         self.max_checks = max_checks
+        self.every = max(1, every)
         self.interval_s = interval_s
-        self._sem = asyncio.Semaphore(concurrency)
         headers = {"Authorization": f"Apikey {service.cfg.api_key}", "Accept": "application/octet-stream"}
         self._client = httpx.AsyncClient(timeout=10, headers=headers, trust_env=False)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._queue: asyncio.Queue[tuple[int, str, float]] = asyncio.Queue()
+        self._checks = 0
+        self._task: asyncio.Task[None] | None = None
         self.latencies: dict[int, float] = {}
         self.urls: dict[int, str] = {}
 
     def on_point(self, key: tuple[str, int], msg: dict[str, Any], arrived: float) -> None:
         url = str(msg.get("tiled_url") or "")
-        if len(self._tasks) >= self.max_checks or not url:
+        if self._checks >= self.max_checks or not url or key[1] % self.every:
             return
+        self._checks += 1
         self.urls[key[1]] = url
-        self._tasks.append(asyncio.create_task(self._poll(key[1], url, arrived)))
+        self._queue.put_nowait((key[1], url, arrived))
+        if self._task is None:
+            self._task = asyncio.create_task(self._probe())
 
     @staticmethod
     def _pixel_url(url: str) -> str:
         # .../primary/image?slice=<i>  ->  ?slice=<i>,0:1,0:1 (one pixel of that frame)
         return f"{url},0:1,0:1" if "slice=" in url else url
 
-    async def _poll(self, index: int, url: str, arrived: float) -> None:
-        probe = self._pixel_url(url)
-        async with self._sem:
-            while True:
+    async def _probe(self) -> None:
+        while True:
+            index, url, arrived = await self._queue.get()
+            probe = self._pixel_url(url)
+            while time.perf_counter() - arrived <= self.give_up_s:
                 with contextlib.suppress(httpx.HTTPError):
                     r = await self._client.get(probe)
                     if r.status_code == 200:
                         self.latencies[index] = max(0.0, time.perf_counter() - arrived)
-                        return
-                if time.perf_counter() - arrived > self.give_up_s:
-                    return
+                        break
                 await asyncio.sleep(self.interval_s)
+            self._queue.task_done()
 
     async def finish(self, frames_by_index: dict[int, np.ndarray]) -> tuple[list[float], int, int]:
-        """Wait for the polls; then check whole frames. Returns (latencies, fetched in time and identical, checked)."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait for the probes; then check whole frames. Returns (latencies, fetched in time and identical, checked)."""
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         ok = 0
         for index, lat in self.latencies.items():
             if lat > self.window_s:
@@ -426,7 +436,7 @@ class FrameFetcher:
                 if r.status_code == 200 and expected is not None and r.content == expected.tobytes():
                     ok += 1
         await self._client.aclose()
-        return sorted(self.latencies.values()), ok, len(self._tasks)
+        return sorted(self.latencies.values()), ok, self._checks
 
 
 @dataclass(slots=True)
@@ -436,7 +446,7 @@ class E2EPlan:
     modes: Sequence[str] = ("facility", "embedded")
     embedded_rates: Sequence[float | None] | None = None  # default: the same rates as facility
     fetch_window_s: float = 2.0
-    fetch_checks: int = 50  # embedded: frames fetched back per run
+    fetch_checks: int = 20  # embedded: frames fetched back per run, spread evenly over it
     drain_timeout_s: float = 30.0
 
 
@@ -467,7 +477,11 @@ async def _one_run(
     metrics_before = service.metrics_text()
     before = _counters(metrics_before)
     rss.take_peak_mb()
-    fetcher = FrameFetcher(service, plan.fetch_window_s, plan.fetch_checks) if mode == "embedded" else None
+    fetcher = (
+        FrameFetcher(service, plan.fetch_window_s, plan.fetch_checks, every=max(1, n // plan.fetch_checks))
+        if mode == "embedded"
+        else None
+    )
     receiver.on_point = (
         (lambda key, msg, t: fetcher.on_point(key, msg, t) if key[0] == run_id else None) if fetcher else None
     )

@@ -339,9 +339,10 @@ class LivePipeline(QueuedOperator[InMessage]):
     def _reject(self, work: Work, stage: BatchStage[Work], exc: BaseException) -> None:
         reason = "non_finite_output" if isinstance(exc, NonFiniteOutput) else stage.reject_reason
         self.metrics.rejected.labels(reason).inc()
-        log.warning(
-            "run %s frame %d rejected at %s (%s): %s", work.frame.run_id, work.frame.index, stage.name, reason, exc
-        )
+        self.warn.warning(
+            reason, "run %s frame %d rejected at %s (%s): %s", work.frame.run_id, work.frame.index, stage.name,
+            reason, exc,
+        )  # fmt: skip
 
 
 def _was_received(message: InMessage) -> bool:

@@ -26,6 +26,7 @@ import zmq.asyncio
 from operators.base import Listener
 from operators.messages import Frame, RunStarted, RunStopped
 from operators.metrics import PipelineMetrics
+from operators.throttled_log import ThrottledLog
 from stream.protocol import DEFAULT_LIMITS, Event, Limits, ProtocolError, Start, Stop, decode
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class IngestDecoder:
         self.metrics = metrics
         self.limits = limits
         self._run: _RunState | None = None
+        self._warn = ThrottledLog(log)  # gaps and reordering can happen on every frame of a lossy link
 
     @property
     def run_id(self) -> str | None:
@@ -96,9 +98,11 @@ class IngestDecoder:
                 missing = index - run.last_index - 1
                 run.gaps_counted += missing
                 self.metrics.lost_upstream.inc(missing)
-                log.warning("run %s: %d frame(s) lost upstream before frame %d", run.run_id, missing, index)
+                self._warn.warning("lost_upstream", "run %s: %d frame(s) lost upstream before frame %d",
+                                   run.run_id, missing, index)  # fmt: skip
             elif index <= run.last_index:
-                log.warning("run %s: frame %d arrived after frame %d", run.run_id, index, run.last_index)
+                self._warn.warning("out_of_order", "run %s: frame %d arrived after frame %d",
+                                   run.run_id, index, run.last_index)  # fmt: skip
         run.last_index = index if run.last_index is None else max(index, run.last_index)
         run.frames_seen += 1
         return Frame(
@@ -151,6 +155,7 @@ class ZmqIngest(Listener):
         self.metrics = metrics
         self.decoder = IngestDecoder(metrics, limits)
         self.rcvhwm = rcvhwm
+        self._warn = ThrottledLog(log)  # a misbehaving sender must not flood the log (counters stay exact)
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -192,7 +197,8 @@ class ZmqIngest(Listener):
             )
         except ProtocolError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
-            log.warning("rejected message (%s) in run %s: %s", exc.reason, self.decoder.run_id, exc.detail)
+            self._warn.warning(exc.reason, "rejected message (%s) in run %s: %s",
+                               exc.reason, self.decoder.run_id, exc.detail)  # fmt: skip
             return
         except asyncio.CancelledError:
             self.metrics.dropped.labels("shutdown").inc()
