@@ -83,7 +83,7 @@ class BenchOptions:
             quick=quick,
             rates=parsed,
             embedded_rates=embedded,
-            frames=frames if frames is not None else (40 if quick else 300),
+            frames=frames if frames is not None else (120 if quick else 300),  # 120: p99 is not just the max
             distinct_frames=8 if quick else 32,
             bundle=bundle,
         )
