@@ -20,6 +20,7 @@ CPU_TARGETS = {
     "frames_lost": ("<=", 0),
     "max_throughput_fps": (">=", 20.0),
     "speedup_vs_reference": (">=", 3.0),
+    "speedup_vs_reference_e2e": (">=", 3.0),
     "project_p50_ms": ("<=", 1.0),
     "cold_start_s": ("<=", 15.0),
 }
@@ -139,13 +140,20 @@ class BenchResult:
         throughputs = [r.throughput_fps for r in self.e2e if r.received]
         fixed = [r for r in self.e2e if r.rate_hz is not None]
         projects = [s.stats.p50_ms for s in self.stages if s.name.startswith("project[") and s.batch == 1]
+        path_p50 = next((s.stats.p50_ms for s in self.stages if s.name.startswith("path[")), None)
         return {
             "e2e_p50_ms": e2e_p50,
             "e2e_p99_ms": e2e_p99,
             "e2e_headline": head.label if head else None,
             "max_throughput_fps": max(throughputs) if throughputs else None,
             "reference_p50_ms": ref_p50,
-            "speedup_vs_reference": (ref_p50 / e2e_p50) if ref_p50 and e2e_p50 else None,
+            # Like for like: the reference's per-frame total against the service's per-frame compute path,
+            # both timed in this process on the same frames and bundle (stages.PATH_STAGE).
+            "path_p50_ms": path_p50,
+            "speedup_vs_reference": (ref_p50 / path_p50) if ref_p50 and path_p50 else None,
+            # Conservative: against the service end to end, which also pays the 9.9 MB message on the wire,
+            # its decode, queueing and the websocket; the reference is timed without any of those.
+            "speedup_vs_reference_e2e": (ref_p50 / e2e_p50) if ref_p50 and e2e_p50 else None,
             "cold_start_s": self.cold_start_s,
             # Losses at fixed input rates; at "max" the sender is back-pressured by design.
             "frames_lost": sum(r.lost for r in fixed) if fixed else None,
@@ -221,7 +229,9 @@ def markdown(result: BenchResult) -> str:
         ("frames lost at fixed rates", "frames_lost", 0),
         ("max sustained throughput (frames/s)", "max_throughput_fps", 1),
         ("reference pipeline p50 (ms)", "reference_p50_ms", 1),
-        ("speedup vs reference (p50)", "speedup_vs_reference", 1),
+        ("per-frame compute path p50 (ms), same process and frames as the reference", "path_p50_ms", 1),
+        ("speedup vs reference (p50), like for like", "speedup_vs_reference", 1),
+        ("speedup vs reference (p50), against our end to end", "speedup_vs_reference_e2e", 1),
         ("projection p50 (ms)", "project_p50_ms", 3),
         ("cold start to first point (s)", "cold_start_s", 1),
         ("peak service RSS (MB)", "peak_rss_mb", 0),

@@ -467,6 +467,9 @@ def _hub_stage(model_info: Any, points: Sequence[Any], budget: Budget, clients: 
     return StageResult(name=name, stats=stats)
 
 
+PATH_STAGE = "path[preprocess -> encode -> project -> cluster, batch 1]"
+
+
 def run_stages(
     models: Models, frames: Sequence[np.ndarray], budget: Budget, quick: bool = False
 ) -> tuple[list[StageResult], dict[str, str]]:
@@ -520,6 +523,17 @@ def run_stages(
         )
     )
 
+    # The whole per-frame compute path as the service runs it at batch 1, timed as one call: the like-for-like
+    # of the reference pipeline's per-frame total (same process, same frames, same bundle).
+    path_clusterer = models.bundle.new_clusterer()
+
+    def path(i: int) -> object:
+        pre(frames[i % len(frames)], out=out)
+        latent = models.bundle.encoder.encode(out[None])
+        xy = proj.project(latent)
+        return xy, path_clusterer.learn_predict_one(latent[0])
+
+    results.append(_stage(PATH_STAGE, path, budget))
     results += _publish_stages(models, latents, budget, skipped)
     return results, skipped
 
