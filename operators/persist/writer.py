@@ -509,37 +509,25 @@ class TiledWriter:
 
         Frames with consecutive indices go in one PATCH (up to `max_patch_bytes`): Tiled's server
         spends ~30 ms of CPU per request on top of its per-byte cost, so under load, when frames
-        queue up behind a slow write, fewer larger writes let it catch up.
+        queue up behind a slow write, fewer larger writes let it catch up. Only the frames of the
+        PATCH in flight leave the droppable buffer.
         """
-        pending: list[tuple[_Row, np.ndarray]] = []
-        for r in batch:
-            if r.image is None:
-                continue
-            image = r.image  # out of the droppable buffer: it is in flight now
-            self._buffered_bytes -= image.nbytes
-            r.image = None
-            self._frame_queue.remove(r)
-            pending.append((r, image))
-        if not pending:
+        if not any(r.image is not None for r in batch):
             return
-        run_id = pending[0][0].run_id
+        run_id = batch[0].run_id  # a batch holds one run's rows
         st = self._run(run_id)
         if st.image_shape is None:
+            first = next(r for r in batch if r.image is not None)
             failed = await self._with_retry(
-                f"image array of run {run_id}", self._ensure_image_array, run_id, pending[0][1]
+                f"image array of run {run_id}", self._ensure_image_array, run_id, first.image
             )
             if failed:
-                st.frames_not_written[failed] += len(pending)
+                for r in batch:
+                    if r.image is not None:
+                        self._take_image(r)
+                        st.frames_not_written[failed] += 1
                 return
-        fitting: list[tuple[_Row, np.ndarray]] = []
-        for r, image in pending:
-            if (tuple(image.shape), image.dtype.str) != (st.image_shape, st.image_dtype):
-                st.frames_not_written["shape_mismatch"] += 1
-                logger.warning("run %s frame %d not written: shape/dtype differs from the run's first frame",
-                               r.run_id, r.index)  # fmt: skip
-                continue
-            fitting.append((r, image))
-        for group in _patch_groups(fitting, self.max_patch_bytes):
+        while group := self._next_patch(batch, st):
             first, last = group[0][0].index, group[-1][0].index
             what = f"frame {first} of run {run_id}" if first == last else f"frames {first}-{last} of run {run_id}"
             try:
@@ -556,6 +544,38 @@ class TiledWriter:
                 self._lags.append(now - r.published_at)
                 st.frames_written += 1
                 self._log.append(run_id, {"t": "frame_ok", "run_id": run_id, "index": r.index})
+
+    def _next_patch(self, batch: list[_Row], st: _RunState) -> list[tuple[_Row, np.ndarray]]:
+        """Take the next frames to write out of the buffer: consecutive indices, up to `max_patch_bytes`.
+
+        A frame whose shape or dtype differs from the run's first frame is counted and skipped.
+        """
+        group: list[tuple[_Row, np.ndarray]] = []
+        size = 0
+        for r in batch:
+            if r.image is None:
+                continue
+            image = r.image
+            if (tuple(image.shape), image.dtype.str) != (st.image_shape, st.image_dtype):
+                self._take_image(r)
+                st.frames_not_written["shape_mismatch"] += 1
+                logger.warning("run %s frame %d not written: shape/dtype differs from the run's first frame",
+                               r.run_id, r.index)  # fmt: skip
+                continue
+            if group and (r.index != group[-1][0].index + 1 or size + image.nbytes > self.max_patch_bytes):
+                break
+            group.append((r, self._take_image(r)))
+            size += image.nbytes
+        return group
+
+    def _take_image(self, r: _Row) -> np.ndarray:
+        """Out of the droppable buffer: the frame is in flight (or counted) now."""
+        image = r.image
+        assert image is not None
+        self._buffered_bytes -= image.nbytes
+        r.image = None
+        self._frame_queue.remove(r)
+        return image
 
     async def _write_batch(self, batch: list[_Row]) -> None:
         """Write one batch of rows (points table + latent vectors); bookkeeping stays on the loop."""
@@ -761,20 +781,6 @@ class TiledWriter:
                 self._log.discard(rec.run_id)
         else:
             st.recovered_open = True
-
-
-def _patch_groups(frames: list[tuple[_Row, np.ndarray]], max_bytes: int) -> list[list[tuple[_Row, np.ndarray]]]:
-    """Split into runs of consecutive frame indices of at most `max_bytes` each (one PATCH each)."""
-    groups: list[list[tuple[_Row, np.ndarray]]] = []
-    size = 0
-    for r, image in frames:
-        if groups and r.index == groups[-1][-1][0].index + 1 and size + image.nbytes <= max_bytes:
-            groups[-1].append((r, image))
-            size += image.nbytes
-        else:
-            groups.append([(r, image)])
-            size = image.nbytes
-    return groups
 
 
 def _consecutive(rows: list[_Row], key: Any) -> list[list[_Row]]:
