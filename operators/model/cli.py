@@ -89,13 +89,20 @@ def fit(
     static_onnx: Annotated[bool, typer.Option(help="Also ship the static 1x1xSxS ONNX encoder.")] = False,
     torchscript: Annotated[bool, typer.Option(help="Also ship a TorchScript encoder.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
+    drift: Annotated[float | None, typer.Option(help="Clustering: regime-centre EMA weight (tune_clustering).")] = None,
+    noise_factor: Annotated[float | None, typer.Option(help="Clustering: tau in median frame steps.")] = None,
 ) -> None:
     """Encode reference frames, fit UMAP (+ ONNX approximator) and the clustering, write a bundle."""
     _logging()
+    from dataclasses import replace
+
+    from operators.clustering import ClusteringSettings
     from operators.model.fit import fit_bundle
 
+    chosen = {k: v for k, v in (("drift", drift), ("noise_factor", noise_factor)) if v is not None}
     r = fit_bundle(checkpoint, reference, out, name=name, version=version, n_reference=n_reference,
-                   static_onnx=static_onnx, torchscript=torchscript, seed=seed)
+                   static_onnx=static_onnx, torchscript=torchscript, seed=seed,
+                   clustering=replace(ClusteringSettings(), **chosen))
     typer.echo(json.dumps({**r.__dict__, "bundle": str(r.bundle)}, indent=2))
 
 

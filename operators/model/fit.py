@@ -1,7 +1,7 @@
 """Fit a bundle: export the encoder, encode reference frames, fit UMAP + its approximator and the clustering.
 
     python -m operators.model.fit --checkpoint runs/lite/last.pt --reference data/cache/train_s100 \
-        --out operators/bundles/default --name cvae-lite --version 0.1.0
+        --out operators/bundles/default --name cvae-lite --version 0.2.0 --drift 0.075 --noise-factor 12
 
 The reference frames are encoded through the exported ONNX encoder (the serving path, not PyTorch), so
 the fitted projection and clustering see exactly the latents serving will produce.
@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +200,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--static-onnx", action="store_true")
     p.add_argument("--torchscript", action="store_true")
+    defaults = ClusteringSettings()
+    p.add_argument("--drift", type=float, default=defaults.drift,
+                   help="online clustering: regime-centre EMA weight (choose with operators.model.tune_clustering)")
+    p.add_argument("--noise-factor", type=float, default=defaults.noise_factor,
+                   help="online clustering: tau in multiples of the run's median frame-to-frame step")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     r = fit_bundle(a.checkpoint, a.reference, a.out, name=a.name, version=a.version, n_reference=a.n_reference,
-                   seed=a.seed, static_onnx=a.static_onnx, torchscript=a.torchscript)
+                   seed=a.seed, static_onnx=a.static_onnx, torchscript=a.torchscript,
+                   clustering=replace(defaults, drift=a.drift, noise_factor=a.noise_factor))
     print(json.dumps({**r.__dict__, "bundle": str(r.bundle)}, indent=2))
 
 
