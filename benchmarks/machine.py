@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,15 +49,19 @@ class MachineInfo:
     platform: str
     libraries: dict[str, str] = field(default_factory=dict)
     load_average: tuple[float, float, float] | None = None  # how busy the machine was at start
+    # A fixed pure-Python loop timed at start (median of 5): on a shared VM a noisy neighbour shows here
+    # even when this machine's load average is ~0, so runs on different days can be compared fairly.
+    calibration_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         gpu = self.gpu or "no GPU"
+        speed = f"; calibration loop {self.calibration_ms:.0f} ms" if self.calibration_ms else ""
         return (
             f"{self.cpu_model}, {self.usable_cores} usable cores ({self.logical_cores} logical), "
-            f"{self.memory_gb:.0f} GB RAM, {gpu}; Python {self.python}"
+            f"{self.memory_gb:.0f} GB RAM, {gpu}; Python {self.python}{speed}"
         )
 
 
@@ -138,4 +143,17 @@ def machine_info() -> MachineInfo:
         platform=platform.platform(),
         libraries=_versions(),
         load_average=load,
+        calibration_ms=calibration_ms(),
     )
+
+
+def calibration_ms(iterations: int = 1_000_000, repeats: int = 5) -> float:
+    """Median milliseconds of a fixed single-threaded Python loop (one core's speed right now)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(iterations):
+            total += i
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[repeats // 2]
