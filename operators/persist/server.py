@@ -57,6 +57,8 @@ _PID_FILE = "tiled-server.pid"
 _KEY_FILE = "tiled-api-key"
 # Codec for arrays created by the embedded server (see the module doc).
 BLOSC_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
+# Scheduling priority of the server child, relative to the service (see main()).
+SERVER_NICENESS = 10
 # Largest request body the server accepts (it holds each body in memory, as Tiled does anyway).
 MAX_BODY_BYTES = 2**30
 
@@ -322,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
+    # Persistence is off the per-frame path: when both want a core, the service's compute goes first and
+    # this server catches up in the gaps (it has them: the live path needs ~0.3 core at 10 Hz).
+    os.nice(SERVER_NICENESS)
     logging.basicConfig(level=logging.WARNING)
     _serve(args.dir.resolve(), args.host, args.port)
 
