@@ -2,7 +2,7 @@
 
 One explicit lifecycle (`Service.run`):
 
-  start: model bundle (load + warm-up) and the embedded Tiled server, concurrently
+  start: model bundle (load + warm-up), the embedded Tiled server and the Tiled client modules, concurrently
          -> Tiled writer -> websocket hub + FastAPI app on uvicorn -> pipeline -> ZeroMQ ingest
   stop (SIGINT / SIGTERM / `Service.request_stop`), in reverse:
          ingest (socket closed) -> pipeline drains for ``drain_timeout`` then is cancelled; what is left
@@ -103,7 +103,11 @@ class Service:
     async def _start(self) -> list[asyncio.Task[Any]]:
         s = self.settings
         _check_port_free(s.host, s.port)
-        bundle, endpoint = await _all_or_nothing(self._load_bundle(), self._start_tiled())
+        from operators.persist.writer import preload_client_modules
+
+        bundle, endpoint, _ = await _all_or_nothing(
+            self._load_bundle(), self._start_tiled(), asyncio.to_thread(preload_client_modules)
+        )
         self.tiled_url, self.tiled_api_key = endpoint
 
         # -- persistence (publisher): frames that came without a tiled_url, points, latents ------------

@@ -207,3 +207,15 @@ async def test_a_frame_not_written_yet_answers_404_not_a_dropped_connection(
         written = await client.get(points[1].tiled_url)
     assert early.status_code == 404 and "not written" in early.json()["detail"]
     assert written.status_code == 200 and len(written.content) == 48 * 64 * 4
+
+
+def test_the_embedded_server_yields_the_cpu_to_the_live_path_once_it_is_up(tiled_server: EmbeddedTiledServer) -> None:
+    import os
+
+    from operators.persist.server import SERVER_NICENESS
+
+    assert tiled_server._proc is not None
+    pid = tiled_server._proc.pid
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert len(tids) > 1  # uvicorn's loop plus worker threads: every one of them
+    assert all(os.getpriority(os.PRIO_PROCESS, t) >= SERVER_NICENESS for t in tids)

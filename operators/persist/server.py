@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -57,7 +58,7 @@ _PID_FILE = "tiled-server.pid"
 _KEY_FILE = "tiled-api-key"
 # Codec for arrays created by the embedded server (see the module doc).
 BLOSC_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
-# Scheduling priority of the server child, relative to the service (see main()).
+# Niceness of the server child once it is up (see _lower_priority).
 SERVER_NICENESS = 10
 # Largest request body the server accepts (it holds each body in memory, as Tiled does anyway).
 MAX_BODY_BYTES = 2**30
@@ -194,6 +195,7 @@ class EmbeddedTiledServer:
         self._proc = self._spawn(key)
         self.endpoint = TiledEndpoint(url=f"http://{self.host}:{self.port}", api_key=key)
         await self._wait_ready()
+        _lower_priority(self._proc.pid)
         logger.info("embedded Tiled server ready at %s (data %s)", self.endpoint.url, self.tiled_dir)
         return self.endpoint
 
@@ -251,6 +253,19 @@ class EmbeddedTiledServer:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+
+def _lower_priority(pid: int) -> None:
+    """Persistence is off the per-frame path: when both want a core, the service's compute goes first and
+    the server catches up in the gaps (the live path needs ~0.3 core at 10 Hz). Done once the server is
+    up, so that its start-up is not slowed, and to every thread it has (Linux niceness is per thread)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:  # no /proc: the main thread only
+        tids = [pid]
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, SERVER_NICENESS)
 
 
 def _use_fast_codec() -> None:
@@ -324,9 +339,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
-    # Persistence is off the per-frame path: when both want a core, the service's compute goes first and
-    # this server catches up in the gaps (it has them: the live path needs ~0.3 core at 10 Hz).
-    os.nice(SERVER_NICENESS)
     logging.basicConfig(level=logging.WARNING)
     _serve(args.dir.resolve(), args.host, args.port)
 
