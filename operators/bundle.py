@@ -178,22 +178,12 @@ def verify_versions(manifest: dict[str, Any], libraries: tuple[str, ...], file: 
 def compute_threads(requested: int | None = None) -> int:
     """Threads one frame's compute may use (ONNX Runtime intra-op, the preprocessing pass).
 
-    `requested`, else $LATENT_STREAM_ORT_THREADS, else all usable cores but one (at most 8): that core is
-    the event loop's, ZeroMQ's and the embedded Tiled server's. On the 2-core box one compute thread beat
-    two in every paired end-to-end run (in-service p50 27-30 vs 31-32 ms in embedded mode, frames
-    fetchable within 2 s 18-20/20 vs 8-17/20; benchmarks/results/README.md), although two are faster
-    when the frame path runs alone.
+    `requested`, else $LATENT_STREAM_ORT_THREADS, else min(2, cores): the stages run one after another,
+    so each may use the same cores in turn. On the 2-core box, 1 thread was tried as the default: it
+    helped embedded mode in paired runs but not facility mode, and the frame path alone is 1.5x slower
+    with it (benchmarks/results/README.md); set the variable to 1 where Tiled shares the 2 cores.
     """
-    if requested:
-        return requested
-    env = int(os.environ.get("LATENT_STREAM_ORT_THREADS", "0"))
-    if env:
-        return env
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores - 1))
+    return requested or int(os.environ.get("LATENT_STREAM_ORT_THREADS", "0")) or min(2, os.cpu_count() or 1)
 
 
 def default_session_options(intra_op_threads: int | None = None) -> Any:
