@@ -69,7 +69,9 @@ def start_service(
     cmd = [CLI, "serve", "--port", str(port), "--tiled-port", str(tiled_port),
            "--zmq", zmq, "--data-dir", str(data_dir)]  # fmt: skip
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # its own process group, as a job started from a terminal: a Ctrl-C can be sent to the whole group
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)  # fmt: skip
     service = LiveService(proc, port, tiled_port, zmq, log, data_dir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -85,11 +87,17 @@ def start_service(
     pytest.fail(f"serve not ready in {timeout} s:\n{service.log_text()[-4000:]}")
 
 
-def stop_service(service: LiveService, sig: int = signal.SIGINT, timeout: float = 20.0) -> tuple[int, float]:
-    """Signal the service and wait for it (SIGKILL after `timeout`). Returns (exit code, seconds taken)."""
+def stop_service(
+    service: LiveService, sig: int = signal.SIGINT, timeout: float = 20.0, *, group: bool = False
+) -> tuple[int, float]:
+    """Signal the service (`group`: its whole process group, as a terminal's Ctrl-C does) and wait for it
+    (SIGKILL after `timeout`). Returns (exit code, seconds taken)."""
     t0 = time.monotonic()
     if service.proc.poll() is None:
-        service.proc.send_signal(sig)
+        if group:
+            os.killpg(service.proc.pid, sig)
+        else:
+            service.proc.send_signal(sig)
     try:
         rc = service.proc.wait(timeout)
     except subprocess.TimeoutExpired:

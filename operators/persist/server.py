@@ -206,7 +206,10 @@ class EmbeddedTiledServer:
             "--dir", str(self.tiled_dir), "--host", self.host, "--port", str(self.port),
         ]  # fmt: skip
         with open(self.tiled_dir / "server.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir)
+            # Its own session: a Ctrl-C in the terminal goes to the service alone, which stops this server
+            # last, after the writer has drained (it would otherwise die first, with the writer's backlog).
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir,
+                                    start_new_session=True)  # fmt: skip
         (self.data_dir / _PID_FILE).write_text(str(proc.pid))
         return proc
 
