@@ -124,7 +124,7 @@ class QueuedOperator(arroyopy.Operator, Generic[T]):
         self.metrics = metrics
         self.publish_timeout = publish_timeout
         # per-frame warnings (drops, rejections), under the subclass's logger; the counters stay exact
-        self.warn = ThrottledLog(logging.getLogger(type(self).__module__))
+        self._warn = ThrottledLog(logging.getLogger(type(self).__module__))
         self.inbox: BoundedQueue[T] = BoundedQueue(
             queue_size, policy, on_drop=self._count_queue_drop, droppable=self.droppable
         )
@@ -135,7 +135,7 @@ class QueuedOperator(arroyopy.Operator, Generic[T]):
 
     def _count_queue_drop(self, message: T) -> None:
         self.metrics.dropped.labels("queue_full").inc()
-        self.warn.warning("queue_full", "queue full (policy %s): dropped %s", self.inbox.policy, describe(message))
+        self._warn.warning("queue_full", "queue full (policy %s): dropped %s", self.inbox.policy, describe(message))
 
     async def submit(self, message: T) -> bool:
         """Called by listeners. Returns False when the message was dropped by the overload policy."""

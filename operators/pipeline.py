@@ -339,7 +339,7 @@ class LivePipeline(QueuedOperator[InMessage]):
     def _reject(self, work: Work, stage: BatchStage[Work], exc: BaseException) -> None:
         reason = "non_finite_output" if isinstance(exc, NonFiniteOutput) else stage.reject_reason
         self.metrics.rejected.labels(reason).inc()
-        self.warn.warning(
+        self._warn.warning(
             reason, "run %s frame %d rejected at %s (%s): %s", work.frame.run_id, work.frame.index, stage.name,
             reason, exc,
         )  # fmt: skip

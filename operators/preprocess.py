@@ -98,7 +98,7 @@ class _Scratch:
 
     num: np.ndarray  # (bh, bw) float64 sum of valid pixels per bin
     den: np.ndarray  # (bh, bw) float64 count of valid pixels per bin
-    mean: np.ndarray  # (bh, bw) float32 log1p(mean), then windowed in place
+    mean: np.ndarray  # (bh, bw) float32 log1p of the mean of valid pixels (0 where none)
     ok: np.ndarray  # (bh, bw) bool: the bin has a valid pixel
     bands: list[tuple[int, int]]
 

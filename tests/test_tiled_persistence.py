@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -10,7 +11,7 @@ from tiled.client import from_uri
 from tiled_support import make_point, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
-from operators.persist.server import EmbeddedTiledServer
+from operators.persist.server import SERVER_NICENESS, EmbeddedTiledServer
 from operators.persist.writer import TiledWriter
 
 tiled_server = tiled_server_fixture()
@@ -210,10 +211,6 @@ async def test_a_frame_not_written_yet_answers_404_not_a_dropped_connection(
 
 
 def test_the_embedded_server_yields_the_cpu_to_the_live_path_once_it_is_up(tiled_server: EmbeddedTiledServer) -> None:
-    import os
-
-    from operators.persist.server import SERVER_NICENESS
-
     assert tiled_server._proc is not None
     pid = tiled_server._proc.pid
     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]

@@ -271,21 +271,25 @@ def _lower_priority(pid: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, SERVER_NICENESS)
 
 
-def _use_fast_codec() -> None:
-    """In the server child only: new zarr arrays get `BLOSC_CODEC` instead of zarr's default Zstd.
+def _configure_zarr() -> None:
+    """In the server child only (it does nothing but serve Tiled).
 
-    Tiled 0.2.20 creates arrays with ``tiled.adapters.zarr.create_array(store, shape=, chunks=,
-    dtype=)`` and offers no codec option (zarr 3.1 has no config key for the default either), so
-    that one module attribute is wrapped; this process does nothing but serve Tiled.
+    - New arrays get `BLOSC_CODEC` instead of zarr's default Zstd. Tiled 0.2.20 creates arrays with
+      ``tiled.adapters.zarr.create_array(store, shape=, chunks=, dtype=)`` and offers no codec option
+      (zarr 3.1 has no config key for the default either), so that one module attribute is wrapped.
+    - Written chunks are stored as they are: zarr would otherwise compare each with an all-fill chunk
+      it allocates, to skip empty ones (~8 ms of CPU per 10 MB frame); frames are never empty.
     """
     import tiled.adapters.zarr as tiled_zarr
+    import zarr
     from zarr.codecs import BloscCodec
 
     create = getattr(tiled_zarr, "create_array", None)
     if create is None or tiled_zarr.ZARR_LIB_V2:
-        raise TiledServerError("this Tiled/zarr version creates arrays differently: review _use_fast_codec")
+        raise TiledServerError("this Tiled/zarr version creates arrays differently: review _configure_zarr")
     codec = BloscCodec(**BLOSC_CODEC)
     tiled_zarr.create_array = functools.partial(create, compressors=(codec,))  # type: ignore[attr-defined]
+    zarr.config.set({"array.write_empty_chunks": True})
 
 
 _OUT_OF_RANGE = "out-of-bounds index"
@@ -316,12 +320,7 @@ def _serve(directory: Path, host: str, port: int) -> None:
     if not api_key:
         raise SystemExit(f"{API_KEY_ENV} is not set")
     (directory / "data").mkdir(parents=True, exist_ok=True)
-    _use_fast_codec()
-    import zarr
-
-    # zarr would compare every written chunk with an all-fill chunk it allocates, to skip storing empty
-    # ones: ~8 ms of CPU per 10 MB frame here. Frames are never empty; store what is written.
-    zarr.config.set({"array.write_empty_chunks": True})
+    _configure_zarr()
     catalog = from_uri(
         directory / "catalog.db",
         writable_storage=[directory / "data", f"duckdb:///{directory / 'tables.duckdb'}"],
@@ -330,7 +329,8 @@ def _serve(directory: Path, host: str, port: int) -> None:
     )
     app = build_app(catalog, authentication=Authentication(single_user_api_key=api_key))
     app.add_exception_handler(ValueError, _slice_out_of_range)
-    uvicorn.run(WholeBodyMiddleware(app, max_body_bytes=MAX_BODY_BYTES), host=host, port=port, log_level="warning", access_log=False)
+    served = WholeBodyMiddleware(app, max_body_bytes=MAX_BODY_BYTES)
+    uvicorn.run(served, host=host, port=port, log_level="warning", access_log=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,6 +47,7 @@ import numpy as np
 
 from operators.messages import ClusterNew, PipelineMessage, Point, RunStarted, RunStopped
 from operators.persist.wal import RecoveredRun, ResultLog
+from operators.throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class TiledWriter:
         self._lags: collections.deque[float] = collections.deque(maxlen=10_000)
         self._retries = 0
         self._frame_requests = 0
+        self._warn = ThrottledLog(logger)  # drops repeat per frame under overload; the counters stay exact
         self._closing = False
         self._busy = False
 
@@ -286,10 +288,8 @@ class TiledWriter:
         r.image = None
         dropped = self._run(r.run_id).frames_not_written
         dropped[reason] += 1
-        # Under sustained overload this fires for every frame: say it once, then every 100th (all are counted).
-        if dropped[reason] == 1 or dropped[reason] % 100 == 0:
-            logger.warning("run %s frame %d not written to Tiled: %s (%d so far in this run)",
-                           r.run_id, r.index, reason, dropped[reason])
+        self._warn.warning(reason, "run %s frame %d not written to Tiled: %s (%d so far in this run)",
+                           r.run_id, r.index, reason, dropped[reason])  # fmt: skip
 
     def _enqueue_stop(self, m: RunStopped) -> None:
         st = self._run(m.run_id)
@@ -571,8 +571,8 @@ class TiledWriter:
             if (tuple(image.shape), image.dtype.str) != (st.image_shape, st.image_dtype):
                 self._take_image(r)
                 st.frames_not_written["shape_mismatch"] += 1
-                logger.warning("run %s frame %d not written: shape/dtype differs from the run's first frame",
-                               r.run_id, r.index)  # fmt: skip
+                self._warn.warning("shape_mismatch", "run %s frame %d not written: shape/dtype differs from "
+                                   "the run's first frame", r.run_id, r.index)  # fmt: skip
                 continue
             if group and (r.index != group[-1][0].index + 1 or size + image.nbytes > self.max_patch_bytes):
                 break
