@@ -2,8 +2,11 @@
 
 One explicit lifecycle (`Service.run`):
 
-  start: model bundle (load + warm-up), the embedded Tiled server and the Tiled client modules, concurrently
-         -> Tiled writer -> websocket hub + FastAPI app on uvicorn -> pipeline -> ZeroMQ ingest
+  start: model bundle (load + warm-up), the embedded Tiled server's launch and the Tiled client modules,
+         concurrently -> Tiled writer -> websocket hub + FastAPI app on uvicorn -> pipeline -> ZeroMQ ingest.
+         Frames are taken as soon as the model is warm: the embedded Tiled server finishes starting in
+         the background (~10 s on 2 cores) while the writer holds what is published meanwhile, so the
+         first point does not wait for it. A Tiled that never comes up stops the service with its error.
   stop (SIGINT / SIGTERM / `Service.request_stop`), in reverse:
          ingest (socket closed) -> pipeline drains for ``drain_timeout`` then is cancelled; what is left
          is counted as dropped{shutdown} and the open run is closed (reason "shutdown")
@@ -53,6 +56,7 @@ class Service:
         self.tiled_api_key: str | None = settings.tiled_api_key
         self._stop = asyncio.Event()
         self._cleanups: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+        self._writer: Any = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -60,6 +64,7 @@ class Service:
     async def run(self, *, handle_signals: bool = True) -> None:
         """Start everything, serve until a stop is requested, then stop everything in reverse order."""
         loop = asyncio.get_running_loop()
+        failed = ""
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
@@ -74,12 +79,16 @@ class Service:
             stop.cancel()
             for task in done:
                 if task is not stop and not task.cancelled() and task.exception() is not None:
-                    log.error("a service task failed; shutting down", exc_info=task.exception())
+                    failure = task.exception()
+                    log.error("%s failed; shutting down", task.get_name(), exc_info=failure)
+                    failed = f"{task.get_name()} failed: {failure}"
         finally:
             await self._shutdown()
             if handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
+        if failed:
+            raise ServeError(failed)
 
     def _on_signal(self, sig: int) -> None:
         if self._stop.is_set():
@@ -105,16 +114,15 @@ class Service:
         _check_port_free(s.host, s.port)
         from operators.persist.writer import preload_client_modules
 
-        bundle, endpoint, _ = await _all_or_nothing(
-            self._load_bundle(), self._start_tiled(), asyncio.to_thread(preload_client_modules)
+        bundle, (self.tiled_url, self.tiled_api_key, tiled_ready), _ = await _all_or_nothing(
+            self._load_bundle(), self._launch_tiled(), asyncio.to_thread(preload_client_modules)
         )
-        self.tiled_url, self.tiled_api_key = endpoint
 
         # -- persistence (publisher): frames that came without a tiled_url, points, latents ------------
         from operators.persist.writer import TiledWriter
 
-        writer = TiledWriter(self.tiled_url, self.tiled_api_key, data_dir=s.data_dir)
-        await writer.start()
+        writer = self._writer = TiledWriter(self.tiled_url, self.tiled_api_key, data_dir=s.data_dir)
+        writer_task = writer.start_soon(tiled_ready)
         self._on_stop("tiled writer", lambda: writer.stop(drain_timeout=_WRITER_DRAIN_S))
 
         # -- the bridge (publisher + app) ------------------------------------------------------------
@@ -163,7 +171,7 @@ class Service:
         ingest_task = asyncio.create_task(ingest.start(), name="ingest")
         self._on_stop("ingest", ingest.stop)
         await ingest.wait_connected()
-        return [server_task, pipeline_task, ingest_task]
+        return [server_task, pipeline_task, ingest_task, writer_task]
 
     async def _load_bundle(self) -> Any:
         from operators.bundle import BundleError, ModelBundle
@@ -176,22 +184,23 @@ class Service:
         log.info("model %s / %s ready", bundle.autoencoder_model, bundle.dimred_model)
         return bundle
 
-    async def _start_tiled(self) -> tuple[str, str | None]:
+    async def _launch_tiled(self) -> tuple[str, str | None, Awaitable[Any] | None]:
+        """(url, api key, readiness to wait for before writing: None for an external Tiled)."""
         s = self.settings
         if not s.embedded_tiled:
-            return s.tiled, s.tiled_api_key
+            return s.tiled, s.tiled_api_key, None
         from operators.persist.server import EmbeddedTiledServer, TiledServerError
 
         server = EmbeddedTiledServer(s.data_dir, port=s.tiled_port, api_key=s.tiled_api_key)
-        self._on_stop("embedded tiled", server.stop)  # before start: a cancelled start still reaps the child
+        self._on_stop("embedded tiled", server.stop)  # before launch: a cancelled start still reaps the child
         try:
-            endpoint = await server.start()
+            endpoint = await server.launch()
         except TiledServerError as exc:
             raise ServeError(str(exc)) from exc
         if server.api_key_generated:
             log.warning("embedded Tiled at %s: generated API key %s (kept in %s)",
                         endpoint.url, endpoint.api_key, s.data_dir)
-        return endpoint.url, endpoint.api_key
+        return endpoint.url, endpoint.api_key, server.wait_ready()
 
     async def _start_uvicorn(self, app: Any) -> asyncio.Task[Any]:
         import uvicorn
@@ -233,7 +242,8 @@ class Service:
 
     def _health(self) -> dict[str, Any]:
         return {"ingest": self.metrics.snapshot(), "zmq": self.settings.zmq,
-                "zmq_pattern": self.settings.zmq_pattern, "tiled": self.tiled_url}
+                "zmq_pattern": self.settings.zmq_pattern, "tiled": self.tiled_url,
+                "tiled_connected": self._writer is not None and self._writer.connected}
 
 
 async def _all_or_nothing(*steps: Awaitable[Any]) -> list[Any]:

@@ -54,11 +54,17 @@ class LiveService:
 
 
 def start_service(
-    tmp: Path, timeout: float = 240.0, *, like: LiveService | None = None, log_name: str = "serve.log"
+    tmp: Path,
+    timeout: float = 240.0,
+    *,
+    like: LiveService | None = None,
+    log_name: str = "serve.log",
+    extra_args: tuple[str, ...] = (),
 ) -> LiveService:
     """Start `latent-stream serve` and wait for /api/health.
 
     `like`: a previous (stopped or killed) service whose ports, ZeroMQ address and data directory are reused.
+    `extra_args`: more `serve` options (e.g. an external `--tiled`).
     """
     if like is None:
         port, tiled_port, zmq = free_port(), free_port(), f"tcp://127.0.0.1:{free_port()}"
@@ -67,7 +73,7 @@ def start_service(
         port, tiled_port, zmq, data_dir = like.port, like.tiled_port, like.zmq, like.data_dir
     log = tmp / log_name
     cmd = [CLI, "serve", "--port", str(port), "--tiled-port", str(tiled_port),
-           "--zmq", zmq, "--data-dir", str(data_dir)]  # fmt: skip
+           "--zmq", zmq, "--data-dir", str(data_dir), *extra_args]  # fmt: skip
     with open(log, "wb") as out:
         # its own process group, as a job started from a terminal: a Ctrl-C can be sent to the whole group
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

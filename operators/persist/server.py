@@ -23,6 +23,8 @@ Lifecycle::
     async with EmbeddedTiledServer(data_dir, port=8000) as endpoint:
         endpoint.url, endpoint.api_key
 
+or, to use the endpoint (port and key) while the server starts: ``launch()``, later ``wait_ready()``.
+
 The child is started with PR_SET_PDEATHSIG (Linux) so that it dies with the service even when
 the service is SIGKILLed; a pid file in the data directory lets a restarted service reap a
 survivor (other platforms) before it binds the same port and opens the same SQLite catalog.
@@ -168,6 +170,7 @@ class EmbeddedTiledServer:
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self.endpoint: TiledEndpoint | None = None
+        self._ready = False
         self.api_key_generated = False
 
     @property
@@ -184,6 +187,11 @@ class EmbeddedTiledServer:
 
     async def start(self) -> TiledEndpoint:
         """Start the child and wait until /healthz answers. Idempotent."""
+        await self.launch()
+        return await self.wait_ready()
+
+    async def launch(self) -> TiledEndpoint:
+        """Start the child; its endpoint is known at once, it answers once `wait_ready` returns."""
         if self._proc is not None and self._proc.poll() is None and self.endpoint is not None:
             return self.endpoint
         self.tiled_dir.mkdir(parents=True, exist_ok=True)
@@ -193,10 +201,20 @@ class EmbeddedTiledServer:
         # Spawned from this (the event loop's) thread, not a worker: PR_SET_PDEATHSIG fires when the
         # *thread* that forked the child exits, and executor threads come and go.
         self._proc = self._spawn(key)
+        self._ready = False
         self.endpoint = TiledEndpoint(url=f"http://{self.host}:{self.port}", api_key=key)
-        await self._wait_ready()
-        _lower_priority(self._proc.pid)
-        logger.info("embedded Tiled server ready at %s (data %s)", self.endpoint.url, self.tiled_dir)
+        return self.endpoint
+
+    async def wait_ready(self) -> TiledEndpoint:
+        """Wait until the launched child answers /healthz (then it yields the CPU to the live path)."""
+        proc = self._proc
+        if proc is None or self.endpoint is None:
+            raise TiledServerError("embedded Tiled server not launched")
+        if not self._ready:
+            await self._wait_ready()
+            _lower_priority(proc.pid)
+            self._ready = True
+            logger.info("embedded Tiled server ready at %s (data %s)", self.endpoint.url, self.tiled_dir)
         return self.endpoint
 
     def _spawn(self, key: str) -> subprocess.Popen[bytes]:
@@ -214,17 +232,18 @@ class EmbeddedTiledServer:
         return proc
 
     async def _wait_ready(self) -> None:
-        assert self._proc is not None and self.endpoint is not None
+        proc, endpoint = self._proc, self.endpoint
+        assert proc is not None and endpoint is not None
         deadline = time.monotonic() + self.startup_timeout
         async with httpx.AsyncClient(trust_env=False) as client:
             while True:
-                if self._proc.poll() is not None:
+                if proc.poll() is not None:
                     raise TiledServerError(
-                        f"embedded Tiled server exited with code {self._proc.returncode}; "
+                        f"embedded Tiled server exited with code {proc.returncode}; "
                         f"see {self.tiled_dir / 'server.log'}"
                     )
                 try:
-                    r = await client.get(f"{self.endpoint.url}/healthz", timeout=1.0)
+                    r = await client.get(f"{endpoint.url}/healthz", timeout=1.0)
                     if r.status_code == 200:
                         return
                 except httpx.HTTPError:

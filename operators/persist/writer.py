@@ -20,12 +20,13 @@ seconds, then counted as not written ("tiled_unreachable"); a 4xx is counted at 
 ("rejected_by_tiled"). Appending rows is not idempotent, so before re-appending after an
 ambiguous failure the writer reads the table's "row" column and skips what already landed.
 
-Resume after a crash: on `start()` every result log left in the data directory is replayed:
-rows missing from Tiled are appended (vectors too), frames the log does not mark as written are
-counted as lost ("lost_in_crash": the image died with the process), and a run whose log has a
-`stop` record is closed. A run without one stays open and is continued if points for the same
-run_id arrive; otherwise it is closed with reason "interrupted" when another run starts or the
-writer stops.
+Resume after a crash: on start every result log left in the data directory is adopted at once
+(a run that continues gets the next row numbers) and, once Tiled answers and before anything
+published since, replayed into it: rows missing from Tiled are appended (vectors too), frames the
+log does not mark as written are counted as lost ("lost_in_crash": the image died with the
+process), and a run whose log has a `stop` record is closed. A run without one stays open and is
+continued if points for the same run_id arrive; otherwise it is closed with reason "interrupted"
+when another run starts or the writer stops.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import inspect
 import io
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -209,6 +211,7 @@ class TiledWriter:
         self._warn = ThrottledLog(logger)  # drops repeat per frame under overload; the counters stay exact
         self._closing = False
         self._busy = False
+        self._connected = asyncio.Event()
 
     # ---- publisher side: never blocks -------------------------------------------------------
 
@@ -302,11 +305,41 @@ class TiledWriter:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect (retrying while Tiled comes up), replay crash logs, start the write loop."""
+        """Start (see `start_soon`) and wait until connected and the crash logs are replayed."""
+        task = self.start_soon()
+        connected = asyncio.ensure_future(self._connected.wait())
+        await asyncio.wait([task, connected], return_when=asyncio.FIRST_COMPLETED)
+        connected.cancel()
+        if task.done():
+            task.result()  # connecting or replaying failed: raise that
+
+    def start_soon(self, tiled_ready: Awaitable[Any] | None = None) -> asyncio.Task[None]:
+        """Adopt the crash logs, then write in the background; publishing may begin at once.
+
+        The background task waits for `tiled_ready` (e.g. the embedded server coming up), connects
+        (retrying while Tiled comes up), replays the crash logs into Tiled, then writes what was
+        published meanwhile and after. It fails (and stays failed) when Tiled cannot be reached for
+        good; the caller watches the returned task.
+        """
+        recovered = self._log.recover()
+        for rec in recovered:
+            self._adopt(rec)
+        self._task = asyncio.create_task(self._serve(tiled_ready, recovered), name="tiled-writer")
+        return self._task
+
+    @property
+    def connected(self) -> bool:
+        """Connected to Tiled, crash logs replayed: writing."""
+        return self._connected.is_set()
+
+    async def _serve(self, tiled_ready: Awaitable[Any] | None, recovered: list[RecoveredRun]) -> None:
+        if tiled_ready is not None:
+            await tiled_ready
         await self._connect()
-        for rec in self._log.recover():
-            await self._recover(rec)
-        self._task = asyncio.create_task(self._loop(), name="tiled-writer")
+        for rec in recovered:
+            await self._replay(rec)
+        self._connected.set()
+        await self._loop()
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Write what is buffered (up to `drain_timeout`), close recovered-open runs, stop."""
@@ -758,18 +791,13 @@ class TiledWriter:
 
     # ---- crash recovery -------------------------------------------------------------------------
 
-    async def _recover(self, rec: RecoveredRun) -> None:
+    def _adopt(self, rec: RecoveredRun) -> None:
+        """Take over a logged run's state, before anything new is published (it may continue the run)."""
         st = self._run(rec.run_id)
         st.start = (
             {k: rec.start[k] for k in ("run_id", "run_name", "started_at", "metadata")} if rec.start else None
         )
-        await self._with_retry(f"recovery of run {rec.run_id}", self._ensure_run, rec.run_id)
-        rows = [
-            _Row(rec.run_id, int(p["row"]), int(p["index"]), {name: p[name] for name, _ in POINT_COLUMNS},
-                 np.frombuffer(p["latent"], dtype=np.float32), None, float(p["timestamp"]))
-            for p in rec.points
-        ]  # fmt: skip
-        st.next_row = max((r.row for r in rows), default=-1) + 1
+        st.next_row = max((int(p["row"]) for p in rec.points), default=-1) + 1
         lost = sum(
             1 for p in rec.points if p.get("stored_by_service") and int(p["index"]) not in rec.frames_ok
         )
@@ -779,6 +807,17 @@ class TiledWriter:
                 "run %s: %d frames died with the previous process before reaching Tiled", rec.run_id, lost
             )
         st.frames_written += len(rec.frames_ok)
+        st.recovered_open = rec.stop is None
+
+    async def _replay(self, rec: RecoveredRun) -> None:
+        """Bring Tiled up to date with an adopted run: its node, the rows it lacks, its close."""
+        st = self._run(rec.run_id)
+        await self._with_retry(f"recovery of run {rec.run_id}", self._ensure_run, rec.run_id)
+        rows = [
+            _Row(rec.run_id, int(p["row"]), int(p["index"]), {name: p[name] for name, _ in POINT_COLUMNS},
+                 np.frombuffer(p["latent"], dtype=np.float32), None, float(p["timestamp"]))
+            for p in rec.points
+        ]  # fmt: skip
         present = await asyncio.to_thread(self._rows_present, self._node(rec.run_id))
         missing = [r for r in rows if r.row not in present]
         st.rows_written += len(present)
@@ -791,8 +830,6 @@ class TiledWriter:
             stop = {k: rec.stop.get(k) for k in ("stopped_at", "num_frames", "processed", "reason")}
             if not await self._with_retry(f"close of run {rec.run_id}", self._close_run, rec.run_id, stop):
                 self._log.discard(rec.run_id)
-        else:
-            st.recovered_open = True
 
 
 def _consecutive(rows: list[_Row], key: Any) -> list[list[_Row]]:

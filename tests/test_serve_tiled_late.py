@@ -1,0 +1,68 @@
+"""The first point does not wait for Tiled: frames are taken as soon as the model is warm, and what was
+published while Tiled was not answering yet lands in it once it does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from service_support import WsClient, free_port, start_service, stop_service, until
+from tiled.client import from_uri
+
+from operators.persist.server import EmbeddedTiledServer
+from stream.simulate import simulate
+
+pytestmark = pytest.mark.e2e
+
+FRAMES = 8
+
+
+def _health(url: str) -> dict:
+    return httpx.get(f"{url}/api/health", timeout=5).json()
+
+
+def _run_in_tiled(url: str, key: str, run_id: str) -> tuple[int, tuple[int, ...]] | None:
+    """(rows in the run's points table, shape of its stored frames), or None while not all there."""
+    try:
+        run = from_uri(url, api_key=key)[run_id]
+        return len(run["latent"]["points"].read()), tuple(run["primary"]["image"].shape)
+    except Exception:  # noqa: BLE001 - not written yet
+        return None
+
+
+async def test_points_flow_while_tiled_is_not_up_yet_and_everything_lands_once_it_is(tmp_path: Path) -> None:
+    tiled_port, key = free_port(), "latetiledkey0123456789"
+    tiled_url = f"http://127.0.0.1:{tiled_port}"
+    service = start_service(tmp_path, extra_args=("--tiled", tiled_url, "--tiled-api-key", key))
+    tiled = EmbeddedTiledServer(tmp_path / "late-tiled", port=tiled_port, api_key=key)
+    try:
+        assert _health(service.http)["tiled_connected"] is False
+        async with WsClient(service.ws) as client:
+            report = await simulate(service.zmq, frames=FRAMES, rate=10.0, scenario="crystallization", seed=3)
+            await until(lambda: client.stopped(report.run_id), 60, "the run's points with no Tiled answering")
+            points = client.points(report.run_id)
+        assert [p["index"] for p in points] == list(range(FRAMES))
+        assert all(p["tiled_url"].startswith(f"{tiled_url}/api/v1/array/") for p in points)
+
+        await tiled.start()  # Tiled comes up only now, long after the scan
+        await until(lambda: _health(service.http)["tiled_connected"], 60, "the writer to connect")
+        landed = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            landed = await asyncio.to_thread(_run_in_tiled, tiled_url, key, report.run_id)
+            if landed is not None and landed[0] == FRAMES:
+                break
+            await asyncio.sleep(0.5)
+        assert landed is not None and landed[0] == FRAMES and landed[1][0] == FRAMES, landed
+        async with httpx.AsyncClient(headers={"Authorization": f"Apikey {key}"}, trust_env=False) as http:
+            r = await http.get(points[-1]["tiled_url"], headers={"Accept": "application/octet-stream"})
+        assert r.status_code == 200
+        assert np.frombuffer(r.content, np.int32).any()  # the frame itself, not a hole
+    finally:
+        rc, _ = stop_service(service)
+        await tiled.stop()
+    assert rc == 0, service.log_text()[-3000:]
