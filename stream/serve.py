@@ -80,7 +80,8 @@ class Service:
             for task in done:
                 if task is not stop and not task.cancelled() and task.exception() is not None:
                     failure = task.exception()
-                    log.error("%s failed; shutting down", task.get_name(), exc_info=failure)
+                    known = isinstance(failure, ServeError)  # says what to fix: no traceback
+                    log.error("%s failed; shutting down", task.get_name(), exc_info=None if known else failure)
                     failed = f"{task.get_name()} failed: {failure}"
         finally:
             await self._shutdown()
@@ -200,7 +201,14 @@ class Service:
         if server.api_key_generated:
             log.warning("embedded Tiled at %s: generated API key %s (kept in %s)",
                         endpoint.url, endpoint.api_key, s.data_dir)
-        return endpoint.url, endpoint.api_key, server.wait_ready()
+
+        async def ready() -> None:
+            try:
+                await server.wait_ready()
+            except TiledServerError as exc:
+                raise ServeError(str(exc)) from exc
+
+        return endpoint.url, endpoint.api_key, ready()
 
     async def _start_uvicorn(self, app: Any) -> asyncio.Task[Any]:
         import uvicorn

@@ -66,3 +66,16 @@ async def test_points_flow_while_tiled_is_not_up_yet_and_everything_lands_once_i
         rc, _ = stop_service(service)
         await tiled.stop()
     assert rc == 0, service.log_text()[-3000:]
+
+
+def test_an_embedded_tiled_that_cannot_start_stops_the_service_with_its_error(tmp_path: Path) -> None:
+    # Tiled refuses an API key that is not alphanumeric and exits during its start-up
+    service = start_service(tmp_path, extra_args=("--tiled-api-key", "not-a-valid-key!"))
+    try:
+        rc = service.proc.wait(timeout=120)
+    finally:
+        stop_service(service)
+    log = service.log_text()
+    assert rc == 1, log[-3000:]
+    assert "embedded Tiled server exited with code" in log and "server.log" in log
+    assert "Traceback" not in log.split("failed; shutting down")[-1]  # one clear error at the end, no dump

@@ -355,10 +355,7 @@ class TiledWriter:
             await asyncio.sleep(0.05)
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait([self._task])  # a failure of the task is for its watcher (see start_soon)
             self._task = None
         for kind, item in self._ops:  # left in the result log: the next start replays the rows
             if kind == "row":
