@@ -44,7 +44,7 @@ async def demo(
     """Serve, stream the scans, keep serving until SIGINT/SIGTERM."""
     service = Service(settings)
     serving = asyncio.create_task(service.run(), name="service")
-    ready = asyncio.create_task(service.ready.wait())
+    ready = asyncio.create_task(service.wait_persisting())  # the demo's frames are stored by the service
     await asyncio.wait([serving, ready], return_when=asyncio.FIRST_COMPLETED)
     if serving.done():  # failed to start: surface its error
         ready.cancel()

@@ -58,6 +58,13 @@ class Service:
         self._cleanups: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
         self._writer: Any = None
 
+    async def wait_persisting(self) -> None:
+        """Until the service is ready and writing to Tiled: the embedded server is up ~10 s after the model
+        on 2 cores, and frames the service must store wait in a bounded buffer meanwhile (a scan started
+        at once would lose its first frames to it, counted as buffer_full)."""
+        await self.ready.wait()
+        await self._writer.wait_connected()
+
     def request_stop(self) -> None:
         self._stop.set()
 

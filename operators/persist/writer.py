@@ -332,6 +332,9 @@ class TiledWriter:
         """Connected to Tiled, crash logs replayed: writing."""
         return self._connected.is_set()
 
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
     async def _serve(self, tiled_ready: Awaitable[Any] | None, recovered: list[RecoveredRun]) -> None:
         if tiled_ready is not None:
             await tiled_ready
