@@ -60,11 +60,13 @@ def start_service(
     like: LiveService | None = None,
     log_name: str = "serve.log",
     extra_args: tuple[str, ...] = (),
+    wait_for_tiled: bool = True,
 ) -> LiveService:
     """Start `latent-stream serve` and wait for /api/health.
 
     `like`: a previous (stopped or killed) service whose ports, ZeroMQ address and data directory are reused.
     `extra_args`: more `serve` options (e.g. an external `--tiled`).
+    `wait_for_tiled`: also wait until it writes to Tiled (points flow earlier; frames it stores would wait).
     """
     if like is None:
         port, tiled_port, zmq = free_port(), free_port(), f"tcp://127.0.0.1:{free_port()}"
@@ -84,7 +86,8 @@ def start_service(
         if proc.poll() is not None:
             pytest.fail(f"serve exited with {proc.returncode} during start-up:\n{service.log_text()[-4000:]}")
         try:
-            if httpx.get(f"{service.http}/api/health", timeout=2).status_code == 200:
+            health = httpx.get(f"{service.http}/api/health", timeout=2)
+            if health.status_code == 200 and (health.json().get("tiled_connected") or not wait_for_tiled):
                 return service
         except httpx.HTTPError:
             pass

@@ -37,7 +37,9 @@ def _run_in_tiled(url: str, key: str, run_id: str) -> tuple[int, tuple[int, ...]
 async def test_points_flow_while_tiled_is_not_up_yet_and_everything_lands_once_it_is(tmp_path: Path) -> None:
     tiled_port, key = free_port(), "latetiledkey0123456789"
     tiled_url = f"http://127.0.0.1:{tiled_port}"
-    service = start_service(tmp_path, extra_args=("--tiled", tiled_url, "--tiled-api-key", key))
+    service = start_service(
+        tmp_path, extra_args=("--tiled", tiled_url, "--tiled-api-key", key), wait_for_tiled=False
+    )
     tiled = EmbeddedTiledServer(tmp_path / "late-tiled", port=tiled_port, api_key=key)
     try:
         assert _health(service.http)["tiled_connected"] is False
@@ -70,7 +72,7 @@ async def test_points_flow_while_tiled_is_not_up_yet_and_everything_lands_once_i
 
 def test_an_embedded_tiled_that_cannot_start_stops_the_service_with_its_error(tmp_path: Path) -> None:
     # Tiled refuses an API key that is not alphanumeric and exits during its start-up
-    service = start_service(tmp_path, extra_args=("--tiled-api-key", "not-a-valid-key!"))
+    service = start_service(tmp_path, extra_args=("--tiled-api-key", "not-a-valid-key!"), wait_for_tiled=False)
     try:
         rc = service.proc.wait(timeout=120)
     finally:

@@ -56,7 +56,8 @@ class Service:
             if self.proc.poll() is not None:
                 pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}api/health", timeout=2).status_code == 200:
+                health = httpx.get(f"{self.url}api/health", timeout=2)
+                if health.status_code == 200 and health.json().get("tiled_connected"):  # frames are stored
                     return
             except httpx.HTTPError:
                 pass
