@@ -24,13 +24,16 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq.asyncio
 from prometheus_client import CollectorRegistry
 
 from operators.metrics import PipelineMetrics
 from stream.config import ServeSettings
+
+if TYPE_CHECKING:
+    from operators.persist.writer import TiledWriter
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +59,24 @@ class Service:
         self.tiled_api_key: str | None = settings.tiled_api_key
         self._stop = asyncio.Event()
         self._cleanups: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
-        self._writer: Any = None
+        self._writer: TiledWriter | None = None
 
     async def wait_persisting(self) -> None:
         """Until the service is ready and writing to Tiled: the embedded server is up ~10 s after the model
         on 2 cores, and frames the service must store wait in a bounded buffer meanwhile (a scan started
         at once would lose its first frames to it, counted as buffer_full)."""
         await self.ready.wait()
+        assert self._writer is not None  # made before ready is set
         await self._writer.wait_connected()
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def run(self, *, handle_signals: bool = True) -> None:
-        """Start everything, serve until a stop is requested, then stop everything in reverse order."""
+        """Start everything, serve until a stop is requested, then stop everything in reverse order.
+
+        Raises ServeError when a part fails to start or fails while serving (after stopping the rest).
+        """
         loop = asyncio.get_running_loop()
         failed = ""
         if handle_signals:
@@ -192,8 +199,8 @@ class Service:
         log.info("model %s / %s ready", bundle.autoencoder_model, bundle.dimred_model)
         return bundle
 
-    async def _launch_tiled(self) -> tuple[str, str | None, Awaitable[Any] | None]:
-        """(url, api key, readiness to wait for before writing: None for an external Tiled)."""
+    async def _launch_tiled(self) -> tuple[str, str | None, Callable[[], Awaitable[None]] | None]:
+        """(url, api key, readiness to await before writing: None for an external Tiled)."""
         s = self.settings
         if not s.embedded_tiled:
             return s.tiled, s.tiled_api_key, None
@@ -215,7 +222,7 @@ class Service:
             except TiledServerError as exc:
                 raise ServeError(str(exc)) from exc
 
-        return endpoint.url, endpoint.api_key, ready()
+        return endpoint.url, endpoint.api_key, ready
 
     async def _start_uvicorn(self, app: Any) -> asyncio.Task[Any]:
         import uvicorn

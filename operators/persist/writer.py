@@ -38,7 +38,7 @@ import inspect
 import io
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -313,10 +313,10 @@ class TiledWriter:
         if task.done():
             task.result()  # connecting or replaying failed: raise that
 
-    def start_soon(self, tiled_ready: Awaitable[Any] | None = None) -> asyncio.Task[None]:
+    def start_soon(self, tiled_ready: Callable[[], Awaitable[object]] | None = None) -> asyncio.Task[None]:
         """Adopt the crash logs, then write in the background; publishing may begin at once.
 
-        The background task waits for `tiled_ready` (e.g. the embedded server coming up), connects
+        The background task awaits `tiled_ready()` (e.g. the embedded server coming up), connects
         (retrying while Tiled comes up), replays the crash logs into Tiled, then writes what was
         published meanwhile and after. It fails (and stays failed) when Tiled cannot be reached for
         good; the caller watches the returned task.
@@ -335,9 +335,9 @@ class TiledWriter:
     async def wait_connected(self) -> None:
         await self._connected.wait()
 
-    async def _serve(self, tiled_ready: Awaitable[Any] | None, recovered: list[RecoveredRun]) -> None:
+    async def _serve(self, tiled_ready: Callable[[], Awaitable[object]] | None, recovered: list[RecoveredRun]) -> None:
         if tiled_ready is not None:
-            await tiled_ready
+            await tiled_ready()
         await self._connect()
         for rec in recovered:
             await self._replay(rec)
