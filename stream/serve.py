@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -134,10 +135,12 @@ class Service:
         )
 
         # -- persistence (publisher): frames that came without a tiled_url, points, latents ------------
+        from operators.persist.metrics import WriterCollector
         from operators.persist.writer import TiledWriter
 
         writer = self._writer = TiledWriter(self.tiled_url, self.tiled_api_key, data_dir=s.data_dir)
         writer_task = writer.start_soon(tiled_ready)
+        self.registry.register(WriterCollector(writer))
         self._on_stop("tiled writer", lambda: writer.stop(drain_timeout=_WRITER_DRAIN_S))
 
         # -- the bridge (publisher + app) ------------------------------------------------------------
@@ -263,9 +266,11 @@ class Service:
         await pipeline.close()
 
     def _health(self) -> dict[str, Any]:
+        writer = self._writer
         return {"ingest": self.metrics.snapshot(), "zmq": self.settings.zmq,
                 "zmq_pattern": self.settings.zmq_pattern, "tiled": self.tiled_url,
-                "tiled_connected": self._writer is not None and self._writer.connected}
+                "tiled_connected": writer is not None and writer.connected,
+                "persist": dataclasses.asdict(writer.stats()) if writer is not None else None}
 
 
 async def _all_or_nothing(*steps: Awaitable[Any]) -> list[Any]:

@@ -25,6 +25,10 @@ def _health(url: str) -> dict:
     return httpx.get(f"{url}/api/health", timeout=5).json()
 
 
+def _metrics(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=5).text
+
+
 def _run_in_tiled(url: str, key: str, run_id: str) -> tuple[int, tuple[int, ...]] | None:
     """(rows in the run's points table, shape of its stored frames), or None while not all there."""
     try:
@@ -60,6 +64,11 @@ async def test_points_flow_while_tiled_is_not_up_yet_and_everything_lands_once_i
                 break
             await asyncio.sleep(0.5)
         assert landed is not None and landed[0] == FRAMES and landed[1][0] == FRAMES, landed
+        persist = _health(service.http)["persist"]
+        assert (persist["frames_written"], persist["rows_written"]) == (FRAMES, FRAMES)
+        assert persist["frames_not_written"] == {} and persist["rows_not_written"] == {}
+        metrics = _metrics(service.http)
+        assert f"latent_stream_persist_frames_written_total {float(FRAMES)}" in metrics
         async with httpx.AsyncClient(headers={"Authorization": f"Apikey {key}"}, trust_env=False) as http:
             r = await http.get(points[-1]["tiled_url"], headers={"Accept": "application/octet-stream"})
         assert r.status_code == 200
