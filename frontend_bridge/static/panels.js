@@ -279,6 +279,16 @@ export class HealthPanel {
       node.title = countTitle({ ...counts[key].bridge, ...counts[key].pipeline });
       node.classList.toggle('bad', total > 0);
     }
+    // `latent-stream serve` also reports its Tiled writer: frames it had to store that did not get there.
+    const persist = h.persist;
+    this.root.querySelector('[data-field="persist"]').hidden = !persist;
+    if (persist) {
+      const node = this.root.querySelector('[data-field="not-stored"]');
+      const total = sumCounts(persist.frames_not_written || {});
+      node.textContent = total.toLocaleString();
+      node.title = h.tiled_connected ? countTitle(persist.frames_not_written || {}) : 'Tiled is not answering yet';
+      node.classList.toggle('bad', total > 0);
+    }
   }
 }
 

@@ -76,6 +76,7 @@ def test_streamed_scan_shows_every_point_with_clusters_and_health(
         timeout=WAIT_MS,
     )
     assert "21.0 ms" in page.get_by_test_id("health").inner_text()
+    assert page.locator("[data-testid=health] [data-field=persist]").is_hidden()  # a bridge that stores nothing
     assert page.evaluate("() => window.latentStream.duplicatesDropped()") == 0
     screenshot(page, "live_scan_300_points")
     page_probe.check_clean()

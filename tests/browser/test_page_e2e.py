@@ -112,6 +112,10 @@ def test_simulated_run_of_300_frames_on_the_page_then_a_restart(
     finish(service.simulate("page-e2e-a", 300, rate=6))
     page.wait_for_function("() => window.latentStream.pointCount() === 300", timeout=WAIT_MS)
     assert page.evaluate("() => window.latentStream.runId()") == "page-e2e-a"
+    # the service's own health: every frame it had to store got to Tiled so far
+    not_stored = page.locator("[data-testid=health] [data-field=not-stored]")
+    not_stored.wait_for(state="visible", timeout=WAIT_MS)
+    assert not_stored.inner_text() == "0"
     screenshot(page, "e2e_300_points")
 
     # a click on a frame's point shows that frame, read back from the embedded Tiled server
