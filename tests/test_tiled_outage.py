@@ -11,7 +11,7 @@ from tiled.client import from_uri
 from tiled_support import make_point, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
-from operators.persist.server import EmbeddedTiledServer
+from operators.persist.server import EmbeddedTiledServer, free_port
 from operators.persist.writer import TiledWriter
 
 tiled_server = tiled_server_fixture()
@@ -75,3 +75,27 @@ async def test_tiled_down_for_ten_seconds_loses_no_frame_and_no_row(
     assert sorted(table["index"]) == list(range(len(points)))  # each row exactly once
     assert run["latent"]["vectors"].shape == (len(points), 512)
     assert run.metadata["status"] == "closed"
+
+
+async def test_a_tiled_that_comes_up_long_after_the_writer_started_still_gets_everything(tmp_path) -> None:
+    # The service must not give up on a Tiled that is down when it starts: it keeps the live path going.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    writer = TiledWriter(url, "latekey0123", data_dir=tmp_path / "writer", give_up_after=1.0)
+    task = writer.start_soon()
+    rng = np.random.default_rng(3)
+    await writer.publish(RunStarted("run-late", "late", time.time()))
+    for i in range(5):
+        await writer.publish(make_point(url, "run-late", i, rng)[0])
+    await asyncio.sleep(3.0)  # three times give_up_after, Tiled still down
+    assert not task.done() and not writer.connected
+    tiled = EmbeddedTiledServer(tmp_path / "tiled", port=port, api_key="latekey0123")
+    try:
+        await tiled.start()
+        assert await writer.flush(timeout=120)
+        stats = writer.stats()
+        assert (stats.frames_written, stats.rows_written) == (5, 5)
+        assert stats.frames_not_written == {} and stats.rows_not_written == {}
+    finally:
+        await writer.stop()
+        await tiled.stop()

@@ -317,9 +317,9 @@ class TiledWriter:
         """Adopt the crash logs, then write in the background; publishing may begin at once.
 
         The background task awaits `tiled_ready()` (e.g. the embedded server coming up), connects
-        (retrying while Tiled comes up), replays the crash logs into Tiled, then writes what was
-        published meanwhile and after. It fails (and stays failed) when Tiled cannot be reached for
-        good; the caller watches the returned task.
+        (retrying for as long as Tiled is unreachable), replays the crash logs into Tiled, then writes
+        what was published meanwhile and after. It fails when `tiled_ready()` raises or Tiled refuses
+        the writer (e.g. a wrong API key); the caller watches the returned task.
         """
         recovered = self._log.recover()
         for rec in recovered:
@@ -433,8 +433,9 @@ class TiledWriter:
     async def _connect(self) -> None:
         from tiled.client import from_uri
 
+        # No give_up_after here: the live path runs without Tiled (points flow, rows wait in memory and in
+        # the result logs), so an unreachable Tiled is waited for; one that refuses us (bad key) is fatal.
         delay = 0.2
-        t0 = time.monotonic()
         while True:
             try:
                 self._client = await asyncio.to_thread(
@@ -443,9 +444,9 @@ class TiledWriter:
                 break
             except Exception as exc:
                 err = _translate(exc)
-                if isinstance(err, TiledRejected) or time.monotonic() - t0 > self.give_up_after:
+                if isinstance(err, TiledRejected):
                     raise err from exc
-                logger.warning("Tiled at %s not reachable yet (%s); retrying", self.base_url, err)
+                self._warn.warning("connect", "Tiled at %s not reachable yet (%s); retrying", self.base_url, err)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         # Frames, vectors and table rows go as plain async PATCHes on one kept-alive connection: the
