@@ -1,5 +1,6 @@
 """The first point does not wait for Tiled: frames are taken as soon as the model is warm, and what was
-published while Tiled was not answering yet lands in it once it does."""
+published while Tiled was not answering yet lands in it once it does. An embedded Tiled that cannot start
+stops the service with one clear error."""
 
 from __future__ import annotations
 
