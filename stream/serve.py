@@ -6,7 +6,8 @@ One explicit lifecycle (`Service.run`):
          concurrently -> Tiled writer -> websocket hub + FastAPI app on uvicorn -> pipeline -> ZeroMQ ingest.
          Frames are taken as soon as the model is warm: the embedded Tiled server finishes starting in
          the background (~10 s on 2 cores) while the writer holds what is published meanwhile, so the
-         first point does not wait for it. A Tiled that never comes up stops the service with its error.
+         first point does not wait for it. An unreachable Tiled is waited for; an embedded one that cannot
+         start, or a Tiled that refuses the writer (wrong API key), stops the service with its error.
   stop (SIGINT / SIGTERM / `Service.request_stop`), in reverse:
          ingest (socket closed) -> pipeline drains for ``drain_timeout`` then is cancelled; what is left
          is counted as dropped{shutdown} and the open run is closed (reason "shutdown")
