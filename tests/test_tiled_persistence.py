@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -216,3 +217,44 @@ def test_the_embedded_server_yields_the_cpu_to_the_live_path_once_it_is_up(tiled
     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     assert len(tids) > 1  # uvicorn's loop plus worker threads: every one of them
     assert all(os.getpriority(os.PRIO_PROCESS, t) >= SERVER_NICENESS for t in tids)
+
+
+async def test_frames_arriving_at_a_steady_rate_share_requests_and_each_lag_is_on_metrics(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from operators.persist.metrics import WriterCollector
+
+    ep = tiled_server.endpoint
+    assert ep is not None
+    rng = np.random.default_rng(2)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, frames_linger=0.3)
+    registry = CollectorRegistry()
+    registry.register(WriterCollector(writer))
+    await writer.start()
+    run_id = "run-linger"
+    await writer.publish(RunStarted(run_id, "steady scan", time.time()))
+    n, rate_hz = 16, 20.0
+    for index in range(n):  # a detector's pace: each frame alone would be written before the next came
+        await writer.publish(make_point(ep.url, run_id, index, rng)[0])
+        await asyncio.sleep(1 / rate_hz)
+    assert await writer.flush(timeout=60)
+    stats = writer.stats()
+    await writer.stop()
+
+    assert stats.frames_written == n and stats.frames_not_written == {}
+    # 0.3 s of frames at 20 Hz is ~6 to a request; one per frame would be 16
+    assert stats.frame_requests <= n // 3
+    hist = {
+        s.labels["le"]: s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        if family.name == "latent_stream_persist_frame_lag_seconds"
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    }
+    assert hist["+Inf"] == n
+    assert hist["0.1"] < n  # frames waited to share a request...
+    assert hist["2.0"] == n  # ...but every one was fetchable well within the embedded mode's 2 s

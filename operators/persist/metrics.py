@@ -8,20 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from operators.persist.writer import TiledWriter
 
 
 class WriterCollector(Collector):
-    """`latent_stream_persist_*`: frames and rows written / not written {reason}, buffer, lag, connection."""
+    """`latent_stream_persist_*`: frames and rows written / not written {reason}, buffer, frame lag, connection."""
 
     def __init__(self, writer: TiledWriter, namespace: str = "latent_stream") -> None:
         self.writer = writer
         self.prefix = f"{namespace}_persist"
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         s, p = self.writer.stats(), self.prefix
         yield CounterMetricFamily(f"{p}_frames_written", "Frames the service stored in Tiled", value=s.frames_written)
         yield CounterMetricFamily(f"{p}_frame_requests", "Requests that wrote those frames", value=s.frame_requests)
@@ -38,9 +38,8 @@ class WriterCollector(Collector):
         yield GaugeMetricFamily(f"{p}_buffered_bytes", "Frame bytes waiting to be written", value=s.buffered_bytes)
         yield GaugeMetricFamily(f"{p}_buffered_rows", "Point rows waiting to be written", value=s.buffered_rows)
         yield GaugeMetricFamily(f"{p}_connected", "1 once writing to Tiled", value=float(self.writer.connected))
-        lag = GaugeMetricFamily(f"{p}_lag_seconds", "Point sent -> its frame fetchable from Tiled",
-                                labels=["quantile"])  # fmt: skip
-        for quantile, value in (("0.5", s.lag_p50_s), ("0.95", s.lag_p95_s), ("1", s.lag_max_s)):
-            if value is not None:
-                lag.add_metric([quantile], value)
-        yield lag
+        yield HistogramMetricFamily(
+            f"{p}_frame_lag_seconds", "Point sent -> its frame fetchable from Tiled",
+            buckets=[*s.lag_within.items(), ("+Inf", s.lag_count)],
+            sum_value=s.lag_sum_s,
+        )  # fmt: skip

@@ -1,10 +1,13 @@
 """Persist frames and results to Tiled as they happen, off the per-frame path.
 
 `TiledWriter` is a publisher (`async publish(message)`): `publish` only logs the point to the
-run's result log (see wal.py) and enqueues it; one background task writes to Tiled, each frame
-as soon as it can (in order; frames that queued up behind a slow write go together, one PATCH per
-run of consecutive indices up to `max_patch_bytes`) and the rows in batches (up to `max_batch`
-rows or `rows_interval` seconds, after their frames):
+run's result log (see wal.py) and enqueues it; one background task writes to Tiled, the frames in
+order, a few per request (one PATCH per run of consecutive indices, up to `max_patch_bytes`; a frame
+waits up to `frames_linger` seconds for others to join it), and the rows in batches (up to
+`max_batch` rows or `rows_interval` seconds, after their frames). Why frames wait: Tiled spends
+~30 ms of CPU per request on top of its per-byte cost, so at 10 Hz one PATCH per frame costs the
+embedded server ~20% more CPU than one per 0.3 s (benchmarks/persist.py), on a machine whose cores
+the live path needs too; 0.3 s is small against the 2 s in which a frame must be fetchable.
 
   /<run_id>                  container, start metadata; "status" open -> closed
   /<run_id>/primary/image    (N, H, W) frames that came without a tiled_url, one chunk per frame,
@@ -32,7 +35,9 @@ when another run starts or the writer stops.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import contextlib
 import importlib
 import inspect
 import io
@@ -52,6 +57,9 @@ from operators.persist.wal import RecoveredRun, ResultLog
 from operators.throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
+
+# Bounds (s) of the frame lag histogram; 2 s is the embedded mode's "fetchable within" target.
+LAG_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 APACHE_ARROW_FILE = "application/vnd.apache.arrow.file"
 
@@ -161,9 +169,14 @@ class WriterStats:
     retries: int = 0
     buffered_rows: int = 0
     buffered_bytes: int = 0
-    lag_p50_s: float | None = None  # point sent -> its frame fetchable from Tiled
+    lag_p50_s: float | None = None  # point sent -> its frame fetchable from Tiled (the last 10,000 frames)
     lag_p95_s: float | None = None
     lag_max_s: float | None = None
+    # The same lag over every frame written, as a histogram: frames fetchable within each bound of
+    # LAG_BUCKETS_S (cumulative, Prometheus style; keyed "0.1", "0.25", ... for JSON), their count and sum.
+    lag_within: dict[str, int] = field(default_factory=dict)
+    lag_count: int = 0
+    lag_sum_s: float = 0.0
 
 
 class TiledWriter:
@@ -180,6 +193,7 @@ class TiledWriter:
         max_batch: int = 16,
         max_patch_bytes: int = 64 * 2**20,
         rows_interval: float = 1.0,
+        frames_linger: float = 0.3,
         give_up_after: float = 300.0,
         request_timeout: float = 30.0,
     ) -> None:
@@ -190,6 +204,7 @@ class TiledWriter:
         self.max_batch = max_batch
         self.max_patch_bytes = max_patch_bytes
         self.rows_interval = rows_interval
+        self.frames_linger = frames_linger
         self.give_up_after = give_up_after
         self.request_timeout = request_timeout
         self._log = ResultLog(Path(data_dir) / "results-log")
@@ -206,6 +221,9 @@ class TiledWriter:
         self._http: httpx.AsyncClient | None = None  # frames, vectors and rows (see _connect)
         self._flushing = 0  # flush() callers waiting: write rows now rather than batch them
         self._lags: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._lag_within = [0] * len(LAG_BUCKETS_S)  # frames written within each bound, cumulative
+        self._lag_count = 0
+        self._lag_sum = 0.0
         self._retries = 0
         self._frame_requests = 0
         self._warn = ThrottledLog(logger)  # drops repeat per frame under overload; the counters stay exact
@@ -414,6 +432,9 @@ class TiledWriter:
             lag_p50_s=float(np.percentile(lags, 50)) if lags is not None else None,
             lag_p95_s=float(np.percentile(lags, 95)) if lags is not None else None,
             lag_max_s=float(lags.max()) if lags is not None else None,
+            lag_within={repr(le): n for le, n in zip(LAG_BUCKETS_S, self._lag_within, strict=True)},
+            lag_count=self._lag_count,
+            lag_sum_s=self._lag_sum,
         )
 
     def run_counts(self, run_id: str) -> dict[str, Any]:
@@ -484,23 +505,21 @@ class TiledWriter:
                 if len(batch) >= self.max_batch:
                     break
                 batch.append(it)
-            # Frames go out as they come (each is fetchable as soon as its PATCH returns); rows wait
-            # to be written in batches (one vectors PATCH + one table append), frames first so that
-            # a visible row's tiled_url resolves.
+            # Frames wait up to `frames_linger` to share a PATCH (each is fetchable once its PATCH
+            # returns); rows wait up to `rows_interval` to be written in batches (one vectors PATCH
+            # + one table append), after their frames so that a visible row's tiled_url resolves.
             self._wake.clear()
+            now = time.monotonic()
+            hurry = boundary or len(batch) >= self.max_batch or self._closing or self._flushing > 0
+            waiting = [r for r in batch if r.image is not None]
+            if waiting and not hurry and not self._frames_due(waiting, now):
+                await self._sleep_until_woken(waiting[0].queued_at + self.frames_linger - now)
+                return
             await self._write_frames(batch)
-            due = (
-                boundary or len(batch) >= self.max_batch or self._closing or self._flushing > 0
-                or time.monotonic() - batch[0].queued_at >= self.rows_interval
-            )  # fmt: skip
-            if not due:
+            if not (hurry or time.monotonic() - batch[0].queued_at >= self.rows_interval):
                 if len(self._ops) > len(batch) or any(r.image is not None for r in batch):
                     return  # more arrived while the frames were written
-                timeout = self.rows_interval - (time.monotonic() - batch[0].queued_at)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), max(timeout, 0.0))
-                except TimeoutError:
-                    pass
+                await self._sleep_until_woken(batch[0].queued_at + self.rows_interval - time.monotonic())
                 return
             await self._write_batch(batch)
             for _ in batch:
@@ -516,6 +535,18 @@ class TiledWriter:
                 k == "row" and it.run_id == run_id for k, it in self._ops
             ):  # everything of this run is in Tiled
                 self._log.discard(run_id)
+
+    def _frames_due(self, waiting: list[_Row], now: float) -> bool:
+        """Write now: the oldest waiting frame has lingered long enough, or a full PATCH is waiting."""
+        return (
+            now - waiting[0].queued_at >= self.frames_linger
+            or sum(r.image.nbytes for r in waiting if r.image is not None) >= self.max_patch_bytes
+        )
+
+    async def _sleep_until_woken(self, timeout: float) -> None:
+        """Until publish() brings something new, or `timeout` s pass."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(timeout, 0.0))
 
     async def _with_retry(self, what: str, fn: Any, *args: Any) -> str | None:
         """Run `fn(*args, attempt)` (a coroutine function on the loop, else in a worker thread),
@@ -587,9 +618,16 @@ class TiledWriter:
             self._frame_requests += 1
             now = time.time()
             for r, _ in group:
-                self._lags.append(now - r.published_at)
+                self._record_lag(now - r.published_at)
                 st.frames_written += 1
                 self._log.append(run_id, {"t": "frame_ok", "run_id": run_id, "index": r.index})
+
+    def _record_lag(self, lag: float) -> None:
+        self._lags.append(lag)
+        self._lag_count += 1
+        self._lag_sum += lag
+        for i in range(bisect.bisect_left(LAG_BUCKETS_S, lag), len(LAG_BUCKETS_S)):
+            self._lag_within[i] += 1
 
     def _next_patch(self, batch: list[_Row], st: _RunState) -> list[tuple[_Row, np.ndarray]]:
         """Take the next frames to write out of the buffer: consecutive indices, up to `max_patch_bytes`.
