@@ -61,10 +61,13 @@ class E2ERun:
     latency: LatencyStats | None  # send -> point received over the websocket
     offered_fps: float | None = None  # frames per second the sender actually achieved
     peak_rss_mb: float | None = None
-    fetch_latency: LatencyStats | None = None  # embedded: point received -> frame fetchable from Tiled
-    fetch_ok: int = 0  # embedded: frames fetched (byte-identical) within the window
+    fetch_ok: int = 0  # embedded: sampled frames a client fetched (byte-identical) `fetch_window_s` after their point
     fetch_checked: int = 0
     fetch_window_s: float | None = None
+    fetch_late_s: list[float] = field(default_factory=list)  # embedded: when the frames that missed it did answer
+    # embedded: the writer's account of every frame of the run, point sent -> written (fetchable): frames
+    # within each histogram bound, cumulative; "+Inf" is all frames written
+    stored_within: dict[str, int] = field(default_factory=dict)
     service_dropped: dict[str, int] = field(default_factory=dict)  # the service's own counters, if exposed
     # The service's own account, from each point message: arrival -> point ready, and its encode / project
     # shares; e2e minus this is the wire, decode, websocket and client.
@@ -78,6 +81,13 @@ class E2ERun:
     @property
     def lost(self) -> int:
         return self.sent - self.received
+
+    @property
+    def stored_p50_at_most_s(self) -> float | None:
+        """The smallest histogram bound that half of the run's stored frames were written within."""
+        total = self.stored_within.get("+Inf", 0)
+        bounds = sorted((float(le), n) for le, n in self.stored_within.items() if le != "+Inf")
+        return next((le for le, n in bounds if total and n >= total / 2), None)
 
     @property
     def label(self) -> str:
@@ -96,10 +106,12 @@ class E2ERun:
             "offered_fps": self.offered_fps,
             "latency": self.latency.to_dict() if self.latency else None,
             "peak_rss_mb": self.peak_rss_mb,
-            "fetch_latency": self.fetch_latency.to_dict() if self.fetch_latency else None,
             "fetch_ok": self.fetch_ok,
             "fetch_checked": self.fetch_checked,
             "fetch_window_s": self.fetch_window_s,
+            "fetch_late_s": [round(s, 3) for s in self.fetch_late_s],
+            "stored_within": self.stored_within,
+            "stored_p50_at_most_s": self.stored_p50_at_most_s,
             "service_dropped": self.service_dropped,
             "service_time": self.service_time.to_dict() if self.service_time else None,
             "service_encode": self.service_encode.to_dict() if self.service_encode else None,
@@ -290,8 +302,12 @@ def markdown(result: BenchResult) -> str:
         fetch = "—"
         if run.fetch_checked:
             fetch = f"{run.fetch_ok}/{run.fetch_checked} within {run.fetch_window_s:g} s"
-            if run.fetch_latency:
-                fetch += f" (p50 {run.fetch_latency.p50_ms:.0f} ms)"
+            total = run.stored_within.get("+Inf", 0)
+            within = run.stored_within.get(repr(float(run.fetch_window_s or 0)))
+            if total and within is not None:
+                fetch += f"; all frames: {within}/{total} written within {run.fetch_window_s:g} s"
+                if (p50 := run.stored_p50_at_most_s) is not None:
+                    fetch += f", p50 <= {p50:g} s"
         lines.append(
             f"| {run.mode} | {'max' if run.rate_hz is None else f'{run.rate_hz:g} Hz'} | {run.sent} | {run.received} "
             f"| {run.lost} | {run.throughput_fps:.1f} | {_fmt(lat.p50_ms if lat else None)} "

@@ -16,7 +16,7 @@ import pytest
 import typer
 
 from benchmarks.cli import parse_rates
-from benchmarks.e2e import stage_means_ms
+from benchmarks.e2e import frame_lag_within, stage_means_ms
 from benchmarks.machine import machine_info
 from benchmarks.report import BenchResult, E2ERun, StageResult, markdown
 from benchmarks.stats import LatencyStats
@@ -54,6 +54,9 @@ def test_bench_runs_the_service_end_to_end_and_writes_json_markdown_and_plots(tm
     run = next(r for r in doc["e2e"] if r["mode"] == "facility" and r["rate_hz"] == 20)
     assert run["sent"] == 4 and run["received"] == 4 and doc["frames_lost"] == 0
     assert {r["mode"] for r in doc["e2e"]} == {"facility", "embedded"}
+    # Embedded mode: a client asked for every frame once, and the writer accounted for every frame stored.
+    stored = next(r for r in doc["e2e"] if r["mode"] == "embedded")
+    assert stored["fetch_checked"] == 4 and stored["stored_within"]["+Inf"] == 4
     assert isinstance(doc["e2e_p50_ms"], float) and doc["e2e_p50_ms"] > 0
     assert isinstance(doc["cold_start_s"], float) and doc["cold_start_s"] > 0
     # Every stage of the per-frame path was timed.
@@ -91,6 +94,28 @@ def test_stage_means_come_from_the_difference_of_two_metrics_scrapes() -> None:
         'latent_stream_stage_seconds_count{stage="cluster"} 0.0\n'
     )
     assert stage_means_ms(before, after) == pytest.approx({"encode": 5.0, "decode": 2.0})
+
+
+def test_frames_stored_within_each_lag_bound_come_from_the_writers_histogram_between_two_scrapes() -> None:
+    before = (
+        'latent_stream_persist_frame_lag_seconds_bucket{le="0.5"} 10.0\n'
+        'latent_stream_persist_frame_lag_seconds_bucket{le="2.0"} 12.0\n'
+        'latent_stream_persist_frame_lag_seconds_bucket{le="+Inf"} 12.0\n'
+    )
+    after = (
+        'latent_stream_persist_frame_lag_seconds_bucket{le="0.5"} 13.0\n'
+        'latent_stream_persist_frame_lag_seconds_bucket{le="2.0"} 20.0\n'
+        'latent_stream_persist_frame_lag_seconds_bucket{le="+Inf"} 22.0\n'
+    )
+    within = frame_lag_within(before, after)
+    assert within == {"0.5": 3, "2.0": 8, "+Inf": 10}
+    run = _run("embedded", 10.0, 10, 10, 0.03)
+    run.stored_within, run.fetch_window_s = within, 2.0
+    assert run.stored_p50_at_most_s == 2.0  # 3 of 10 within 0.5 s, 8 of 10 within 2 s
+    run.fetch_ok = run.fetch_checked = 2
+    result = BenchResult(machine=machine_info(), config={})
+    result.e2e = [run]
+    assert "2/2 within 2 s; all frames: 8/10 written within 2 s, p50 <= 2 s" in markdown(result)
 
 
 def _run(mode: str, rate: float | None, sent: int, received: int, p50_s: float) -> E2ERun:
