@@ -37,6 +37,7 @@ import orjson
 import psutil
 import websockets
 
+from benchmarks.fetch_probe import FetchProbe
 from benchmarks.report import E2ERun
 from benchmarks.stats import LatencyStats
 from stream.sender import FrameSender
@@ -381,73 +382,27 @@ class PointReceiver:
 
 
 class FrameFetcher:
-    """Fetches stored frames by the URI in their points, as a client would, to check "fetchable within the window".
+    """Embedded mode: a client asks for sampled frames (every `every`-th, up to `max_checks`) by the URI in
+    their points, `window_s` after the point arrived (see fetch_probe.py). The lag of every frame comes from
+    the writer's own histogram instead (`frame_lag_within`)."""
 
-    Each sampled frame (every `every`-th) is asked for once, `window_s` after its point arrived: a one-pixel
-    slice, then (untimed, afterwards) the whole frame, checked byte-identical. Only a frame that was not there
-    yet is polled on, every `interval_s` and one at a time, to measure how late it was. Not polling every
-    frame from its arrival is the point: each request costs the service's Tiled ~30 ms of CPU whatever its
-    size, so a harness that polls would slow the very writer it measures (the lag of every frame comes from
-    the writer's own histogram instead, see `frame_lag_within`).
-    """
-
-    def __init__(self, service: Service, window_s: float, max_checks: int, every: int = 1,
-                 interval_s: float = 0.5, give_up_s: float = 30.0) -> None:  # fmt: skip
-        self.window_s = window_s
-        self.give_up_s = max(give_up_s, window_s)
+    def __init__(self, service: Service, window_s: float, max_checks: int, every: int = 1) -> None:
         self.max_checks = max_checks
         self.every = max(1, every)
-        self.interval_s = interval_s
-        headers = {"Authorization": f"Apikey {service.cfg.api_key}", "Accept": "application/octet-stream"}
-        self._client = httpx.AsyncClient(timeout=10, headers=headers, trust_env=False)
-        self._late = asyncio.Lock()  # frames that missed the window are polled one at a time
-        self._tasks: list[asyncio.Task[None]] = []
-        self.on_time: set[int] = set()
-        self.late_s: dict[int, float] = {}  # frames that missed the window -> when they did answer
-        self.urls: dict[int, str] = {}
+        self.probe = FetchProbe(service.cfg.api_key, window_s)
 
     def on_point(self, key: tuple[str, int], msg: dict[str, Any], arrived: float) -> None:
         url = str(msg.get("tiled_url") or "")
-        if len(self.urls) >= self.max_checks or not url or key[1] % self.every:
+        if len(self.probe.urls) >= self.max_checks or not url or key[1] % self.every:
             return
-        self.urls[key[1]] = url
-        self._tasks.append(asyncio.create_task(self._check(key[1], url, arrived)))
-
-    @staticmethod
-    def _pixel_url(url: str) -> str:
-        # .../primary/image?slice=<i>  ->  ?slice=<i>,0:1,0:1 (one pixel of that frame)
-        return f"{url},0:1,0:1" if "slice=" in url else url
-
-    async def _answers(self, url: str) -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            return (await self._client.get(url)).status_code == 200
-        return False
-
-    async def _check(self, index: int, url: str, arrived: float) -> None:
-        probe = self._pixel_url(url)
-        await asyncio.sleep(max(0.0, arrived + self.window_s - time.perf_counter()))
-        if await self._answers(probe):
-            self.on_time.add(index)
-            return
-        async with self._late:
-            while time.perf_counter() - arrived <= self.give_up_s:
-                if await self._answers(probe):
-                    self.late_s[index] = time.perf_counter() - arrived
-                    return
-                await asyncio.sleep(self.interval_s)
+        self.probe.watch(key[1], url, arrived)
 
     async def finish(self, frames_by_index: dict[int, np.ndarray]) -> tuple[int, int]:
         """Wait for the checks; then fetch whole frames. Returns (fetchable in time and identical, checked)."""
-        await asyncio.gather(*self._tasks)
-        ok = 0
-        for index in sorted(self.on_time):
-            with contextlib.suppress(httpx.HTTPError):
-                r = await self._client.get(self.urls[index])
-                expected = frames_by_index.get(index)
-                if r.status_code == 200 and expected is not None and r.content == expected.tobytes():
-                    ok += 1
-        await self._client.aclose()
-        return ok, len(self.urls)
+        await self.probe.finish()
+        ok = await self.probe.identical({i: self.probe.urls[i] for i in self.probe.on_time}, frames_by_index)
+        await self.probe.aclose()
+        return ok, len(self.probe.urls)
 
 
 @dataclass(slots=True)
@@ -547,7 +502,7 @@ async def _one_run(
         receiver.on_point = None
         by_index = {i: frames[i % len(frames)] for i in range(n)}
         run.fetch_ok, run.fetch_checked = await fetcher.finish(by_index)
-        run.fetch_window_s, run.fetch_late_s = plan.fetch_window_s, sorted(fetcher.late_s.values())
+        run.fetch_window_s, run.fetch_late_s = plan.fetch_window_s, sorted(fetcher.probe.late_s.values())
         run.stored_within = frame_lag_within(metrics_before, service.metrics_text())
     log.info(
         "e2e %s: sent %d received %d p50 %s ms throughput %.1f fps",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
 import os
@@ -35,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import psutil
 
+from benchmarks.fetch_probe import FetchProbe
 from benchmarks.frames import synthetic_frames
 from benchmarks.stats import LatencyStats
 
@@ -129,56 +128,6 @@ def codec_floor(frame: np.ndarray, repeats: int = 8) -> dict[str, dict[str, floa
     return out
 
 
-class _Poller:
-    """Asks for a one-pixel slice of each watched frame once, `window_s` after its point; polls on only
-    for a frame that was not there yet (one at a time, every `interval_s`), to see how late it was.
-
-    Polling every frame from its point on would be load of its own: each request costs the server
-    ~30 ms of CPU, and two pollers every 0.1 s made the server spend more on them than on the writes.
-    """
-
-    def __init__(self, api_key: str, window_s: float, interval_s: float = 0.5, give_up_s: float = 60.0) -> None:
-        headers = {"Authorization": f"Apikey {api_key}", "Accept": "application/octet-stream"}
-        self._client = httpx.AsyncClient(timeout=10, headers=headers, trust_env=False)
-        self.window_s, self.interval_s, self.give_up_s = window_s, interval_s, give_up_s
-        self.on_time: set[int] = set()
-        self.late_lags: dict[int, float] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._late = asyncio.Lock()
-
-    def watch(self, index: int, url: str, published: float) -> None:
-        self._tasks.append(asyncio.create_task(self._check(index, f"{url},0:1,0:1", published)))
-
-    async def _answers(self, url: str) -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            return (await self._client.get(url)).status_code == 200
-        return False
-
-    async def _check(self, index: int, url: str, published: float) -> None:
-        await asyncio.sleep(max(0.0, published + self.window_s - time.perf_counter()))
-        if await self._answers(url):
-            self.on_time.add(index)
-            return
-        async with self._late:
-            while time.perf_counter() - published < self.give_up_s:
-                if await self._answers(url):
-                    self.late_lags[index] = time.perf_counter() - published
-                    return
-                await asyncio.sleep(self.interval_s)
-
-    async def finish(self) -> None:
-        await asyncio.gather(*self._tasks)
-
-    async def identical(self, urls: dict[int, str], frames: dict[int, np.ndarray]) -> int:
-        ok = 0
-        for index, url in urls.items():
-            with contextlib.suppress(httpx.HTTPError):
-                r = await self._client.get(url)
-                ok += int(r.status_code == 200 and r.content == frames[index].tobytes())
-        await self._client.aclose()
-        return ok
-
-
 def _point(base_url: str, run_id: str, index: int, image: np.ndarray, rng: np.random.Generator) -> Any:
     from operators.messages import Point, StageTimings
     from operators.persist.uris import frame_uri
@@ -209,7 +158,7 @@ async def run_rate(ep: Any, server_pid: int, data_dir: Path, frames: list[np.nda
     await writer.start()
     await writer.publish(RunStarted(run_id, "persist bench (rate)", time.time()))
     assert await writer.flush(30)
-    poller = _Poller(ep.api_key, window_s)
+    poller = FetchProbe(ep.api_key, window_s, give_up_s=60.0)
     load_before, cpu_s0, cpu_w0 = os.getloadavg(), _cpu(server), _cpu(me)
     urls: dict[int, str] = {}
     by_index: dict[int, np.ndarray] = {}
@@ -230,7 +179,8 @@ async def run_rate(ep: Any, server_pid: int, data_dir: Path, frames: list[np.nda
     lags = list(writer._lags)  # the writer's own view (unix s ack - point timestamp)
     await writer.stop()
     identical = await poller.identical(urls, by_index)
-    late = list(poller.late_lags.values())
+    await poller.aclose()
+    late = list(poller.late_s.values())
     return RateResult(
         rate_hz=rate_hz, frames=n, probed=len(range(0, n, probe_every)),
         fetchable=len(poller.on_time) + len(late), within_window=len(poller.on_time),
