@@ -8,10 +8,14 @@ import time
 
 import httpx
 import numpy as np
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from tiled.client import from_uri
 from tiled_support import make_point, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
+from operators.persist.metrics import WriterCollector
 from operators.persist.server import SERVER_NICENESS, EmbeddedTiledServer
 from operators.persist.writer import TiledWriter
 
@@ -222,12 +226,6 @@ def test_the_embedded_server_yields_the_cpu_to_the_live_path_once_it_is_up(tiled
 async def test_frames_arriving_at_a_steady_rate_share_requests_and_each_lag_is_on_metrics(
     tiled_server: EmbeddedTiledServer, tmp_path
 ) -> None:
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from operators.persist.metrics import WriterCollector
-
     ep = tiled_server.endpoint
     assert ep is not None
     rng = np.random.default_rng(2)
