@@ -9,7 +9,12 @@ For each scenario and seed (seeds that training never used), every frame goes pr
 - continuity: the largest 2-D jump between consecutive frames of one phase, divided by the typical
   between-phase distance (median distance between the phases' 2-D centroids); < 1 means no within-phase
   jump is as large as going to another phase;
-- new clusters announced (is_new) and the mean novelty.
+- new clusters announced (is_new) and the mean novelty;
+- boundary contrast, in the latent (the clustering's L2-normalised latent) and in the pixels (the preprocessed
+  frame, 8x8-pooled): for each phase boundary, the change across it divided by the larger change within the two
+  phases it separates (see `boundary_contrast`); the run's figure is the weakest boundary. Below 1 in the
+  pixels, a phase changes more within itself than at its boundary, which no online rule can cut cleanly;
+  latent over pixels says whether the encoder sharpens or blurs the boundary.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class RunResult:
     typical_between_phase_distance: float
     continuity_ratio: float
     mean_novelty: float
+    boundary_contrast_latent: float
+    boundary_contrast_pixels: float
     ms_per_frame: float
 
 
@@ -60,6 +67,31 @@ def continuity(xy: np.ndarray, phases: np.ndarray) -> tuple[float, float]:
     return max_jump, float(np.median(d))
 
 
+BOUNDARY_GAP = 3  # frames skipped on each side of a boundary (the generator cross-fades over 2-8 frames)
+BOUNDARY_WINDOW = 4  # frames averaged on each side, so one frame's counting noise does not decide it
+
+
+def boundary_contrast(x: np.ndarray, phases: np.ndarray) -> float:
+    """Weakest phase boundary of a run: min over boundaries of (distance between the mean of the
+    BOUNDARY_WINDOW frames before and after it, BOUNDARY_GAP frames away) / (the larger distance between the
+    first and last frames of the two phases it separates, same windows). nan for a run of one phase, or one
+    too short for the windows."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    starts = [0, *(int(i) for i in np.flatnonzero(phases[1:] != phases[:-1]) + 1), len(x)]
+    g, w = BOUNDARY_GAP, BOUNDARY_WINDOW
+    # each phase's first and last windows, kept BOUNDARY_GAP away from the boundaries it shares
+    firsts = [starts[k] + (g if k else 0) for k in range(len(starts) - 1)]
+    lasts = [starts[k + 1] - (g if k + 2 < len(starts) else 0) - w for k in range(len(starts) - 1)]
+    if len(firsts) < 2 or any(last < first for first, last in zip(firsts, lasts, strict=True)):
+        return float("nan")
+
+    def dist(a: int, b: int) -> float:
+        return float(np.linalg.norm(x[b:b + w].mean(0) - x[a:a + w].mean(0)))
+
+    within = [dist(f, last) for f, last in zip(firsts, lasts, strict=True)]
+    return min(dist(lasts[k - 1], firsts[k]) / max(within[k - 1], within[k], 1e-12) for k in range(1, len(firsts)))
+
+
 def evaluate_run(bundle: ModelBundle, scenario: str, seed: int, n_frames: int) -> RunResult:
     from sklearn.metrics import adjusted_rand_score
 
@@ -68,7 +100,8 @@ def evaluate_run(bundle: ModelBundle, scenario: str, seed: int, n_frames: int) -
     clusterer = bundle.new_clusterer()
     s = bundle.input_size
     buf = np.empty((1, 1, s, s), np.float32)
-    xy, ids, phases, nov = [], [], [], []
+    xy, ids, phases, nov, reduced, pooled = [], [], [], [], [], []
+    state = bundle.clustering_state
     new = 0
     t_compute = 0.0
     for fr in generate_scan(scenario, n_frames, seed=seed):
@@ -83,6 +116,8 @@ def evaluate_run(bundle: ModelBundle, scenario: str, seed: int, n_frames: int) -
         phases.append(fr.phase)
         nov.append(a.novelty)
         new += int(a.is_new)
+        reduced.append(state.reduce(z)[0])
+        pooled.append(buf[0, 0].reshape(s // 8, 8, s // 8, 8).mean((1, 3)))
     xy_a, ids_a, ph_a = np.asarray(xy), np.asarray(ids), np.asarray(phases)
     jump, between = continuity(xy_a, ph_a)
     return RunResult(
@@ -91,7 +126,10 @@ def evaluate_run(bundle: ModelBundle, scenario: str, seed: int, n_frames: int) -
         ari=float(adjusted_rand_score(ph_a, ids_a)), max_within_phase_jump=jump,
         typical_between_phase_distance=between,
         continuity_ratio=jump / between if between and np.isfinite(between) else float("nan"),
-        mean_novelty=float(np.mean(nov)), ms_per_frame=1000 * t_compute / max(1, n_frames),
+        mean_novelty=float(np.mean(nov)),
+        boundary_contrast_latent=boundary_contrast(np.asarray(reduced), ph_a),
+        boundary_contrast_pixels=boundary_contrast(np.asarray(pooled), ph_a),
+        ms_per_frame=1000 * t_compute / max(1, n_frames),
     )
 
 
@@ -102,8 +140,9 @@ def evaluate(bundle_path: str | Path | None = None, *, n_frames: int = 120,
     runs = [evaluate_run(bundle, sc, seed, n_frames) for sc in scenarios for seed in seeds]
     for r in runs:
         log.info("%s seed %d: ARI %.3f, continuity %.2f (jump %.2f / between %.2f), clusters %d (+%d new), "
-                 "pending %d", r.scenario, r.seed, r.ari, r.continuity_ratio, r.max_within_phase_jump,
-                 r.typical_between_phase_distance, r.clusters_used, r.new_clusters, r.pending_frames)
+                 "pending %d, boundary contrast %.2f latent / %.2f pixels", r.scenario, r.seed, r.ari, r.continuity_ratio, r.max_within_phase_jump,
+                 r.typical_between_phase_distance, r.clusters_used, r.new_clusters, r.pending_frames,
+                 r.boundary_contrast_latent, r.boundary_contrast_pixels)
     aris = [r.ari for r in runs]
     ratios = [r.continuity_ratio for r in runs if np.isfinite(r.continuity_ratio)]
     return {
