@@ -10,11 +10,12 @@ For each scenario and seed (seeds that training never used), every frame goes pr
   between-phase distance (median distance between the phases' 2-D centroids); < 1 means no within-phase
   jump is as large as going to another phase;
 - new clusters announced (is_new) and the mean novelty;
-- boundary contrast, in the latent (the clustering's L2-normalised latent) and in the pixels (the preprocessed
-  frame, 8x8-pooled): for each phase boundary, the change across it divided by the larger change within the two
-  phases it separates (see `boundary_contrast`); the run's figure is the weakest boundary. Below 1 in the
-  pixels, a phase changes more within itself than at its boundary, which no online rule can cut cleanly;
-  latent over pixels says whether the encoder sharpens or blurs the boundary.
+- boundary contrast, in the latent (the clustering's space: L2-normalised, then the bundle's PCA) and in
+  the pixels (the preprocessed frame, 8x8-pooled): for each phase boundary, the change across it divided by
+  the larger change within the two phases it separates (see `boundary_contrast`); the run's figure is its
+  weakest boundary. Below 1, a phase changes more within itself than at its boundary, so a distance-based
+  online rule cannot cut it cleanly in that space; latent over pixels says whether the encoder sharpens or
+  blurs the boundary.
 """
 
 from __future__ import annotations
