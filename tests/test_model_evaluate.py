@@ -1,4 +1,4 @@
-"""Evaluation figures: boundary contrast tells a sharp change of phase from one lost inside a phase's drift."""
+"""Evaluation figures: boundary contrast tells a sharp change of phase from one lost in a phase's drift."""
 
 from __future__ import annotations
 

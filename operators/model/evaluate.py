@@ -90,7 +90,8 @@ def boundary_contrast(x: np.ndarray, phases: np.ndarray) -> float:
         return float(np.linalg.norm(x[b:b + w].mean(0) - x[a:a + w].mean(0)))
 
     within = [dist(f, last) for f, last in zip(firsts, lasts, strict=True)]
-    return min(dist(lasts[k - 1], firsts[k]) / max(within[k - 1], within[k], 1e-12) for k in range(1, len(firsts)))
+    return min(
+        dist(lasts[k - 1], firsts[k]) / max(within[k - 1], within[k], 1e-12) for k in range(1, len(firsts)))
 
 
 def evaluate_run(bundle: ModelBundle, scenario: str, seed: int, n_frames: int) -> RunResult:
@@ -141,9 +142,10 @@ def evaluate(bundle_path: str | Path | None = None, *, n_frames: int = 120,
     runs = [evaluate_run(bundle, sc, seed, n_frames) for sc in scenarios for seed in seeds]
     for r in runs:
         log.info("%s seed %d: ARI %.3f, continuity %.2f (jump %.2f / between %.2f), clusters %d (+%d new), "
-                 "pending %d, boundary contrast %.2f latent / %.2f pixels", r.scenario, r.seed, r.ari, r.continuity_ratio, r.max_within_phase_jump,
-                 r.typical_between_phase_distance, r.clusters_used, r.new_clusters, r.pending_frames,
-                 r.boundary_contrast_latent, r.boundary_contrast_pixels)
+                 "pending %d, boundary contrast %.2f latent / %.2f pixels", r.scenario, r.seed, r.ari,
+                 r.continuity_ratio, r.max_within_phase_jump, r.typical_between_phase_distance,
+                 r.clusters_used, r.new_clusters, r.pending_frames, r.boundary_contrast_latent,
+                 r.boundary_contrast_pixels)
     aris = [r.ari for r in runs]
     ratios = [r.continuity_ratio for r in runs if np.isfinite(r.continuity_ratio)]
     return {
