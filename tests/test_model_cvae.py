@@ -14,6 +14,7 @@ from operators.model.cvae import (
     build,
     count_parameters,
     vae_loss,
+    view_contrast_loss,
 )
 
 
@@ -83,3 +84,12 @@ def test_onnx_and_torchscript_exports_match_pytorch(tmp_path) -> None:
     with torch.no_grad():
         ref = model.encode_mean(torch.from_numpy(x)).numpy()
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_view_contrast_loss_is_low_when_each_view_lies_closest_to_its_partner() -> None:
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(8, 32, generator=g)
+    near = torch.cat([mu, 3.0 * mu + 0.05 * torch.randn(8, 32, generator=g)])  # scale does not matter
+    swapped = torch.cat([mu, mu.roll(1, dims=0)])  # every view's nearest latent is another sample's
+    assert view_contrast_loss(near, 0.1) < 0.01
+    assert view_contrast_loss(swapped, 0.1) > 5.0

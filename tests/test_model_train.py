@@ -1,4 +1,5 @@
-"""Training: checkpoints carry everything needed to resume, and the model comes back from them."""
+"""Training: checkpoints carry everything needed to resume, the model comes back from them, and the
+contrastive term on paired views pulls the two views of a state together."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from operators.model.train import TrainSettings, load_model, train
+from operators.model.cvae import view_contrast_loss
+from operators.model.data import load_cache
+from operators.model.train import TrainSettings, load_model, parse_settings, train
 from operators.preprocess import PreprocessSpec
 
 
@@ -72,3 +75,51 @@ def test_fine_tuning_refuses_a_checkpoint_of_another_configuration(tiny_cache, t
     with pytest.raises(ValueError, match="different model configuration"):
         train(TrainSettings(data=str(tiny_cache), out=str(tmp_path / "tune"), config="lite", epochs=1,
                             batch_size=2, max_steps=1, threads=1, init_from=str(tmp_path / "other.pt")))
+
+
+@pytest.fixture()
+def tiny_pairs(tmp_path):
+    """8 states seen twice: smooth random patterns, the second view brighter or dimmer and noisier."""
+    stem = tmp_path / "pairs"
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 1, (8, 1, 16, 16)).repeat(32, axis=2).repeat(32, axis=3)
+    gain = rng.uniform(0.6, 1.0, (8, 1, 1, 1))
+    second = np.clip(base * gain + rng.normal(0, 0.05, base.shape), 0, 1)
+    np.save(stem.with_suffix(".npy"), np.rint(255 * np.concatenate([base, second], axis=1)).astype(np.uint8))
+    np.save(stem.with_suffix(".phases.npy"), np.arange(8, dtype=np.int64))
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"kind": "pairs", "scenario": "test", "seed": 1, "n_pairs": 8, "preprocessing": PreprocessSpec().to_dict()}))
+    return stem
+
+
+def _view_contrast(checkpoint, pairs_stem) -> float:
+    cache = load_cache(pairs_stem)
+    with torch.no_grad():
+        mu = load_model(checkpoint).encode_mean(torch.from_numpy(cache.batch(np.arange(len(cache)))))
+    return float(view_contrast_loss(mu, 0.1))
+
+
+def test_the_contrastive_term_pulls_the_two_views_of_each_state_together(tiny_pairs, tmp_path) -> None:
+    def run(name: str, weight: float):
+        s = TrainSettings(data=str(tiny_pairs), out=str(tmp_path / name), config="lite", epochs=3, batch_size=8,
+                          lr=1e-3, schedule="constant", threads=1, contrast_weight=weight)
+        return train(s)
+
+    plain, contrastive = run("plain", 0.0), run("contrastive", 1e5)
+    history = [json.loads(line) for line in (tmp_path / "contrastive" / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 6 and all("contrast" in h for h in history)  # 8 pairs, 4 a step, 3 epochs
+    assert {h["lr"] for h in history} == {1e-3}
+    assert _view_contrast(contrastive, tiny_pairs) < 0.5 * _view_contrast(plain, tiny_pairs)
+
+
+def test_the_contrastive_term_needs_a_cache_of_pairs(tiny_cache, tmp_path) -> None:
+    with pytest.raises(ValueError, match="training pairs"):
+        train(TrainSettings(data=str(tiny_cache), out=str(tmp_path / "run"), config="lite", batch_size=2,
+                            max_steps=1, threads=1, contrast_weight=1.0))
+
+
+def test_settings_travel_to_torchrun_workers_as_a_command_line() -> None:
+    s = TrainSettings(data="d", out="o", epochs=3, lr=2e-4, schedule="constant", beta=0.25, resume=True, amp=False,
+                      init_from="runs/a/last.pt", contrast_weight=4000.0, max_steps=7)
+    assert parse_settings(s.to_argv()) == s
+    assert parse_settings(TrainSettings(data="d", out="o").to_argv()) == TrainSettings(data="d", out="o")

@@ -19,6 +19,7 @@ from stream.synthetic import (
     ScanGeometry,
     Scene,
     generate_scan,
+    generate_training_pairs,
     phase_labels,
     q_map,
 )
@@ -289,6 +290,17 @@ def test_training_mode_samples_every_phase_of_every_scenario() -> None:
     assert {f.phase for f in frames} == set(range(len(spec.phases)))
     assert all(f.phase_name == spec.phases[f.phase] for f in frames)
     assert len({f.geometry.beam_center for f in frames}) > 10  # nuisance redrawn per frame
+
+
+def test_training_pairs_share_the_state_and_redraw_the_nuisance_per_view() -> None:
+    pairs = list(generate_training_pairs(12, seed=3, detector=SMALL))
+    assert all(a.phase == b.phase and a.phase_name == b.phase_name for a, b in pairs)
+    assert len({a.phase for a, _ in pairs}) > 3
+    assert all(a.geometry.flux != b.geometry.flux for a, b in pairs)
+    assert any(a.geometry.beam_center != b.geometry.beam_center for a, b in pairs)
+    again = list(generate_training_pairs(12, seed=3, detector=SMALL))
+    assert all(np.array_equal(a.image, c.image) and np.array_equal(b.image, d.image)
+               for (a, b), (c, d) in zip(pairs, again, strict=True))
 
 
 def _sector_profile(frame, q_lo: float, q_hi: float) -> np.ndarray:

@@ -25,40 +25,55 @@ def _logging() -> None:
 
 
 def train(
-    data: Annotated[Path, typer.Option(help="Preprocessed frame cache stem (see --render).")],
+    data: Annotated[Path, typer.Option(help="Preprocessed frame or pair cache stem (see --render, --render-pairs).")],
     out: Annotated[Path, typer.Option(help="Run directory for checkpoints and history.")] = Path("runs/cvae"),
     config: Annotated[str, typer.Option(help="Model configuration: lite | paper.")] = "lite",
     epochs: Annotated[int, typer.Option()] = 10,
-    batch_size: Annotated[int, typer.Option()] = 16,
+    batch_size: Annotated[int, typer.Option(help="Frames per step (both views of half as many pairs).")] = 16,
     lr: Annotated[float, typer.Option()] = 1e-3,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule: cosine | constant.")] = "cosine",
     beta: Annotated[float | None, typer.Option(help="KL weight (default: the config's 0.5).")] = None,
+    kl_warmup_steps: Annotated[int, typer.Option(help="Steps over which beta ramps up from 0.")] = 200,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this wall time.")] = None,
     max_steps: Annotated[int | None, typer.Option()] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
-    render: Annotated[int, typer.Option(help="First render this many synthetic training frames into DATA.")] = 0,
+    init_from: Annotated[Path | None, typer.Option(help="Fine-tune: start from this checkpoint's weights.")] = None,
+    contrast_weight: Annotated[float, typer.Option(
+        help="With a pair cache: weight of InfoNCE between the two views' latents (0: plain beta-VAE).")] = 0.0,
+    contrast_temperature: Annotated[float, typer.Option()] = 0.1,
+    render: Annotated[int, typer.Option(help="First render this many synthetic training frames into DATA "
+                                              "(seed SEED + 100).")] = 0,
+    render_pairs: Annotated[int, typer.Option(help="First render this many training pairs into DATA "
+                                                    "(seed SEED + 5).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     gpus: Annotated[int, typer.Option(help="Launch DDP with torchrun over this many local GPUs.")] = 0,
 ) -> None:
-    """Train the C-VAE (AMP on CUDA, DDP under torchrun, resumable checkpoints)."""
+    """Train or fine-tune the C-VAE (AMP on CUDA, DDP under torchrun, resumable checkpoints)."""
     _logging()
+    if render and render_pairs:
+        raise typer.BadParameter("DATA holds frames or pairs: give --render or --render-pairs, not both")
     if render:
         from operators.model.data import ensure_cache
 
         ensure_cache(data, scenario="training", n_frames=render, seed=seed + 100)
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m",
-               "operators.model.train", "--data", str(data), "--out", str(out), "--config", config,
-               "--epochs", str(epochs), "--batch-size", str(batch_size), "--lr", str(lr), "--seed", str(seed)]
-        if resume:
-            cmd.append("--resume")
-        raise typer.Exit(subprocess.call(cmd))
+    if render_pairs:
+        from operators.model.data import ensure_pair_cache
+
+        ensure_pair_cache(data, n_pairs=render_pairs, seed=seed + 5)
     from operators.model.train import TrainSettings
     from operators.model.train import train as run
 
-    ck = run(TrainSettings(data=str(data), out=str(out), config=config, epochs=epochs, batch_size=batch_size,
-                           lr=lr, beta=beta, max_minutes=max_minutes, max_steps=max_steps, resume=resume,
-                           seed=seed))
-    typer.echo(f"checkpoint: {ck}")
+    settings = TrainSettings(
+        data=str(data), out=str(out), config=config, epochs=epochs, batch_size=batch_size, lr=lr,
+        schedule=schedule, beta=beta, kl_warmup_steps=kl_warmup_steps, max_minutes=max_minutes,
+        max_steps=max_steps, resume=resume, init_from=str(init_from) if init_from else None,
+        contrast_weight=contrast_weight, contrast_temperature=contrast_temperature, seed=seed, threads=threads)
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m",
+               "operators.model.train", *settings.to_argv()]
+        raise typer.Exit(subprocess.call(cmd))
+    typer.echo(f"checkpoint: {run(settings)}")
 
 
 def export(

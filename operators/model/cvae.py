@@ -335,6 +335,20 @@ def vae_loss(
     return total.mean(), recon.mean(), kl.mean()
 
 
+def view_contrast_loss(mu: Tensor, temperature: float) -> Tensor:
+    """InfoNCE between two views of each sample: rows i and B + i of `mu` (2B, D) are one sample's views.
+
+    On the unit sphere (the clustering compares L2-normalised latents), each view must pick its partner
+    out of the other 2B - 2 latents of the batch. Training with it makes the latent invariant to what
+    differs between the views (feature amplitudes, flux, beam jitter, defects, noise) while the
+    reconstruction keeps everything the views share."""
+    n = mu.shape[0] // 2
+    z = F.normalize(mu, dim=1)
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=mu.device), -torch.inf)
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(mu.device)
+    return F.cross_entropy(sim, partner)
+
+
 def build(name_or_cfg: str | CVAEConfig) -> CVAE:
     cfg = get_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
     return CVAE(cfg)

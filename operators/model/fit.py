@@ -42,12 +42,14 @@ def load_reference(source: str | Path, n: int | None, seed: int, spec: Preproces
 
     source: a preprocessed cache stem (operators.model.data) or a .npy stack of raw frames (N, H, W).
     """
-    from operators.model.data import load_cache
+    from operators.model.data import FrameCache, load_cache
     from operators.preprocess import Preprocessor
 
     source = Path(source)
     if source.with_suffix(".json").is_file() and source.suffix != ".npy":
         cache = load_cache(source)
+        if not isinstance(cache, FrameCache):
+            raise ValueError(f"{source} is a cache of training pairs; reference frames come from a frame cache")
         if cache.meta["preprocessing"] != spec.to_dict():
             raise ValueError(f"{source}: cache was preprocessed with a different spec than the bundle's")
         idx = np.arange(len(cache))

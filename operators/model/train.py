@@ -7,6 +7,11 @@ Checkpoints (`last.pt`, every `--ckpt-every` steps and at each epoch end) hold t
 scheduler, scaler, epoch and step; `--resume` continues from `last.pt` in the output directory, on its
 original schedule. `--init-from CKPT` takes only the weights of another run and starts a fresh optimiser and
 cosine schedule: how a model trained part-way is annealed to a low learning rate.
+
+With a pair cache as `--data` (operators.model.data.build_pair_cache: two nuisance draws of each training
+state), `--contrast-weight W` adds W x InfoNCE between the two views' latent means to the beta-VAE loss
+(cvae.view_contrast_loss): the latent learns to ignore amplitude and flux drift. A batch of `--batch-size`
+frames then holds batch-size / 2 pairs, each view mirrored independently.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from operators.model.cvae import CVAE, CVAEConfig, build, count_parameters, get_config, vae_loss
+from operators.model.cvae import (
+    CVAE,
+    CVAEConfig,
+    build,
+    count_parameters,
+    get_config,
+    vae_loss,
+    view_contrast_loss,
+)
 from operators.model.data import load_cache
 
 log = logging.getLogger(__name__)
@@ -38,8 +51,9 @@ class TrainSettings:
     out: str
     config: str = "lite"
     epochs: int = 10
-    batch_size: int = 16
+    batch_size: int = 16  # frames per step (with a pair cache: both views of batch_size / 2 pairs)
     lr: float = 1e-3
+    schedule: str = "cosine"  # or "constant"
     weight_decay: float = 0.0
     beta: float | None = None  # default: the config's (0.5)
     kl_warmup_steps: int = 200  # beta ramps from 0 so the encoder learns structure before the prior bites
@@ -51,6 +65,22 @@ class TrainSettings:
     init_from: str | None = None  # fine-tune: start from this checkpoint's weights with a fresh optimiser and schedule
     threads: int | None = None
     amp: bool = True  # only on CUDA
+    contrast_weight: float = 0.0  # x InfoNCE between the views of a pair cache; 0 = plain beta-VAE
+    contrast_temperature: float = 0.1
+
+    def to_argv(self) -> list[str]:
+        """The command line of `python -m operators.model.train` that gives these settings (for torchrun)."""
+        argv: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default and f.name not in ("data", "out"):
+                continue
+            flag = f"--{f.name.replace('_', '-')}"
+            if isinstance(value, bool):
+                argv.append(flag if value else f"--no-{flag[2:]}")
+            else:
+                argv += [flag, str(value)]
+        return argv
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -100,16 +130,26 @@ def train(s: TrainSettings) -> Path:
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = load_cache(Path(s.data))
+    if s.contrast_weight > 0 and cache.views != 2:
+        raise ValueError(f"--contrast-weight needs a cache of training pairs; {s.data} holds single frames")
+    if s.batch_size % cache.views:
+        raise ValueError(f"batch size {s.batch_size} does not split into pairs of views")
+    if s.schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown schedule {s.schedule!r}; valid: cosine, constant")
+    per_batch = s.batch_size // cache.views  # cache items (frames or pairs) per step
     cfg = get_config(s.config)
     beta = cfg.beta if s.beta is None else s.beta
     model = build(cfg).to(device)
     use_amp = s.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    steps_per_epoch = max(1, len(cache) // (s.batch_size * world))
+    steps_per_epoch = max(1, len(cache) // (per_batch * world))
     schedule = s.epochs * steps_per_epoch  # the cosine schedule spans all epochs ...
     total = min(schedule, s.max_steps) if s.max_steps else schedule  # ... max_steps only stops early
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, schedule), eta_min=s.lr * 0.02)
+    if s.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, schedule), eta_min=s.lr * 0.02)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     epoch, step = 0, 0
     ck_path = out / CHECKPOINT
     if s.init_from and not (s.resume and ck_path.is_file()):
@@ -143,16 +183,19 @@ def train(s: TrainSettings) -> Path:
     while not done:
         rng = np.random.default_rng([s.seed, epoch])
         order = rng.permutation(len(cache))[rank::world]  # the distributed sampler: disjoint shards
-        start = (step % steps_per_epoch) * s.batch_size
-        for i in range(start, len(order) - s.batch_size + 1, s.batch_size):
-            x = torch.from_numpy(cache.batch(order[i : i + s.batch_size])).to(device, non_blocking=True)
-            if rng.uniform() < 0.5:
-                x = torch.flip(x, dims=(3,))  # left-right mirror: same physics, a cheap augmentation
+        start = (step % steps_per_epoch) * per_batch
+        for i in range(start, len(order) - per_batch + 1, per_batch):
+            x = torch.from_numpy(cache.batch(order[i : i + per_batch])).to(device, non_blocking=True)
+            # left-right mirror, each view on its own: same physics, a cheap augmentation
+            x = torch.cat([torch.flip(v, dims=(3,)) if rng.uniform() < 0.5 else v for v in x.chunk(cache.views)])
             b = beta * min(1.0, (step + 1) / max(1, s.kl_warmup_steps))
             net.train()
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 logits, mu, logvar = net(x)
             loss, recon, kl = vae_loss(logits.float(), x, mu.float(), logvar.float(), b)
+            contrast = view_contrast_loss(mu.float(), s.contrast_temperature) if cache.views == 2 else None
+            if contrast is not None and s.contrast_weight > 0:
+                loss = loss + s.contrast_weight * contrast
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -172,13 +215,15 @@ def train(s: TrainSettings) -> Path:
             if rank == 0:
                 rec = {"step": step, "epoch": epoch, "loss": loss_v, "recon": recon.item(),
                        "kl": kl.item(), "lr": sched.get_last_lr()[0]}
+                if contrast is not None:
+                    rec["contrast"] = contrast.item()
                 history.append(rec)
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{rec['loss']:.0f}", kl=f"{rec['kl']:.0f}")
                 if step % s.ckpt_every == 0:
                     save_checkpoint(ck_path, model, opt, sched, scaler, epoch, step, {"history_tail": history[-5:]})
-                    log.info("step %d epoch %d loss %.1f recon %.1f kl %.1f", step, epoch, rec["loss"],
-                             rec["recon"], rec["kl"])
+                    log.info("step %d epoch %d %s", step, epoch,
+                             " ".join(f"{k} {rec[k]:.4g}" for k in ("loss", "recon", "kl", "contrast") if k in rec))
             elapsed_min = (time.monotonic() - t0) / 60
             if step >= total or (s.max_minutes and elapsed_min >= s.max_minutes):
                 done = True
@@ -198,7 +243,7 @@ def train(s: TrainSettings) -> Path:
     return ck_path
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_settings(argv: list[str] | None = None) -> TrainSettings:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,16 +252,20 @@ def main(argv: list[str] | None = None) -> None:
         if f in ("data", "out"):
             p.add_argument(f"--{f}", required=True)
         elif default.type == "bool":
-            p.add_argument(f"--{f.replace('_', '-')}", action="store_true", default=default.default)
+            p.add_argument(f"--{f.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default.default)
         elif f in ("beta", "max_minutes"):
             p.add_argument(f"--{f.replace('_', '-')}", type=float, default=None)
         elif f in ("max_steps", "threads"):
             p.add_argument(f"--{f.replace('_', '-')}", type=int, default=None)
         else:
             p.add_argument(f"--{f.replace('_', '-')}", type=typ, default=default.default)
-    args = p.parse_args(argv)
+    return TrainSettings(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(TrainSettings(**vars(args)))
+    train(settings)
 
 
 if __name__ == "__main__":

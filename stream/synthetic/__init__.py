@@ -13,7 +13,7 @@ Imports nothing from the project except stream.detector.
 """
 
 from stream.synthetic._kernels import GAP_VALUE, SATURATION
-from stream.synthetic.generator import SyntheticFrame, generate_scan, phase_labels
+from stream.synthetic.generator import SyntheticFrame, generate_scan, generate_training_pairs, phase_labels
 from stream.synthetic.scenarios import SCENARIOS, ScenarioSpec
 from stream.synthetic.scene import (
     Arc,
@@ -44,6 +44,7 @@ __all__ = [
     "Spot",
     "SyntheticFrame",
     "generate_scan",
+    "generate_training_pairs",
     "phase_labels",
     "q_map",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -141,27 +141,86 @@ def _scene_at(
     return scene
 
 
+def generate_training_pairs(
+    n_pairs: int, *, seed: int = 0, detector: Detector = PILATUS3_2M
+) -> Iterator[tuple[SyntheticFrame, SyntheticFrame]]:
+    """Yield `n_pairs` pairs of training frames: one sample state seen under two nuisance draws.
+
+    The two views share the scenario, phase, progress, coexistence, feature positions, widths and
+    orientation; each has its own feature amplitudes, flux, beam-centre jitter, hot and dead pixels and
+    counting noise. Training the encoder to map both views to one latent (a contrastive term) teaches it
+    that amplitude drift is not a change of state, which is what separates a weak new feature (the
+    aggregate arch of film formation) from the fading of an old one. Phase ids are TRAINING_PHASES indices.
+    """
+    if n_pairs < 0:
+        raise ValueError(f"n_pairs must be >= 0, got {n_pairs}")
+    renderer = Renderer(detector)
+    names = SCENARIOS["training"].phases
+    for i in range(n_pairs):
+        rng = np.random.default_rng([seed, _PAIRS_STREAM, i])
+        gid = int(rng.integers(len(TRAINING_PHASES)))
+        state = _TrainingState.draw(rng, gid, Variation.draw(rng))
+        views = []
+        for view in (0, 1):
+            variation = state.variation.with_new_amps(rng)
+            geom = _training_geometry(rng, state.scenario, detector)
+            hot, dead = _defects(rng, detector)
+            scene = replace(state, variation=variation).scene(geom, detector)
+            image = renderer.render(scene, geom, seed=seed * 2 + view, index=i, hot=hot, dead=dead)
+            views.append(SyntheticFrame(image, i, gid, names[gid], 0.0, geom))
+        yield views[0], views[1]
+
+
+_PAIRS_STREAM = 4242  # random-stream id of training pairs, apart from every scenario's
+
+
+@dataclass(frozen=True)
+class _TrainingState:
+    """A random state of one phase of one scenario: what a training frame shows, before nuisance."""
+
+    scenario: _Scenario
+    phase: int
+    progress: float
+    variation: Variation
+    blend: tuple[int, float, float] | None  # coexistence: (other phase, its progress, its volume fraction)
+
+    @staticmethod
+    def draw(rng: np.random.Generator, gid: int, variation: Variation) -> _TrainingState:
+        name, phase = TRAINING_PHASES[gid]
+        sc = _SCENARIOS[name]
+        progress = float(rng.uniform())
+        n_phases = len(sc.spec.phases)
+        blend = None
+        if n_phases > 1 and rng.uniform() < 0.25:  # coexistence with a neighbour, still dominant
+            other = phase + 1 if phase == 0 or (phase + 1 < n_phases and rng.uniform() < 0.5) else phase - 1
+            blend = (other, 0.0 if other > phase else 1.0, float(rng.uniform(0.0, 0.45)))
+        return _TrainingState(sc, phase, progress, variation, blend)
+
+    def scene(self, geom: ScanGeometry, det: Detector) -> Scene:
+        scene = self.scenario.scene(self.phase, self.progress, self.variation, geom, det)
+        if self.blend is None:
+            return scene
+        other, p_other, w = self.blend
+        return Scene.blend(scene, self.scenario.scene(other, p_other, self.variation, geom, det), w)
+
+
+def _training_geometry(rng: np.random.Generator, sc: _Scenario, det: Detector) -> ScanGeometry:
+    jitter = tuple(int(j) for j in rng.integers(-BEAM_JITTER_PX, BEAM_JITTER_PX + 1, size=2))
+    flux = float(np.exp(rng.uniform(*np.log(TRAINING_FLUX_RANGE))))
+    return sc.spec.geometry.realise(det, jitter, flux)  # type: ignore[union-attr,arg-type]
+
+
 def _training_frames(renderer: Renderer, n: int, seed: int, period: float) -> Iterator[SyntheticFrame]:
     det = renderer.detector
     names = SCENARIOS["training"].phases
     for i in range(n):
         rng = np.random.default_rng([seed, scenario_id("training"), i])
         gid = int(rng.integers(len(TRAINING_PHASES)))
-        name, phase = TRAINING_PHASES[gid]
-        sc = _SCENARIOS[name]
-        jitter = tuple(int(j) for j in rng.integers(-BEAM_JITTER_PX, BEAM_JITTER_PX + 1, size=2))
-        flux = float(np.exp(rng.uniform(*np.log(TRAINING_FLUX_RANGE))))
-        geom = sc.spec.geometry.realise(det, jitter, flux)  # type: ignore[union-attr,arg-type]
-        v = Variation.draw(rng)
-        scene = sc.scene(phase, float(rng.uniform()), v, geom, det)
-        n_phases = len(sc.spec.phases)
-        if n_phases > 1 and rng.uniform() < 0.25:  # coexistence with a neighbour, still dominant
-            other = phase + 1 if phase == 0 or (phase + 1 < n_phases and rng.uniform() < 0.5) else phase - 1
-            p_other = 0.0 if other > phase else 1.0
-            w = float(rng.uniform(0.0, 0.45))
-            scene = Scene.blend(scene, sc.scene(other, p_other, v, geom, det), w)
+        sc = _SCENARIOS[TRAINING_PHASES[gid][0]]
+        geom = _training_geometry(rng, sc, det)
+        state = _TrainingState.draw(rng, gid, Variation.draw(rng))
         hot, dead = _defects(rng, det)
-        image = renderer.render(scene, geom, seed=seed, index=i, hot=hot, dead=dead)
+        image = renderer.render(state.scene(geom, det), geom, seed=seed, index=i, hot=hot, dead=dead)
         yield SyntheticFrame(image, i, gid, names[gid], i * period, geom)
 
 
@@ -182,8 +241,6 @@ def _defects(rng: np.random.Generator, det: Detector) -> tuple[tuple[np.ndarray,
 
 
 def _with_flux(g: ScanGeometry, flux: float) -> ScanGeometry:
-    from dataclasses import replace
-
     return replace(g, flux=flux)
 
 

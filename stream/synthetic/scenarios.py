@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -40,9 +40,17 @@ class Variation:
         return Variation(
             q_scale=float(rng.uniform(0.97, 1.03)),
             width_scale=float(rng.uniform(0.85, 1.15)),
-            amps=tuple(float(a) for a in np.exp(rng.uniform(np.log(0.7), np.log(1.4), size=8))),
+            amps=_draw_amps(rng),
             chi_offset=float(rng.uniform(-20.0, 20.0)),
         )
+
+    def with_new_amps(self, rng: np.random.Generator) -> Variation:
+        """The same structure (positions, widths, orientation) with freshly drawn feature amplitudes."""
+        return replace(self, amps=_draw_amps(rng))
+
+
+def _draw_amps(rng: np.random.Generator) -> tuple[float, ...]:
+    return tuple(float(a) for a in np.exp(rng.uniform(np.log(0.7), np.log(1.4), size=8)))
 
 
 @dataclass(frozen=True)
