@@ -8,6 +8,7 @@ import pytest
 from operators.model.data import FrameCache, PairCache, ensure_cache, ensure_pair_cache, load_cache
 from operators.model.fit import load_reference
 from operators.preprocess import PreprocessSpec
+from stream.synthetic import SCENARIOS
 
 SPEC = PreprocessSpec(size=64)
 
@@ -30,6 +31,8 @@ def test_a_pair_cache_batches_first_views_then_second_views_of_the_same_pairs(tm
     np.testing.assert_array_equal(batch[1, 0], cache.images[2, 0] / np.float32(255))  # row i: view 1 of pair i
     np.testing.assert_array_equal(batch[3, 0], cache.images[2, 1] / np.float32(255))  # row B + i: its view 2
     assert not np.array_equal(cache.images[0, 0], cache.images[0, 1])
+    names = [cache.meta["scenarios"][k] for k in cache.scenarios]
+    assert all(SCENARIOS["training"].phases[p] in SCENARIOS[name].phases for p, name in zip(cache.phases, names))
 
 
 def test_an_existing_cache_is_reused_and_a_different_request_re_renders(tmp_path) -> None:

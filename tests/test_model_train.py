@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from operators.model.cvae import view_contrast_loss
 from operators.model.data import load_cache
-from operators.model.train import TrainSettings, load_model, parse_settings, train
+from operators.model.train import TrainSettings, _epoch_batches, load_model, parse_settings, train
 from operators.preprocess import PreprocessSpec
 
 
@@ -123,3 +123,22 @@ def test_settings_travel_to_torchrun_workers_as_a_command_line() -> None:
                       init_from="runs/a/last.pt", contrast_weight=4000.0, max_steps=7)
     assert parse_settings(s.to_argv()) == s
     assert parse_settings(TrainSettings(data="d", out="o").to_argv()) == TrainSettings(data="d", out="o")
+
+
+def test_scenario_batches_draw_every_batch_from_one_scenario_and_each_pair_at_most_once() -> None:
+    groups = np.repeat([0, 1, 2], [13, 9, 6])
+    batches = _epoch_batches(np.random.default_rng(3), len(groups), 4, 0, 1, groups)
+    assert len(batches) == 3 + 2 + 1  # whole batches only
+    assert all(len(set(groups[b])) == 1 for b in batches)
+    drawn = np.concatenate(batches)
+    assert len(set(drawn.tolist())) == len(drawn)
+    order = [int(groups[b[0]]) for b in batches]
+    assert order != sorted(order)  # scenarios take turns through the epoch
+
+
+def test_distributed_ranks_take_disjoint_batches_and_the_same_number_of_steps() -> None:
+    for groups in (None, np.repeat([0, 1], [11, 10])):
+        shards = [_epoch_batches(np.random.default_rng(5), 21, 2, rank, 2, groups) for rank in (0, 1)]
+        assert len(shards[0]) == len(shards[1]) > 0
+        a, b = (set(np.concatenate(sh).tolist()) for sh in shards)
+        assert not a & b

@@ -41,6 +41,8 @@ def train(
     contrast_weight: Annotated[float, typer.Option(
         help="With a pair cache: weight of InfoNCE between the two views' latents (0: plain beta-VAE).")] = 0.0,
     contrast_temperature: Annotated[float, typer.Option()] = 0.1,
+    contrast_batches: Annotated[str, typer.Option(
+        help="mixed | scenario: draw each batch of pairs from one scenario (harder negatives).")] = "mixed",
     render: Annotated[int, typer.Option(help="First render this many synthetic training frames into DATA "
                                               "(seed SEED + 100).")] = 0,
     render_pairs: Annotated[int, typer.Option(help="First render this many training pairs into DATA "
@@ -68,7 +70,8 @@ def train(
         data=str(data), out=str(out), config=config, epochs=epochs, batch_size=batch_size, lr=lr,
         schedule=schedule, beta=beta, kl_warmup_steps=kl_warmup_steps, max_minutes=max_minutes,
         max_steps=max_steps, resume=resume, init_from=str(init_from) if init_from else None,
-        contrast_weight=contrast_weight, contrast_temperature=contrast_temperature, seed=seed, threads=threads)
+        contrast_weight=contrast_weight, contrast_temperature=contrast_temperature,
+        contrast_batches=contrast_batches, seed=seed, threads=threads)
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m",
                "operators.model.train", *settings.to_argv()]

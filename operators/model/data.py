@@ -48,6 +48,12 @@ class PairCache:
     meta: dict
     views: ClassVar[int] = 2
 
+    @property
+    def scenarios(self) -> np.ndarray:
+        """(N,) int: which scenario each pair shows (an index into meta["scenarios"])."""
+        of_phase = np.asarray(self.meta["phase_scenario"], np.int64)  # training phase id -> scenario index
+        return of_phase[self.phases]
+
     def batch(self, idx: np.ndarray) -> np.ndarray:
         """(2B, 1, S, S) float32 in [0, 1]: the first views of the given pairs, then their second views
         in the same order, so row i and row B + i are one pair."""
@@ -96,10 +102,18 @@ def build_pair_cache(
     items = (((a.image, b.image), a.phase) for a, b in generate_training_pairs(n_pairs, seed=seed))
     _store(Path(stem), items, n_pairs, 2, spec, f"render training pairs seed {seed}" if progress else None)
     meta = {"kind": "pairs", "scenario": "training", "seed": seed, "n_pairs": n_pairs,
-            "preprocessing": spec.to_dict()}
+            "preprocessing": spec.to_dict(), **_phase_scenarios()}
     Path(stem).with_suffix(".json").write_text(json.dumps(meta, indent=2))
     log.info("pair cache %s: %d pairs of training states (seed %d)", stem, n_pairs, seed)
     return load_pair_cache(stem)
+
+
+def _phase_scenarios() -> dict:
+    """The scenarios of the training phases: `scenarios` (names) and `phase_scenario` (phase id -> index)."""
+    from stream.synthetic.scenarios import TRAINING_PHASES
+
+    names = list(dict.fromkeys(name for name, _ in TRAINING_PHASES))
+    return {"scenarios": names, "phase_scenario": [names.index(name) for name, _ in TRAINING_PHASES]}
 
 
 def _store(

@@ -67,6 +67,7 @@ class TrainSettings:
     amp: bool = True  # only on CUDA
     contrast_weight: float = 0.0  # x InfoNCE between the views of a pair cache; 0 = plain beta-VAE
     contrast_temperature: float = 0.1
+    contrast_batches: str = "mixed"  # or "scenario": every batch from one scenario (harder negatives)
 
     def to_argv(self) -> list[str]:
         """The command line of `python -m operators.model.train` that gives these settings (for torchrun)."""
@@ -81,6 +82,25 @@ class TrainSettings:
             else:
                 argv += [flag, str(value)]
         return argv
+
+
+def _epoch_batches(
+    rng: np.random.Generator, n: int, per_batch: int, rank: int, world: int, groups: np.ndarray | None
+) -> list[np.ndarray]:
+    """This rank's batches of one epoch (cache indices): a random order, disjoint shards across ranks.
+
+    With `groups`, every batch is drawn from one group (the negatives of the contrastive term are then
+    other states of the same scenario, not easy ones from another), in a random order of batches."""
+    order = rng.permutation(n)
+    if groups is None:
+        mine = order[: n - n % world][rank::world]  # equal shards: every rank takes as many steps
+        return [mine[i : i + per_batch] for i in range(0, len(mine) - per_batch + 1, per_batch)]
+    batches = []
+    for g in np.unique(groups):
+        members = order[groups[order] == g]
+        batches += [members[i : i + per_batch] for i in range(0, len(members) - per_batch + 1, per_batch)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches[: len(batches) - len(batches) % world][rank::world]
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -134,6 +154,8 @@ def train(s: TrainSettings) -> Path:
         raise ValueError(f"--contrast-weight needs a cache of training pairs; {s.data} holds single frames")
     if s.batch_size % cache.views:
         raise ValueError(f"batch size {s.batch_size} does not split into pairs of views")
+    if s.contrast_batches not in ("mixed", "scenario") or (s.contrast_batches == "scenario" and cache.views != 2):
+        raise ValueError(f"contrast batches {s.contrast_batches!r}: 'mixed', or 'scenario' with a pair cache")
     if s.schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {s.schedule!r}; valid: cosine, constant")
     per_batch = s.batch_size // cache.views  # cache items (frames or pairs) per step
@@ -143,7 +165,8 @@ def train(s: TrainSettings) -> Path:
     use_amp = s.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    steps_per_epoch = max(1, len(cache) // (per_batch * world))
+    groups = cache.scenarios if s.contrast_batches == "scenario" else None  # type: ignore[union-attr]
+    steps_per_epoch = max(1, len(_epoch_batches(np.random.default_rng(0), len(cache), per_batch, 0, world, groups)))
     schedule = s.epochs * steps_per_epoch  # the cosine schedule spans all epochs ...
     total = min(schedule, s.max_steps) if s.max_steps else schedule  # ... max_steps only stops early
     if s.schedule == "cosine":
@@ -182,10 +205,9 @@ def train(s: TrainSettings) -> Path:
     done = step >= total
     while not done:
         rng = np.random.default_rng([s.seed, epoch])
-        order = rng.permutation(len(cache))[rank::world]  # the distributed sampler: disjoint shards
-        start = (step % steps_per_epoch) * per_batch
-        for i in range(start, len(order) - per_batch + 1, per_batch):
-            x = torch.from_numpy(cache.batch(order[i : i + per_batch])).to(device, non_blocking=True)
+        batches = _epoch_batches(rng, len(cache), per_batch, rank, world, groups)
+        for idx in batches[step % steps_per_epoch :]:
+            x = torch.from_numpy(cache.batch(idx)).to(device, non_blocking=True)
             # left-right mirror, each view on its own: same physics, a cheap augmentation
             x = torch.cat([torch.flip(v, dims=(3,)) if rng.uniform() < 0.5 else v for v in x.chunk(cache.views)])
             b = beta * min(1.0, (step + 1) / max(1, s.kl_warmup_steps))
