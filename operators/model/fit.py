@@ -1,7 +1,7 @@
 """Fit a bundle: export the encoder, encode reference frames, fit UMAP + its approximator and the clustering.
 
     python -m operators.model.fit --checkpoint runs/lite/last.pt --reference data/cache/train_s100 \
-        --out operators/bundles/default --name cvae-lite --version 0.2.0 --drift 0.075 --noise-factor 12
+        --out operators/bundles/default --name cvae-lite --version 0.3.0 --drift 0.2 --noise-factor 6
 
 The reference frames are encoded through the exported ONNX encoder (the serving path, not PyTorch), so
 the fitted projection and clustering see exactly the latents serving will produce.

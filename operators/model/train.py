@@ -192,8 +192,9 @@ def train(s: TrainSettings) -> Path:
         log.info("resumed from %s at epoch %d step %d", ck_path, epoch, step)
     net = DDP(model, device_ids=[local] if device.type == "cuda" else None) if world > 1 else model
     if rank == 0:
-        log.info("training %s (%.2fM params) on %d frames, %d steps, device %s, world %d",
-                 cfg.name, count_parameters(model) / 1e6, len(cache), total, device, world)
+        log.info("training %s (%.2fM params) on %d %s, %d steps, device %s, world %d", cfg.name,
+                 count_parameters(model) / 1e6, len(cache), "pairs" if cache.views == 2 else "frames", total,
+                 device, world)
         (out / "train_settings.json").write_text(json.dumps(s.__dict__, indent=2))
     t0 = time.monotonic()
     history: list[dict] = []

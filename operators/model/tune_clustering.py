@@ -1,7 +1,7 @@
 """Tune the online clustering of a bundle on validation runs, without re-encoding per setting.
 
     python -m operators.model.tune_clustering [--bundle PATH] [--seeds 7001 7002] [--frames 120]
-        [--drift 0.2 0.1 0.05] [--noise-factor 10 12 14] [--json out.json]
+        [--drift 0.2 0.1 0.05] [--noise-factor 6 10 14] [--json out.json]
 
 Each validation run (scenario x seed) is encoded once through the serving path (preprocessor -> encoder, batch
 1, exactly as `operators.model.evaluate`); then every setting is replayed on the cached latents with a fresh
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=list(VALIDATION_SEEDS))
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     p.add_argument("--drift", type=float, nargs="+", default=[0.2, 0.15, 0.1, 0.075, 0.05])
-    p.add_argument("--noise-factor", type=float, nargs="+", default=[8.0, 10.0, 12.0, 14.0, 20.0])
+    p.add_argument("--noise-factor", type=float, nargs="+", default=[6.0, 8.0, 10.0, 12.0, 14.0, 20.0])
     p.add_argument("--allow-heldout", action="store_true", help="permit held-out seeds (reporting only)")
     p.add_argument("--json", default=None, help="write all rows here")
     a = p.parse_args(argv)

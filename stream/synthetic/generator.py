@@ -27,6 +27,7 @@ BEAM_JITTER_PX = 3  # beam-centre wander between scans (and between training fra
 FLUX_RANGE = (0.5, 2.0)  # per-scan exposure x beam-current factor (log-uniform)
 TRAINING_FLUX_RANGE = (0.3, 3.0)
 FLUX_FLICKER = 0.02  # frame-to-frame beam-intensity fluctuation (relative, 1 sigma)
+_PAIRS_STREAM = 4242  # random-stream id of training pairs, apart from every scenario's
 _PILATUS_PIXELS = PILATUS3_2M.height * PILATUS3_2M.width
 
 
@@ -169,9 +170,6 @@ def generate_training_pairs(
             image = renderer.render(scene, geom, seed=seed * 2 + view, index=i, hot=hot, dead=dead)
             views.append(SyntheticFrame(image, i, gid, names[gid], 0.0, geom))
         yield views[0], views[1]
-
-
-_PAIRS_STREAM = 4242  # random-stream id of training pairs, apart from every scenario's
 
 
 @dataclass(frozen=True)
