@@ -22,9 +22,9 @@ ANNEAL_EPOCHS=${ANNEAL_EPOCHS:-30}  # then 4500 steps (30 epochs) from 5e-4 down
 PAIRS=${PAIRS:-1600}  # then 1600 steps (8 epochs of 8 pairs a step) at a constant 2e-4: 21 min on 2 cores
 PAIR_SEED=${PAIR_SEED:-5}
 CONTRAST_WEIGHT=${CONTRAST_WEIGHT:-4000}  # InfoNCE is ~1; the beta-VAE loss is ~8e4 per frame
-# The fine-tune's outcome depends on its seed (see README, "The default model"): seed 2 was chosen among
+# The fine-tune's outcome depends on its seed (see README, "The default model"): seed 3 was chosen among
 # seeds 1-3 on the validation runs (operators.model.tune_clustering), never on the held-out ones.
-PAIR_TRAIN_SEED=${PAIR_TRAIN_SEED:-2}
+PAIR_TRAIN_SEED=${PAIR_TRAIN_SEED:-3}
 BATCH=${BATCH:-16}
 THREADS=${THREADS:-2}
 OUT=${OUT:-operators/bundles/default}
@@ -46,6 +46,6 @@ python -m operators.model.train --data "${PAIR_CACHE}" --out "${RUN}_pairs" --co
     --init-from "${RUN}_anneal/last.pt" --epochs 8 --batch-size "${BATCH}" --lr 2e-4 --schedule constant --kl-warmup-steps 0 \
     --contrast-weight "${CONTRAST_WEIGHT}" --threads "${THREADS}" --seed "${PAIR_TRAIN_SEED}"
 python -m operators.model.fit --checkpoint "${RUN}_pairs/last.pt" --reference "${CACHE}" --out "${OUT}" \
-    --name cvae-lite --version 0.3.0 --n-reference 1500 --seed 0 --drift 0.2 --noise-factor 6
+    --name cvae-lite --version 0.3.0 --n-reference 1500 --seed 0 --drift 0.2 --noise-factor 8
 mkdir -p artifacts
 python -m operators.model.evaluate --bundle "${OUT}" --frames 120 --json artifacts/default_bundle_eval.json

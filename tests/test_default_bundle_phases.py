@@ -17,16 +17,7 @@ from operators.model.evaluate import HELDOUT_SEEDS, SCENARIOS, evaluate_run
 FRAMES = 120
 
 
-# Film formation's halo -> aggregate-arch boundary is the open part of issue 3: in the pixels it is a smaller
-# change than the drift inside either phase (boundary contrast ~0.3-0.4), and the encoder does not sharpen it
-# the way it sharpens the other scenarios' boundaries, so the online clusters cut it late (ARI ~0.71 on 9001).
-# strict: the day a bundle passes, this marker must go.
-_FILM_ONSET = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="issue 3: film formation's aggregation onset is cut late")
-
-
-@pytest.mark.parametrize(
-    "scenario", [pytest.param(s, marks=_FILM_ONSET) if s == "film_formation" else s for s in SCENARIOS])
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_default_bundle_separates_the_phases_of_a_held_out_run(
     default_bundle: ModelBundle, scenario: str
 ) -> None:

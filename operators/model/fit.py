@@ -1,7 +1,7 @@
 """Fit a bundle: export the encoder, encode reference frames, fit UMAP + its approximator and the clustering.
 
     python -m operators.model.fit --checkpoint runs/lite/last.pt --reference data/cache/train_s100 \
-        --out operators/bundles/default --name cvae-lite --version 0.3.0 --drift 0.2 --noise-factor 6
+        --out operators/bundles/default --name cvae-lite --version 0.3.0 --drift 0.2 --noise-factor 8
 
 The reference frames are encoded through the exported ONNX encoder (the serving path, not PyTorch), so
 the fitted projection and clustering see exactly the latents serving will produce.
@@ -69,8 +69,12 @@ def _training_summary(checkpoint: str | Path) -> dict[str, Any]:
 
     ck = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
     tail = ck.get("extra", {}).get("history_tail") or [{}]
-    return {"steps": ck.get("step"), "epoch": ck.get("epoch"), "final_loss": tail[-1].get("loss"),
-            "final_kl": tail[-1].get("kl"), "data": "synthetic 'training' scenario (stream.synthetic)"}
+    summary = {"steps": ck.get("step"), "epoch": ck.get("epoch"), "final_loss": tail[-1].get("loss"),
+               "final_kl": tail[-1].get("kl"), "data": "synthetic 'training' scenario (stream.synthetic)"}
+    settings = Path(checkpoint).with_name("train_settings.json")  # written by operators.model.train
+    if settings.is_file():  # the last stage's settings; init_from names the run it started from
+        summary["settings"] = json.loads(settings.read_text())
+    return summary
 
 
 def encode_all(encoder: OnnxEncoder, images: np.ndarray, batch: int = 16) -> np.ndarray:
