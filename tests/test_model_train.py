@@ -79,7 +79,7 @@ def test_fine_tuning_refuses_a_checkpoint_of_another_configuration(tiny_cache, t
 
 @pytest.fixture()
 def tiny_pairs(tmp_path):
-    """8 states seen twice: smooth random patterns, the second view brighter or dimmer and noisier."""
+    """8 states seen twice: smooth random patterns, the second view dimmer and noisier."""
     stem = tmp_path / "pairs"
     rng = np.random.default_rng(1)
     base = rng.uniform(0, 1, (8, 1, 16, 16)).repeat(32, axis=2).repeat(32, axis=3)
