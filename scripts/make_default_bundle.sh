@@ -11,7 +11,8 @@
 #      online clustering (settings chosen on validation seeds 7001-7004 with operators.model.tune_clustering),
 #      write the bundle with its manifest and checksums;
 #   5. evaluate it on held-out synthetic runs (seeds 9001, 9002) and write the figures to artifacts/.
-# Knobs (environment): FRAMES, SEED, STEPS, ANNEAL_EPOCHS, PAIRS, PAIR_SEED, CONTRAST_WEIGHT, BATCH, THREADS, OUT.
+# Knobs (environment): FRAMES, SEED, STEPS, ANNEAL_EPOCHS, PAIRS, PAIR_SEED, CONTRAST_WEIGHT, PAIR_TRAIN_SEED,
+# BATCH, THREADS, OUT.
 # Training on a shared CPU is not bit-reproducible across thread counts; the figures should agree closely.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +44,8 @@ python -m operators.model.train --data "${CACHE}" --out "${RUN}" --config lite -
 python -m operators.model.train --data "${CACHE}" --out "${RUN}_anneal" --config lite --init-from "${RUN}/last.pt" \
     --epochs "${ANNEAL_EPOCHS}" --batch-size "${BATCH}" --lr 5e-4 --kl-warmup-steps 0 --threads "${THREADS}" --seed 1
 python -m operators.model.train --data "${PAIR_CACHE}" --out "${RUN}_pairs" --config lite \
-    --init-from "${RUN}_anneal/last.pt" --epochs 8 --batch-size "${BATCH}" --lr 2e-4 --schedule constant --kl-warmup-steps 0 \
-    --contrast-weight "${CONTRAST_WEIGHT}" --threads "${THREADS}" --seed "${PAIR_TRAIN_SEED}"
+    --init-from "${RUN}_anneal/last.pt" --epochs 8 --batch-size "${BATCH}" --lr 2e-4 --schedule constant \
+    --kl-warmup-steps 0 --contrast-weight "${CONTRAST_WEIGHT}" --threads "${THREADS}" --seed "${PAIR_TRAIN_SEED}"
 python -m operators.model.fit --checkpoint "${RUN}_pairs/last.pt" --reference "${CACHE}" --out "${OUT}" \
     --name cvae-lite --version 0.3.0 --n-reference 1500 --seed 0 --drift 0.2 --noise-factor 8
 mkdir -p artifacts
