@@ -81,7 +81,7 @@ class Walk:
                 run_id=RUN_ID, index=i, x=float(x), y=float(y), cluster=cluster, novelty=0.1,
                 tiled_url=f"http://127.0.0.1:1/api/v1/array/full/{RUN_ID}/primary/image?slice={i}",
                 timestamp=time.time(), timings=StageTimings(encode=0.02, project=0.004, total=0.03),
-                latent=np.zeros(1, np.float32), stored_by_service=False,
+                latent=np.zeros(1, np.float32), stored_by_service=False, run_key=RUN_ID,
             )
         )  # fmt: skip
         return out
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     walk = Walk(seed=args.seed)
 
     async def preload() -> None:
-        await hub.publish(RunStarted(RUN_ID, "page benchmark", time.time()))
+        await hub.publish(RunStarted(RUN_ID, "page benchmark", time.time(), run_key=RUN_ID))
         for _ in range(args.preload):
             for message in walk.next():
                 await hub.publish(message)

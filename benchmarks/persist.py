@@ -137,7 +137,7 @@ def _point(base_url: str, run_id: str, index: int, image: np.ndarray, rng: np.ra
         cluster=int(rng.integers(0, 4)), novelty=float(rng.random()),
         tiled_url=frame_uri(base_url, run_id, index), timestamp=time.time(),
         timings=StageTimings(total=0.03, encode=0.007, project=0.001),
-        latent=rng.standard_normal(512).astype(np.float32), stored_by_service=True, image=image,
+        latent=rng.standard_normal(512).astype(np.float32), stored_by_service=True, image=image, run_key=run_id,
     )  # fmt: skip
 
 
@@ -156,7 +156,7 @@ async def run_rate(ep: Any, server_pid: int, data_dir: Path, frames: list[np.nda
     server, me = psutil.Process(server_pid), psutil.Process()
     writer = TiledWriter(ep.url, ep.api_key, data_dir=data_dir / "writer-rate")
     await writer.start()
-    await writer.publish(RunStarted(run_id, "persist bench (rate)", time.time()))
+    await writer.publish(RunStarted(run_id, "persist bench (rate)", time.time(), run_key=run_id))
     assert await writer.flush(30)
     poller = FetchProbe(ep.api_key, window_s, give_up_s=60.0)
     load_before, cpu_s0, cpu_w0 = os.getloadavg(), _cpu(server), _cpu(me)
@@ -171,7 +171,7 @@ async def run_rate(ep: Any, server_pid: int, data_dir: Path, frames: list[np.nda
         await writer.publish(p)
         if i % probe_every == 0:
             poller.watch(i, p.tiled_url, time.perf_counter())
-    await writer.publish(RunStopped(run_id, time.time(), n, n))
+    await writer.publish(RunStopped(run_id, time.time(), n, n, run_key=run_id))
     await poller.finish()
     await writer.flush(120)
     load_after, cpu_s1, cpu_w1 = os.getloadavg(), _cpu(server), _cpu(me)
@@ -205,13 +205,13 @@ async def run_burst(
     writer = TiledWriter(ep.url, ep.api_key, data_dir=data_dir / "writer-burst",
                          max_buffer_bytes=(n + 1) * frames[0].nbytes)  # fmt: skip
     await writer.start()
-    await writer.publish(RunStarted(run_id, "persist bench (burst)", time.time()))
+    await writer.publish(RunStarted(run_id, "persist bench (burst)", time.time(), run_key=run_id))
     assert await writer.flush(30)
     load_before, cpu_s0, cpu_w0 = os.getloadavg(), _cpu(server), _cpu(me)
     t0 = time.perf_counter()
     for i in range(n):
         await writer.publish(_point(ep.url, run_id, i, frames[i % len(frames)], rng))
-    await writer.publish(RunStopped(run_id, time.time(), n, n))
+    await writer.publish(RunStopped(run_id, time.time(), n, n, run_key=run_id))
     assert await writer.flush(600), "burst did not drain in 10 min"
     seconds = time.perf_counter() - t0
     load_after, cpu_s1, cpu_w1 = os.getloadavg(), _cpu(server), _cpu(me)

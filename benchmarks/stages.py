@@ -419,7 +419,7 @@ def _publish_stages(
     )
     points = [
         Point(run_id="bench", index=i, x=0.1 * i, y=-0.2 * i, cluster=i % 3, novelty=0.5, tiled_url=f"http://t/{i}",
-              timestamp=time.time(), timings=StageTimings(), latent=latents[i % len(latents)], stored_by_service=False)
+              timestamp=time.time(), timings=StageTimings(), latent=latents[i % len(latents)], stored_by_service=False, run_key="bench")
         for i in range(64)
     ]  # fmt: skip
 
@@ -447,7 +447,7 @@ def _hub_stage(model_info: Any, points: Sequence[Any], budget: Budget, clients: 
     n = budget.warmup + budget.iters
 
     async def measure() -> list[float]:
-        await hub.publish(RunStarted(run_id="bench", run_name="bench", started_at=time.time()))
+        await hub.publish(RunStarted(run_id="bench", run_name="bench", started_at=time.time(), run_key="bench"))
         for k in range(clients):
             endpoint, fmt = ("lse", WireFormat.LSE_JSON) if k % 2 else ("ws", WireFormat.WS_JSON)
             hub.connect(endpoint, fmt, backfill=False)

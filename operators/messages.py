@@ -17,7 +17,8 @@ import numpy as np
 class RunStarted:
     """A run began (a `start` document arrived)."""
 
-    run_id: str
+    run_id: str  # as the sender gave it (or generated when it gave none)
+    run_key: str = field(kw_only=True)  # where the run is stored (operators.persist.keys): unique per run
     run_name: str
     started_at: float  # unix seconds
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -32,6 +33,7 @@ class Frame:
     """
 
     run_id: str
+    run_key: str = field(kw_only=True)
     index: int  # the frame number from the source
     image: np.ndarray
     tiled_url: str
@@ -57,6 +59,7 @@ class Point:
     """The result for one frame: its 2-D position, cluster, and where its frame lives."""
 
     run_id: str
+    run_key: str = field(kw_only=True)
     index: int
     x: float
     y: float
@@ -85,6 +88,7 @@ class RunStopped:
     """A run ended (a `stop` document arrived, or the service is shutting down)."""
 
     run_id: str
+    run_key: str = field(kw_only=True)
     stopped_at: float
     num_frames: int | None  # as announced by the source, if it said
     processed: int

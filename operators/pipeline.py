@@ -125,6 +125,7 @@ class ClusterStage(BatchStage[Work]):
 @dataclass(slots=True)
 class _Run:
     run_id: str
+    run_key: str
     processed: int = 0
 
 
@@ -237,7 +238,9 @@ class LivePipeline(QueuedOperator[InMessage]):
                 self.metrics.dropped.labels("shutdown").inc()
         if self._run is not None:
             run, self._run = self._run, None
-            await self.publish(RunStopped(run.run_id, time.time(), None, run.processed, reason="shutdown"))
+            await self.publish(
+                RunStopped(run.run_id, time.time(), None, run.processed, reason="shutdown", run_key=run.run_key)
+            )
             log.info("run %s closed at shutdown after %d point(s)", run.run_id, run.processed)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -253,12 +256,12 @@ class LivePipeline(QueuedOperator[InMessage]):
         if isinstance(message, RunStarted):
             # A fresh clusterer per run, built in the compute thread that owns the clusterer.
             await asyncio.get_running_loop().run_in_executor(self._executor, self.cluster_stage.reset)
-            self._run = _Run(message.run_id)
+            self._run = _Run(message.run_id, message.run_key)
             self.metrics.processed.labels("start").inc()
             await self.publish(message)
         elif isinstance(message, RunStopped):
-            processed = self._run.processed if self._run and self._run.run_id == message.run_id else 0
-            if self._run is not None and self._run.run_id == message.run_id:
+            processed = self._run.processed if self._run and self._run.run_key == message.run_key else 0
+            if self._run is not None and self._run.run_key == message.run_key:
                 self._run = None
             if message.reason == "stop":
                 self.metrics.processed.labels("stop").inc()
@@ -314,12 +317,13 @@ class LivePipeline(QueuedOperator[InMessage]):
             points.append(
                 Point(
                     run_id=frame.run_id,
+                    run_key=frame.run_key,
                     index=frame.index,
                     x=float(work.xy[0]),
                     y=float(work.xy[1]),
                     cluster=int(assignment.cluster),
                     novelty=float(assignment.novelty),
-                    tiled_url=frame.tiled_url or frame_uri(self.tiled_base_url, frame.run_id, frame.index),
+                    tiled_url=frame.tiled_url or frame_uri(self.tiled_base_url, frame.run_key, frame.index),
                     timestamp=now,
                     timings=work.timings,
                     latent=work.latent,
@@ -332,7 +336,7 @@ class LivePipeline(QueuedOperator[InMessage]):
                 log.info("run %s: new cluster %d founded by frame %d", frame.run_id, assignment.cluster, frame.index)
             self.metrics.observe("total", work.timings.total)
             self.metrics.processed.labels("event").inc()
-            if run is not None and run.run_id == frame.run_id:
+            if run is not None and run.run_key == frame.run_key:
                 run.processed += 1
         return _BatchResult(points, new_clusters)
 

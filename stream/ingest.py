@@ -26,6 +26,7 @@ import zmq.asyncio
 from operators.base import Listener
 from operators.messages import Frame, RunStarted, RunStopped
 from operators.metrics import PipelineMetrics
+from operators.persist.keys import run_key
 from operators.throttled_log import ThrottledLog
 from stream.protocol import DEFAULT_LIMITS, Event, Limits, ProtocolError, Start, Stop, decode
 
@@ -44,6 +45,7 @@ class Submitter(Protocol):
 @dataclass(slots=True)
 class _RunState:
     run_id: str
+    run_key: str
     last_index: int | None = None
     frames_seen: int = 0
     gaps_counted: int = 0
@@ -80,12 +82,14 @@ class IngestDecoder:
         out: list[IngestMessage] = []
         if self._run is not None:
             log.warning("run %s superseded by a new start before its stop", self._run.run_id)
-            out.append(RunStopped(self._run.run_id, now, num_frames=None, processed=0, reason="superseded"))
+            out.append(RunStopped(self._run.run_id, now, num_frames=None, processed=0, reason="superseded",
+                                  run_key=self._run.run_key))  # fmt: skip
         run_id = start.run_id or uuid.uuid4().hex
-        self._run = _RunState(run_id)
+        self._run = _RunState(run_id, run_key(run_id))
         metadata = {**start.metadata, "tiled_url": start.tiled_url} if start.tiled_url else dict(start.metadata)
-        out.append(RunStarted(run_id=run_id, run_name=start.run_name or run_id, started_at=now, metadata=metadata))
-        log.info("run %s started (%s)", run_id, start.run_name)
+        out.append(RunStarted(run_id=run_id, run_name=start.run_name or run_id, started_at=now, metadata=metadata,
+                              run_key=self._run.run_key))  # fmt: skip
+        log.info("run %s started (%s), stored as %s", run_id, start.run_name, self._run.run_key)
         return out
 
     def _event(self, event: Event, received_at: float, received_perf: float) -> Frame:
@@ -107,6 +111,7 @@ class IngestDecoder:
         run.frames_seen += 1
         return Frame(
             run_id=run.run_id,
+            run_key=run.run_key,
             index=index,
             image=event.image,
             tiled_url=event.tiled_url,
@@ -127,7 +132,7 @@ class IngestDecoder:
                 log.warning("run %s: %d frame(s) announced but never received", run.run_id, tail)
         self._run = None
         log.info("run %s stopped after %d frame(s) (announced %s)", run.run_id, run.frames_seen, stop.num_frames)
-        return RunStopped(run.run_id, now, num_frames=stop.num_frames, processed=0, reason="stop")
+        return RunStopped(run.run_id, now, num_frames=stop.num_frames, processed=0, reason="stop", run_key=run.run_key)
 
 
 class ZmqIngest(Listener):

@@ -1,4 +1,5 @@
-"""The whole service SIGKILLed mid-run loses no row its clients got; restarted, it continues the run (issue 4).
+"""The whole service SIGKILLed mid-run loses no row its clients got; restarted, it closes the interrupted run and
+stores a resent run id as a run of its own (issues 4 and 14).
 
 One level down, tests/test_tiled_crash_recovery.py kills a bare writer. Here the real `latent-stream serve`
 (embedded Tiled child, ZeroMQ ingest, /ws) is killed while frames flow, then started again on the same
@@ -59,7 +60,7 @@ async def _send_frames(sender: FrameSender, first: int, sent: list[int]) -> None
         await asyncio.sleep(0.05)
 
 
-async def test_sigkill_mid_run_loses_no_point_clients_got_and_the_restarted_service_continues_the_run(
+async def test_sigkill_mid_run_loses_no_point_clients_got_and_a_resent_run_id_never_touches_the_interrupted_run(
     tmp_path: Path,
 ) -> None:
     first = start_service(tmp_path, log_name="serve-1.log")
@@ -91,51 +92,52 @@ async def test_sigkill_mid_run_loses_no_point_clients_got_and_the_restarted_serv
             second = await asyncio.to_thread(start_service, tmp_path, like=first, log_name="serve-2.log")
             try:
                 # /api/health answers only after the writer replayed the result log: Tiled is complete now
-                catalog = TiledRunCatalog(second.tiled_url, _key(second))
-                try:
-                    rows = await catalog.run_points(RUN_ID)
-                finally:
-                    catalog.close()
-                assert rows is not None
-                stored = [r["index"] for r in rows]
+                interrupted_key = _run_key_of(before.points(RUN_ID)[0])
+                stored = await _stored_indices(second, interrupted_key)
                 assert len(set(stored)) == len(stored), "a row stored twice"
                 assert set(got) <= set(stored), (
                     f"published before the kill, not in Tiled: {set(got) - set(stored)}"
                 )
                 assert set(stored) <= set(sent)
-                run = await asyncio.to_thread(lambda: _run_node(second))
+                run = await asyncio.to_thread(_run_node, second, interrupted_key)
                 assert run["latent"]["vectors"].shape[0] == len(stored)
                 assert run.metadata["status"] == "open" and run.metadata["sample"] == "S1"
 
-                # The source goes on with the same run id: rows continue after the recovered ones.
+                # The source sends the same run id again: a run of its own, the interrupted one is closed.
                 async with WsClient(second.ws) as after:
                     more = list(range(sent[-1] + 1, sent[-1] + 1 + MORE_FRAMES))
                     await sender.send_start(RUN_ID, "killed mid-run", sample="S1")
                     for i in more:
                         await sender.send_event(i, _frame(i))
                     await sender.send_stop(more[-1] + 1)
-                    await until(lambda: after.stopped(RUN_ID), 60, "the continued run's stop")
+                    await until(lambda: after.stopped(RUN_ID), 60, "the resent run's stop")
                 assert [p["index"] for p in after.points(RUN_ID)] == more
+                resent_key = _run_key_of(after.points(RUN_ID)[0])
+                assert resent_key != interrupted_key
 
                 def closed() -> bool:
-                    return _run_node(second).metadata["status"] == "closed"
+                    return _run_node(second, resent_key).metadata["status"] == "closed"
 
                 deadline = time.monotonic() + 30
                 while not await asyncio.to_thread(closed):
-                    assert time.monotonic() < deadline, "the continued run was not closed in Tiled"
+                    assert time.monotonic() < deadline, "the resent run was not closed in Tiled"
                     await asyncio.sleep(0.5)
-                run = await asyncio.to_thread(lambda: _run_node(second))
-                table = await asyncio.to_thread(lambda: run["latent"]["points"].read().sort_values("row"))
-                assert list(table["row"]) == list(range(len(stored) + MORE_FRAMES))
-                assert list(table["index"]) == [*stored, *more]
-                assert run["latent"]["vectors"].shape[0] == len(stored) + MORE_FRAMES
-                md = run.metadata
-                assert md["reason"] == "stop" and md["rows"] == len(stored) + MORE_FRAMES
-                assert md["num_frames"] == more[-1] + 1  # as the source announced it in its stop
+                interrupted = await asyncio.to_thread(_run_node, second, interrupted_key)
+                assert interrupted.metadata["status"] == "closed"
+                assert interrupted.metadata["reason"] == "interrupted"
+                assert await _stored_indices(second, interrupted_key) == stored  # kept as it was
                 # frames whose image died with the first process are counted, not silently missing
-                persist = md["persist"]
+                persist = interrupted.metadata["persist"]
                 lost = persist["frames_not_written"].get("lost_in_crash", 0)
-                assert persist["frames_written"] + lost == len(stored) + MORE_FRAMES
+                assert persist["frames_written"] + lost == len(stored)
+
+                resent = await asyncio.to_thread(_run_node, second, resent_key)
+                assert await _stored_indices(second, resent_key) == more
+                assert await _stored_indices(second, RUN_ID) == more  # the run id names its latest run
+                md = resent.metadata
+                assert md["run_id"] == RUN_ID and md["reason"] == "stop" and md["rows"] == MORE_FRAMES
+                assert md["num_frames"] == more[-1] + 1  # as the source announced it in its stop
+                assert md["persist"]["frames_written"] == MORE_FRAMES
                 assert not list((second.data_dir / "results-log").glob("*.wal"))  # closed and complete
             finally:
                 rc, _ = stop_service(second)
@@ -150,5 +152,20 @@ def _key(service: LiveService) -> str:
     return (service.data_dir / "tiled-api-key").read_text().strip()
 
 
-def _run_node(service: LiveService) -> Any:  # a tiled client node
-    return from_uri(service.tiled_url, api_key=_key(service))[RUN_ID]
+def _run_key_of(point: dict[str, Any]) -> str:
+    """The storage key in a point's frame URI: .../array/full/<run_key>/primary/image?slice=i."""
+    return point["tiled_url"].split("/array/full/")[1].split("/")[0]
+
+
+def _run_node(service: LiveService, run_key: str) -> Any:  # a tiled client node
+    return from_uri(service.tiled_url, api_key=_key(service))[run_key]
+
+
+async def _stored_indices(service: LiveService, run: str) -> list[int]:
+    catalog = TiledRunCatalog(service.tiled_url, _key(service))
+    try:
+        rows = await catalog.run_points(run)
+    finally:
+        catalog.close()
+    assert rows is not None, f"run {run} not in Tiled"
+    return [r["index"] for r in rows]

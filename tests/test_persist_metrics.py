@@ -28,7 +28,7 @@ async def test_frames_dropped_while_tiled_is_away_are_counted_by_reason_on_metri
     writer = TiledWriter("http://127.0.0.1:9", None, data_dir=tmp_path, max_buffer_bytes=2 * image.nbytes)
     registry = CollectorRegistry()
     registry.register(WriterCollector(writer))
-    await writer.publish(RunStarted("run-m", "metrics", time.time()))
+    await writer.publish(RunStarted("run-m", "metrics", time.time(), run_key="run-m"))
     await writer.publish(first)
     for i in (1, 2):
         await writer.publish(make_point("http://127.0.0.1:9", "run-m", i, rng)[0])

@@ -60,7 +60,7 @@ def images() -> list[np.ndarray]:
 
 
 def _frame(run_id: str, index: int, image: np.ndarray, tiled_url: str = "") -> Frame:
-    return Frame(run_id, index, image, tiled_url, time.time(), time.perf_counter())
+    return Frame(run_id, index, image, tiled_url, time.time(), time.perf_counter(), run_key=run_id)
 
 
 async def _until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -91,7 +91,7 @@ async def test_every_frame_becomes_a_finite_point_with_cluster_timings_and_frame
     metrics = PipelineMetrics(CollectorRegistry())
     pipeline = LivePipeline(bundle, metrics, tiled_base_url=TILED, max_batch=4, queue_size=16)
     frames = [_frame("run-a", i, img) for i, img in enumerate(images)]
-    messages = [RunStarted("run-a", "scan", time.time()), *frames, RunStopped("run-a", time.time(), 6, 0)]
+    messages = [RunStarted("run-a", "scan", time.time(), run_key="run-a"), *frames, RunStopped("run-a", time.time(), 6, 0, run_key="run-a")]
     recorder = await _run_pipeline(pipeline, messages, expect_points=6)
 
     assert isinstance(recorder.messages[0], RunStarted)
@@ -117,7 +117,7 @@ async def test_cluster_new_is_published_before_the_first_point_of_that_cluster(
 ) -> None:
     pipeline = LivePipeline(bundle, PipelineMetrics(CollectorRegistry()), tiled_base_url=TILED)
     frames = [_frame("run-c", i, img) for i, img in enumerate(images)]
-    messages = [RunStarted("run-c", "scan", time.time()), *frames, RunStopped("run-c", time.time(), 6, 0)]
+    messages = [RunStarted("run-c", "scan", time.time(), run_key="run-c"), *frames, RunStopped("run-c", time.time(), 6, 0, run_key="run-c")]
     recorder = await _run_pipeline(pipeline, messages, expect_points=6)
     announced: set[int] = set()
     for message in recorder.messages:
@@ -134,7 +134,7 @@ async def test_a_frame_that_breaks_a_stage_is_rejected_alone(bundle: ModelBundle
     pipeline = LivePipeline(bundle, metrics, tiled_base_url=TILED, max_batch=8)
     broken = np.zeros(10, dtype=np.int32)  # 1-D: the preprocessor cannot make a square image of it
     frames = [_frame("r", 0, images[0]), _frame("r", 1, broken), _frame("r", 2, images[1])]
-    messages = [RunStarted("r", "scan", time.time()), *frames, RunStopped("r", time.time(), 3, 0)]
+    messages = [RunStarted("r", "scan", time.time(), run_key="r"), *frames, RunStopped("r", time.time(), 3, 0, run_key="r")]
     recorder = await _run_pipeline(pipeline, messages, expect_points=2)
     assert [p.index for p in recorder.points()] == [0, 2]
     assert metrics.snapshot()["rejected"] == {"preprocess_error": 1}
@@ -149,8 +149,8 @@ async def test_frames_that_arrive_with_a_tiled_url_keep_it_and_are_not_stored_ag
 ) -> None:
     pipeline = LivePipeline(bundle, PipelineMetrics(CollectorRegistry()), tiled_base_url=TILED)
     url = "https://facility/api/v1/array/full/scan9/primary/data?slice=41"
-    messages = [RunStarted("r", "scan", time.time()), _frame("r", 41, images[0], url),
-                RunStopped("r", time.time(), 1, 0)]
+    messages = [RunStarted("r", "scan", time.time(), run_key="r"), _frame("r", 41, images[0], url),
+                RunStopped("r", time.time(), 1, 0, run_key="r")]
     point = (await _run_pipeline(pipeline, messages, expect_points=1)).points()[0]
     assert point.tiled_url == url and not point.stored_by_service and point.image is None
 
@@ -163,7 +163,7 @@ async def test_a_failing_or_hanging_publisher_never_stops_the_others(
     pipeline.add_publisher(Failing())
     pipeline.add_publisher(Hanging())
     frames = [_frame("r", i, img) for i, img in enumerate(images[:3])]
-    messages = [RunStarted("r", "scan", time.time()), *frames, RunStopped("r", time.time(), 3, 0)]
+    messages = [RunStarted("r", "scan", time.time(), run_key="r"), *frames, RunStopped("r", time.time(), 3, 0, run_key="r")]
     recorder = await _run_pipeline(pipeline, messages, expect_points=3)
     assert len(recorder.messages) == 5
     errors = metrics.snapshot()["publisher_errors"]
@@ -184,7 +184,7 @@ async def test_close_counts_queued_frames_as_dropped_and_closes_the_open_run(
     pipeline = LivePipeline(bundle, metrics, tiled_base_url=TILED)
     recorder = Recorder()
     pipeline.add_publisher(recorder)
-    await pipeline.process(RunStarted("r", "scan", time.time()))
+    await pipeline.process(RunStarted("r", "scan", time.time(), run_key="r"))
     for i, img in enumerate(images[:2]):
         await pipeline.submit(_frame("r", i, img))
     await pipeline.close()

@@ -74,10 +74,10 @@ async def test_verify_reports_sent_processed_stored_and_lost_per_run(
     writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path / "svc")
     await writer.start()
     for run_id, n_processed in (("complete", 6), ("short", 4)):
-        await writer.publish(RunStarted(run_id, run_id, time.time()))
+        await writer.publish(RunStarted(run_id, run_id, time.time(), run_key=run_id))
         for i in range(n_processed):
             await writer.publish(make_point(ep.url, run_id, i, rng)[0])
-        await writer.publish(RunStopped(run_id, time.time(), num_frames=6, processed=n_processed))
+        await writer.publish(RunStopped(run_id, time.time(), num_frames=6, processed=n_processed, run_key=run_id))
         (tmp_path / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, "sent": 6}))
     assert await writer.flush(timeout=60)
     await writer.stop()

@@ -35,7 +35,7 @@ CHILD = textwrap.dedent(
         print("ready", flush=True)
         sys.stdin.readline()  # the test stops Tiled first
         rng = np.random.default_rng(7)
-        await w.publish(RunStarted("run-crash", "crash", time.time(), {"sample": "S1"}))
+        await w.publish(RunStarted("run-crash", "crash", time.time(), {"sample": "S1"}, run_key="run-crash"))
         for i in range(30):
             p, _ = make_point(url, "run-crash", i, rng)
             await w.publish(p)
@@ -90,7 +90,7 @@ async def test_sigkill_mid_run_loses_no_published_row_and_the_run_continues(
         p, _ = make_point(ep.url, "run-crash", i, rng)
         await writer.publish(p)
     await writer.publish(
-        RunStopped("run-crash", time.time(), num_frames=published + 5, processed=published + 5)
+        RunStopped("run-crash", time.time(), num_frames=published + 5, processed=published + 5, run_key="run-crash")
     )
     assert await writer.flush(timeout=120)
     stats = writer.stats()
@@ -115,7 +115,7 @@ async def test_a_recovered_open_run_is_closed_cleanly_when_the_writer_stops(
     rng = np.random.default_rng(5)
     first = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
     await first.start()
-    await first.publish(RunStarted("run-abandoned", "abandoned", time.time()))
+    await first.publish(RunStarted("run-abandoned", "abandoned", time.time(), run_key="run-abandoned"))
     for i in range(4):
         await first.publish(make_point(ep.url, "run-abandoned", i, rng)[0])
     assert await first.flush(timeout=60)

@@ -29,7 +29,7 @@ async def test_tiled_down_for_ten_seconds_loses_no_frame_and_no_row(
     writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, give_up_after=120)
     await writer.start()
     run_id = "run-outage"
-    await writer.publish(RunStarted(run_id, "outage", time.time()))
+    await writer.publish(RunStarted(run_id, "outage", time.time(), run_key=run_id))
     points, images = [], []
 
     async def publish_for(seconds: float) -> None:
@@ -52,7 +52,7 @@ async def test_tiled_down_for_ten_seconds_loses_no_frame_and_no_row(
     await tiled_server.start()  # same port, same data directory
     assert time.monotonic() - down_at >= OUTAGE_S
     await publish_for(1.0)
-    await writer.publish(RunStopped(run_id, time.time(), num_frames=len(points), processed=len(points)))
+    await writer.publish(RunStopped(run_id, time.time(), num_frames=len(points), processed=len(points), run_key=run_id))
     assert await writer.flush(timeout=180)
     stats = writer.stats()
     await writer.stop()
@@ -84,7 +84,7 @@ async def test_a_tiled_that_comes_up_long_after_the_writer_started_still_gets_ev
     writer = TiledWriter(url, "latekey0123", data_dir=tmp_path / "writer", give_up_after=1.0)
     task = writer.start_soon()
     rng = np.random.default_rng(3)
-    await writer.publish(RunStarted("run-late", "late", time.time()))
+    await writer.publish(RunStarted("run-late", "late", time.time(), run_key="run-late"))
     for i in range(5):
         await writer.publish(make_point(url, "run-late", i, rng)[0])
     await asyncio.sleep(3.0)  # three times give_up_after, Tiled still down

@@ -51,7 +51,7 @@ async def test_every_point_url_returns_the_exact_frame_bytes_over_plain_http(
     await writer.start()
     run_id = "run-bytes"
     await writer.publish(
-        RunStarted(run_id, "bytes scan", time.time(), {"sample": "AgBH", "energy_kev": 12.0})
+        RunStarted(run_id, "bytes scan", time.time(), {"sample": "AgBH", "energy_kev": 12.0}, run_key=run_id)
     )
     points, images = [], []
     # frame numbers start at 1 and skip one: the URI's slice is the frame number, whatever it is
@@ -67,7 +67,7 @@ async def test_every_point_url_returns_the_exact_frame_bytes_over_plain_http(
         points.append(p)
         images.append(p.image)
         await writer.publish(p)
-    await writer.publish(RunStopped(run_id, time.time(), num_frames=len(points), processed=len(points)))
+    await writer.publish(RunStopped(run_id, time.time(), num_frames=len(points), processed=len(points), run_key=run_id))
     assert await writer.flush(timeout=120)
     stats = writer.stats()
     await writer.stop()
@@ -101,7 +101,7 @@ async def test_full_size_pilatus_frames_round_trip_byte_identical(
     rng = np.random.default_rng(2)
     writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
     await writer.start()
-    await writer.publish(RunStarted("run-pilatus", "full size", time.time()))
+    await writer.publish(RunStarted("run-pilatus", "full size", time.time(), run_key="run-pilatus"))
     points, images = [], []
     for index in range(3):
         p, img = make_point(ep.url, "run-pilatus", index, rng, shape=(1679, 1475))
@@ -123,13 +123,13 @@ async def test_frames_that_came_with_a_tiled_url_are_not_rewritten(
     rng = np.random.default_rng(3)
     writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
     await writer.start()
-    await writer.publish(RunStarted("run-facility", "facility frames", time.time()))
+    await writer.publish(RunStarted("run-facility", "facility frames", time.time(), run_key="run-facility"))
     for index in range(5):
         p, _ = make_point(ep.url, "run-facility", index, rng)
         p.tiled_url = f"https://tiled.facility.example/api/v1/array/full/raw/scan9/image?slice={index}"
         p.stored_by_service, p.image = False, None
         await writer.publish(p)
-    await writer.publish(RunStopped("run-facility", time.time(), 5, 5))
+    await writer.publish(RunStopped("run-facility", time.time(), 5, 5, run_key="run-facility"))
     assert await writer.flush(timeout=60)
     stats = writer.stats()
     await writer.stop()
@@ -148,7 +148,7 @@ async def test_a_frame_of_another_shape_is_counted_not_written_with_its_reason(
     rng = np.random.default_rng(4)
     writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
     await writer.start()
-    await writer.publish(RunStarted("run-shapes", "shapes", time.time()))
+    await writer.publish(RunStarted("run-shapes", "shapes", time.time(), run_key="run-shapes"))
     for index in range(4):
         p, _ = make_point(ep.url, "run-shapes", index, rng, shape=(48, 64) if index != 2 else (32, 32))
         await writer.publish(p)
@@ -173,7 +173,7 @@ async def test_publish_never_waits_for_tiled_and_the_buffer_drops_oldest_frames_
     await writer.start()
     await tiled_server.stop()
     try:
-        await writer.publish(RunStarted("run-full", "buffer", time.time()))
+        await writer.publish(RunStarted("run-full", "buffer", time.time(), run_key="run-full"))
         for index in range(10):
             p, _ = make_point(ep.url, "run-full", index, rng)
             await writer.publish(p)
@@ -198,7 +198,7 @@ async def test_a_frame_not_written_yet_answers_404_not_a_dropped_connection(
     rng = np.random.default_rng(6)
     writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
     await writer.start()
-    await writer.publish(RunStarted("run-early", "polled early", time.time()))
+    await writer.publish(RunStarted("run-early", "polled early", time.time(), run_key="run-early"))
     points = []
     for index in range(2):
         p, _ = make_point(ep.url, "run-early", index, rng)
@@ -234,7 +234,7 @@ async def test_frames_arriving_at_a_steady_rate_share_requests_and_each_lag_is_o
     registry.register(WriterCollector(writer))
     await writer.start()
     run_id = "run-linger"
-    await writer.publish(RunStarted(run_id, "steady scan", time.time()))
+    await writer.publish(RunStarted(run_id, "steady scan", time.time(), run_key=run_id))
     n, rate_hz = 16, 20.0
     for index in range(n):  # a detector's pace: each frame alone would be written before the next came
         await writer.publish(make_point(ep.url, run_id, index, rng)[0])

@@ -42,6 +42,7 @@ def make_point(
     image = rng.integers(0, 2**20, shape, dtype=np.int32)
     point = Point(
         run_id=run_id,
+        run_key=run_id,
         index=index,
         x=float(rng.standard_normal()),
         y=float(rng.standard_normal()),

@@ -3,6 +3,9 @@
 Implements `frontend_bridge.app.RunCatalog` structurally (no import of the bridge):
 `list_runs(limit)` and `run_points(run_id)`. The Tiled client is synchronous, so every call runs in a
 worker thread; nothing here is on the per-frame path.
+
+A run is found by its storage key or by the sender's run id (the latest run that came with that id;
+a reused id is stored under one key per run, see keys.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import asyncio
 import logging
 import math
 from typing import Any
+
+from operators.persist.keys import is_safe_key
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +43,34 @@ class TiledRunCatalog:
         return node
 
     async def list_runs(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest first: run_id, run_name, started_at, stopped_at, num_points, status."""
+        """Newest first: run_id, run_key, run_name, started_at, stopped_at, num_points, status."""
         return await asyncio.to_thread(self._list_runs, limit)
+
+    def _runs(self) -> list[tuple[str, dict[str, Any], Any]]:
+        """(key, metadata, node) of every run this service wrote."""
+        out = []
+        for key, node in self._root().items():
+            md = dict(node.metadata)
+            if md.get("writer") == "latent-stream":
+                out.append((key, md, node))
+        return out
+
+    def _find(self, run: str) -> Any | None:
+        """The node of run key ``run``, else of the latest run the sender called ``run``."""
+        root = self._root()
+        if is_safe_key(run) and run in root:  # anything else would be read as a path into the tree
+            return root[run]
+        named = [(md.get("started_at") or 0.0, node) for _, md, node in self._runs() if md.get("run_id") == run]
+        return max(named, key=lambda pair: pair[0])[1] if named else None
 
     def _list_runs(self, limit: int) -> list[dict[str, Any]]:
         out = []
-        for run_id, node in self._root().items():
-            md = dict(node.metadata)
-            if md.get("writer") != "latent-stream":
-                continue
+        for key, md, _ in self._runs():
             out.append(
                 {
-                    "run_id": run_id,
-                    "run_name": md.get("run_name", run_id),
+                    "run_id": md.get("run_id", key),
+                    "run_key": key,
+                    "run_name": md.get("run_name", key),
                     "started_at": md.get("started_at"),
                     "stopped_at": md.get("stopped_at"),
                     "num_points": md.get("rows"),
@@ -60,21 +80,21 @@ class TiledRunCatalog:
         out.sort(key=lambda r: r.get("started_at") or 0.0, reverse=True)
         return out[:limit]
 
-    async def run_points(self, run_id: str) -> list[dict[str, Any]] | None:
-        """The run's rows (keys ROW_KEYS) in processing order, or None for an unknown run."""
-        return await asyncio.to_thread(self._run_points, run_id)
+    async def run_points(self, run: str) -> list[dict[str, Any]] | None:
+        """The run's rows (keys ROW_KEYS) in processing order, or None for an unknown run (key or run id)."""
+        return await asyncio.to_thread(self._run_points, run)
 
-    def _run_points(self, run_id: str) -> list[dict[str, Any]] | None:
-        root = self._root()
-        if run_id not in root:
+    def _run_points(self, run: str) -> list[dict[str, Any]] | None:
+        node = self._find(run)
+        if node is None:
             return None
-        latent = root[run_id].get("latent", None)
+        latent = node.get("latent", None)
         if latent is None or "points" not in latent:
             return []
         try:
             df = latent["points"].read()
         except Exception as exc:  # noqa: BLE001 - an appendable table with no partition written yet
-            logger.info("run %s has no readable points yet: %s", run_id, exc)
+            logger.info("run %r has no readable points yet: %s", run, exc)
             return []
         df = df.sort_values("row") if "row" in df else df
         rows = []
@@ -87,15 +107,14 @@ class TiledRunCatalog:
             rows.append(rec)
         return rows
 
-    async def run_report(self, run_id: str) -> dict[str, Any] | None:
-        """What Tiled holds for a run: its metadata counters, rows stored and frames stored."""
-        return await asyncio.to_thread(self._run_report, run_id)
+    async def run_report(self, run: str) -> dict[str, Any] | None:
+        """What Tiled holds for a run (key or run id): its metadata counters, rows stored and frames stored."""
+        return await asyncio.to_thread(self._run_report, run)
 
     def _run_report(self, run_id: str) -> dict[str, Any] | None:
-        root = self._root()
-        if run_id not in root:
+        run = self._find(run_id)
+        if run is None:
             return None
-        run = root[run_id]
         md = dict(run.metadata)
         rows = 0
         if "latent" in run and "points" in run["latent"]:
@@ -105,7 +124,8 @@ class TiledRunCatalog:
                 rows = 0
         persist = md.get("persist") or {}
         return {
-            "run_id": run_id,
+            "run_id": md.get("run_id", run_id),
+            "run_key": run.item["id"],
             "status": md.get("status", "open"),
             "num_frames": md.get("num_frames"),
             "processed": md.get("processed"),

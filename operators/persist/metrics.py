@@ -27,6 +27,8 @@ class WriterCollector(Collector):
         yield CounterMetricFamily(f"{p}_frame_requests", "Requests that wrote those frames", value=s.frame_requests)
         yield CounterMetricFamily(f"{p}_rows_written", "Point rows written to Tiled", value=s.rows_written)
         yield CounterMetricFamily(f"{p}_retries", "Writes retried after a transient error", value=s.retries)
+        yield CounterMetricFamily(f"{p}_logs_set_aside", "Crash result logs that could not be replayed "
+                                  "(moved to results-log/unreplayable/)", value=s.logs_set_aside)  # fmt: skip
         for name, counts, what in (
             ("frames_not_written", s.frames_not_written, "Frames to store that did not reach Tiled"),
             ("rows_not_written", s.rows_not_written, "Point rows that did not reach Tiled"),

@@ -9,27 +9,35 @@ waits up to `frames_linger` seconds for others to join it), and the rows in batc
 embedded server ~20% more CPU than one per 0.3 s (benchmarks/persist.py), on a machine whose cores
 the live path needs too; 0.3 s is small against the 2 s in which a frame must be fetchable.
 
-  /<run_id>                  container, start metadata; "status" open -> closed
-  /<run_id>/primary/image    (N, H, W) frames that came without a tiled_url, one chunk per frame,
+  /<run_key>                  container, start metadata (the sender's run_id among it); "status" open -> closed
+  /<run_key>/primary/image    (N, H, W) frames that came without a tiled_url, one chunk per frame,
                              slice i is the frame whose frame number is i
-  /<run_id>/latent/points    appendable table, one row per processed frame (columns in POINT_SCHEMA)
-  /<run_id>/latent/vectors   (N, D) float32 latent means; vectors row r <-> points row r ("row" column)
+  /<run_key>/latent/points    appendable table, one row per processed frame (columns in POINT_SCHEMA)
+  /<run_key>/latent/vectors   (N, D) float32 latent means; vectors row r <-> points row r ("row" column)
 
 Buffer policy (bounded): frames waiting to be written are bounded by `max_buffer_bytes`; when full,
 the OLDEST waiting frame image is dropped and counted (frames_not_written["buffer_full"]); its row is
-kept (rows are small and also in the result log). A batch that fails with a transient error
-(connection refused, timeout, 5xx) is retried with exponential backoff for up to `give_up_after`
-seconds, then counted as not written ("tiled_unreachable"); a 4xx is counted at once
-("rejected_by_tiled"). Appending rows is not idempotent, so before re-appending after an
-ambiguous failure the writer reads the table's "row" column and skips what already landed.
+kept (rows are small and also in the result log). A batch that fails because Tiled is not there
+(connection refused, timeout, 502/503/504) is retried with exponential backoff for up to
+`give_up_after` seconds, then counted as not written ("tiled_unreachable"); one that Tiled answers
+with another 5xx is tried `failed_attempts` times ("failed_by_tiled"), and a 4xx is counted at once
+("rejected_by_tiled"), so that one bad request never holds up the runs behind it. Appending rows is
+not idempotent, so before re-appending after an ambiguous failure the writer reads the table's "row"
+column and skips what already landed.
 
-Resume after a crash: on start every result log left in the data directory is adopted at once
-(a run that continues gets the next row numbers) and, once Tiled answers and before anything
-published since, replayed into it: rows missing from Tiled are appended (vectors too), frames the
-log does not mark as written are counted as lost ("lost_in_crash": the image died with the
-process), and a run whose log has a `stop` record is closed. A run without one stays open and is
-continued if points for the same run_id arrive; otherwise it is closed with reason "interrupted"
-when another run starts or the writer stops.
+Each run is stored under its own key (`RunStarted.run_key`, see keys.py), never under the sender's
+run id: a reused id gets a new node and a new result log. Nothing stored is overwritten: a frame
+number sent twice in a run keeps its first frame ("duplicate_index"), and frame numbers above
+`max_frame_index` are not stored ("index_out_of_range", see `_refuse_frame`); their rows are.
+
+Resume after a crash: on start every result log left in the data directory is adopted at once and,
+once Tiled answers and before anything published since, replayed into it: rows missing from Tiled
+are appended (vectors too), frames the log does not mark as written are counted as lost
+("lost_in_crash": the image died with the process), and a run whose log has a `stop` record is
+closed. A run without one is closed with reason "interrupted" when another run starts or the writer
+stops. A log that cannot be replayed (unreadable, or a node Tiled refuses) is moved aside
+(wal.SET_ASIDE_DIR), counted (`logs_set_aside`, rows "unreplayable") and logged: it never stops the
+writer from starting.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import httpx
 import numpy as np
 
 from operators.messages import ClusterNew, PipelineMessage, Point, RunStarted, RunStopped
+from operators.persist.keys import is_safe_key
 from operators.persist.wal import RecoveredRun, ResultLog
 from operators.throttled_log import ThrottledLog
 
@@ -102,19 +111,33 @@ class PersistError(Exception):
 
 
 class TiledUnavailable(PersistError):
-    """Tiled did not answer (connection refused, timeout, 5xx): worth retrying."""
+    """Tiled did not answer (connection refused, timeout, 502/503/504 from a proxy): wait for it."""
+
+
+class TiledFailed(PersistError):
+    """Tiled answered but failed this request (500 and the like): worth a few retries, not more.
+
+    Tiled is up and failing on what was sent (e.g. an offset it cannot extend to); waiting for it as
+    for an outage held every later run's writes behind this one for minutes.
+    """
 
 
 class TiledRejected(PersistError):
     """Tiled refused the request (4xx): retrying will not help."""
 
 
+# Statuses a proxy answers while the server behind it is down or restarting.
+_UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
+
+
 def _translate(exc: BaseException) -> PersistError:
-    """Map httpx / tiled client errors onto our two kinds."""
+    """Map httpx / tiled client errors onto our three kinds."""
     if isinstance(exc, httpx.HTTPStatusError):
         status = exc.response.status_code
-        if status >= 500:
+        if status in _UNAVAILABLE_STATUSES:
             return TiledUnavailable(f"HTTP {status}")
+        if status >= 500:
+            return TiledFailed(f"HTTP {status}: {exc.response.text[:200]}")
         return TiledRejected(f"HTTP {status}: {exc.response.text[:200]}")
     if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, OSError)):
         return TiledUnavailable(f"{type(exc).__name__}: {exc}")
@@ -123,7 +146,7 @@ def _translate(exc: BaseException) -> PersistError:
 
 @dataclass(slots=True)
 class _Row:
-    run_id: str
+    run_key: str
     row: int
     index: int
     values: dict[str, Any]
@@ -135,7 +158,8 @@ class _Row:
 
 @dataclass(slots=True)
 class _RunState:
-    run_id: str
+    run_key: str  # the node it is stored under
+    run_id: str  # as the sender called it: metadata and log lines only
     next_row: int = 0
     start: dict[str, Any] | None = None
     created: bool = False
@@ -143,6 +167,7 @@ class _RunState:
     image_dtype: str | None = None
     vectors_dim: int | None = None  # set once /<run>/latent/vectors exists
     recovered_open: bool = False
+    frame_indices: set[int] = field(default_factory=set)  # of frames taken to store: a repeat is not written
     frames_written: int = 0
     rows_written: int = 0
     frames_not_written: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -167,6 +192,7 @@ class WriterStats:
     frames_not_written: dict[str, int] = field(default_factory=dict)
     rows_not_written: dict[str, int] = field(default_factory=dict)
     retries: int = 0
+    logs_set_aside: int = 0  # result logs left by a crash that could not be replayed (results-log/unreplayable/)
     buffered_rows: int = 0
     buffered_bytes: int = 0
     lag_p50_s: float | None = None  # point sent -> its frame fetchable from Tiled (the last 10,000 frames)
@@ -195,6 +221,8 @@ class TiledWriter:
         rows_interval: float = 1.0,
         frames_linger: float = 0.3,
         give_up_after: float = 300.0,
+        failed_attempts: int = 3,
+        max_frame_index: int = 1_000_000,
         request_timeout: float = 30.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -206,6 +234,8 @@ class TiledWriter:
         self.rows_interval = rows_interval
         self.frames_linger = frames_linger
         self.give_up_after = give_up_after
+        self.failed_attempts = failed_attempts
+        self.max_frame_index = max_frame_index
         self.request_timeout = request_timeout
         self._log = ResultLog(Path(data_dir) / "results-log")
         # One FIFO of operations keeps the per-run order: start, rows..., stop.
@@ -245,33 +275,33 @@ class TiledWriter:
             return
         self._wake.set()
 
-    def _run(self, run_id: str) -> _RunState:
-        st = self._runs.get(run_id)
+    def _run(self, run_key: str, run_id: str | None = None) -> _RunState:
+        st = self._runs.get(run_key)
         if st is None:
-            st = self._runs[run_id] = _RunState(run_id)
+            st = self._runs[run_key] = _RunState(run_key, run_key if run_id is None else run_id)
         return st
 
     def _enqueue_start(self, m: RunStarted) -> None:
         # A new run closes runs recovered open after a crash that nobody continued.
         for st in list(self._runs.values()):
-            if st.recovered_open and st.run_id != m.run_id:
+            if st.recovered_open:
                 self._enqueue_stop(
-                    RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted")
+                    RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted", run_key=st.run_key)
                 )
-        st = self._run(m.run_id)
-        st.recovered_open = False
+        st = self._run(m.run_key, m.run_id)
         start = {
+            "run_key": m.run_key,
             "run_id": m.run_id,
             "run_name": m.run_name,
             "started_at": m.started_at,
             "metadata": m.metadata,
         }
         st.start = start
-        self._log.append(m.run_id, {"t": "start", **start})
-        self._ops.append(("start", m.run_id))
+        self._log.append(m.run_key, {"t": "start", **start})
+        self._ops.append(("start", m.run_key))
 
     def _enqueue_point(self, p: Point) -> None:
-        st = self._run(p.run_id)
+        st = self._run(p.run_key, p.run_id)
         row = st.next_row
         st.next_row += 1
         values = {
@@ -289,12 +319,18 @@ class TiledWriter:
         }
         latent = np.ascontiguousarray(p.latent, dtype=np.float32).reshape(-1)
         image = p.image if (p.stored_by_service and p.image is not None) else None
+        if image is not None and (refused := self._refuse_frame(st, p.index)):
+            image = None
+            st.frames_not_written[refused] += 1
+            self._warn.warning(refused, "run %s frame %d not stored: %s", p.run_key, p.index, refused)
+        elif image is not None:
+            st.frame_indices.add(p.index)
         self._log.append(
-            p.run_id,
-            {"t": "point", "run_id": p.run_id, **values, "stored_by_service": image is not None,
+            p.run_key,
+            {"t": "point", "run_key": p.run_key, "run_id": p.run_id, **values, "stored_by_service": image is not None,
              "latent": latent.tobytes()},
         )  # fmt: skip
-        r = _Row(p.run_id, row, int(p.index), values, latent, image, float(p.timestamp), time.monotonic())
+        r = _Row(p.run_key, row, int(p.index), values, latent, image, float(p.timestamp), time.monotonic())
         self._ops.append(("row", r))
         if image is not None:
             self._frame_queue.append(r)
@@ -302,23 +338,37 @@ class TiledWriter:
             while self._buffered_bytes > self.max_buffer_bytes and self._frame_queue:
                 self._drop_image(self._frame_queue.popleft(), "buffer_full")
 
+    def _refuse_frame(self, st: _RunState, index: int) -> str | None:
+        """Why a frame must not be stored, if it must not.
+
+        A resent frame number would overwrite the frame stored first. Tiled describes the frame stack
+        with one chunk per frame up to the highest index, so its cost for every later request grows with
+        that index (~3 s per request at 10**7, 26 s at 10**8, a dead server at 2**31 here): one absurd
+        frame number must not make storage crawl.
+        """
+        if index in st.frame_indices:
+            return "duplicate_index"
+        if index > self.max_frame_index:
+            return "index_out_of_range"
+        return None
+
     def _drop_image(self, r: _Row, reason: str) -> None:
         if r.image is None:
             return
         self._buffered_bytes -= r.image.nbytes
         r.image = None
-        dropped = self._run(r.run_id).frames_not_written
+        dropped = self._run(r.run_key).frames_not_written
         dropped[reason] += 1
         self._warn.warning(reason, "run %s frame %d not written to Tiled: %s (%d so far in this run)",
-                           r.run_id, r.index, reason, dropped[reason])  # fmt: skip
+                           r.run_key, r.index, reason, dropped[reason])  # fmt: skip
 
     def _enqueue_stop(self, m: RunStopped) -> None:
-        st = self._run(m.run_id)
+        st = self._run(m.run_key, m.run_id)
         st.recovered_open = False
         stop = {"stopped_at": m.stopped_at, "num_frames": m.num_frames, "processed": m.processed,
                 "reason": m.reason}  # fmt: skip
-        self._log.append(m.run_id, {"t": "stop", "run_id": m.run_id, **stop})
-        self._ops.append(("stop", (m.run_id, stop)))
+        self._log.append(m.run_key, {"t": "stop", "run_key": m.run_key, "run_id": m.run_id, **stop})
+        self._ops.append(("stop", (m.run_key, stop)))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -339,9 +389,14 @@ class TiledWriter:
         what was published meanwhile and after. It fails when `tiled_ready()` raises or Tiled refuses
         the writer (e.g. a wrong API key); the caller watches the returned task.
         """
-        recovered = self._log.recover()
-        for rec in recovered:
-            self._adopt(rec)
+        recovered = []
+        for rec in self._log.recover():
+            try:
+                self._adopt(rec)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                self._set_aside(rec, f"{type(exc).__name__}: {exc}")
+            else:
+                recovered.append(rec)
         self._task = asyncio.create_task(self._serve(tiled_ready, recovered), name="tiled-writer")
         return self._task
 
@@ -367,7 +422,7 @@ class TiledWriter:
         for st in list(self._runs.values()):
             if st.recovered_open:
                 self._enqueue_stop(
-                    RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted")
+                    RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted", run_key=st.run_key)
                 )
         self._wake.set()
         self._closing = True
@@ -380,7 +435,7 @@ class TiledWriter:
             self._task = None
         for kind, item in self._ops:  # left in the result log: the next start replays the rows
             if kind == "row":
-                self._run(item.run_id).rows_not_written["shutdown"] += 1
+                self._run(item.run_key).rows_not_written["shutdown"] += 1
                 if item.image is not None:
                     self._drop_image(item, "shutdown")
         self._ops.clear()
@@ -427,6 +482,7 @@ class TiledWriter:
             frames_not_written=dict(fnw),
             rows_not_written=dict(rnw),
             retries=self._retries,
+            logs_set_aside=self._log.logs_set_aside,
             buffered_rows=sum(1 for k, _ in self._ops if k == "row"),
             buffered_bytes=self._buffered_bytes,
             lag_p50_s=float(np.percentile(lags, 50)) if lags is not None else None,
@@ -437,9 +493,9 @@ class TiledWriter:
             lag_sum_s=self._lag_sum,
         )
 
-    def run_counts(self, run_id: str) -> dict[str, Any]:
+    def run_counts(self, run_key: str) -> dict[str, Any]:
         """Per-run persistence counters (for the run report)."""
-        st = self._runs.get(run_id)
+        st = self._runs.get(run_key)
         if st is None:
             return {}
         return {
@@ -499,7 +555,7 @@ class TiledWriter:
             batch: list[_Row] = []
             boundary = False  # the batch ends at another run / a start / a stop: no point waiting
             for k, it in self._ops:
-                if k != "row" or it.run_id != item.run_id:
+                if k != "row" or it.run_key != item.run_key:
                     boundary = True
                     break
                 if len(batch) >= self.max_batch:
@@ -528,13 +584,13 @@ class TiledWriter:
             await self._with_retry(f"start of run {item}", self._ensure_run, item)
             self._ops.popleft()
         elif kind == "stop":
-            run_id, stop = item
-            failed = await self._with_retry(f"stop of run {run_id}", self._close_run, run_id, stop)
+            run_key, stop = item
+            failed = await self._with_retry(f"stop of run {run_key}", self._close_run, run_key, stop)
             self._ops.popleft()
             if not failed and not any(
-                k == "row" and it.run_id == run_id for k, it in self._ops
+                k == "row" and it.run_key == run_key for k, it in self._ops
             ):  # everything of this run is in Tiled
-                self._log.discard(run_id)
+                self._log.discard(run_key)
 
     def _frames_due(self, waiting: list[_Row], now: float) -> bool:
         """Write now: the oldest waiting frame has lingered long enough, or a full PATCH is waiting."""
@@ -552,7 +608,8 @@ class TiledWriter:
         """Run `fn(*args, attempt)` (a coroutine function on the loop, else in a worker thread),
         retrying transient errors.
 
-        Returns None on success, else the reason it gave up ("rejected_by_tiled" | "tiled_unreachable").
+        Returns None on success, else the reason it gave up: "rejected_by_tiled" (4xx, at once),
+        "failed_by_tiled" (5xx `failed_attempts` times) or "tiled_unreachable" (for `give_up_after` s).
         """
         delay = 0.2
         t0 = time.monotonic()
@@ -571,6 +628,9 @@ class TiledWriter:
                 if isinstance(err, TiledRejected):
                     logger.error("Tiled rejected %s: %s", what, err)
                     return "rejected_by_tiled"
+                if isinstance(err, TiledFailed) and attempt >= self.failed_attempts:
+                    logger.error("Tiled failed %s %d times, dropped: %s", what, attempt, err)
+                    return "failed_by_tiled"
                 if time.monotonic() - t0 > self.give_up_after or (self._closing and attempt > 3):
                     logger.error("giving up on %s after %d attempts: %s", what, attempt, err)
                     return "tiled_unreachable"
@@ -591,12 +651,12 @@ class TiledWriter:
         """
         if not any(r.image is not None for r in batch):
             return
-        run_id = batch[0].run_id  # a batch holds one run's rows
-        st = self._run(run_id)
+        run_key = batch[0].run_key  # a batch holds one run's rows
+        st = self._run(run_key)
         if st.image_shape is None:
             first = next(r for r in batch if r.image is not None)
             failed = await self._with_retry(
-                f"image array of run {run_id}", self._ensure_image_array, run_id, first.image
+                f"image array of run {run_key}", self._ensure_image_array, run_key, first.image
             )
             if failed:
                 for r in batch:
@@ -606,9 +666,9 @@ class TiledWriter:
                 return
         while group := self._next_patch(batch, st):
             first, last = group[0][0].index, group[-1][0].index
-            what = f"frame {first} of run {run_id}" if first == last else f"frames {first}-{last} of run {run_id}"
+            what = f"frame {first} of run {run_key}" if first == last else f"frames {first}-{last} of run {run_key}"
             try:
-                failed = await self._with_retry(what, self._patch_frames, run_id, first, [im for _, im in group])
+                failed = await self._with_retry(what, self._patch_frames, run_key, first, [im for _, im in group])
             except asyncio.CancelledError:  # stop() gave up draining while these frames were in flight
                 st.frames_not_written["shutdown"] += len(group)
                 raise
@@ -620,7 +680,7 @@ class TiledWriter:
             for r, _ in group:
                 self._record_lag(now - r.published_at)
                 st.frames_written += 1
-                self._log.append(run_id, {"t": "frame_ok", "run_id": run_id, "index": r.index})
+                self._log.append(run_key, {"t": "frame_ok", "run_key": run_key, "index": r.index})
 
     def _record_lag(self, lag: float) -> None:
         self._lags.append(lag)
@@ -644,7 +704,7 @@ class TiledWriter:
                 self._take_image(r)
                 st.frames_not_written["shape_mismatch"] += 1
                 self._warn.warning("shape_mismatch", "run %s frame %d not written: shape/dtype differs from "
-                                   "the run's first frame", r.run_id, r.index)  # fmt: skip
+                                   "the run's first frame", r.run_key, r.index)  # fmt: skip
                 continue
             if group and (r.index != group[-1][0].index + 1 or size + image.nbytes > self.max_patch_bytes):
                 break
@@ -664,9 +724,9 @@ class TiledWriter:
     async def _write_batch(self, batch: list[_Row]) -> None:
         """Write one batch of rows (points table + latent vectors); bookkeeping stays on the loop."""
         out = _BatchOutcome()
-        run_id = batch[0].run_id
-        failed = await self._with_retry(f"rows of run {run_id}", self._write_rows, batch, out)
-        st = self._run(run_id)
+        run_key = batch[0].run_key
+        failed = await self._with_retry(f"rows of run {run_key}", self._write_rows, batch, out)
+        st = self._run(run_key)
         st.rows_written += out.rows_done
         if failed:
             st.rows_not_written[failed] += len(batch) - out.rows_done - out.rows_skipped
@@ -685,7 +745,7 @@ class TiledWriter:
         )  # fmt: skip
         r.raise_for_status()
 
-    async def _patch_frames(self, run_id: str, first: int, images: list[np.ndarray], attempt: int = 0) -> None:
+    async def _patch_frames(self, run_key: str, first: int, images: list[np.ndarray], attempt: int = 0) -> None:
         """Slices first, first + 1, ... of /<run>/primary/image in one request.
 
         Idempotent (same slices, same bytes): safe to retry.
@@ -698,37 +758,37 @@ class TiledWriter:
 
         params = {"offset": str(first), "shape": ",".join(map(str, (len(frames), *frames[0].shape))),
                   "extend": "true"}  # fmt: skip
-        await self._patch(self._url("array/full", run_id, "primary", "image"), params, body(),
+        await self._patch(self._url("array/full", run_key, "primary", "image"), params, body(),
                           sum(f.nbytes for f in frames), "application/octet-stream")  # fmt: skip
 
     async def _write_rows(self, batch: list[_Row], out: _BatchOutcome, attempt: int = 0) -> None:
         import pyarrow as pa
 
-        run_id = batch[0].run_id
-        st = self._run(run_id)
+        run_key = batch[0].run_key
+        st = self._run(run_key)
         if not st.created:
-            await asyncio.to_thread(self._ensure_run, run_id)
+            await asyncio.to_thread(self._ensure_run, run_key)
         rows = batch
         if attempt > 0:  # the previous append may have landed: skip rows already there
-            present = await asyncio.to_thread(lambda: self._rows_present(self._node(run_id)))
+            present = await asyncio.to_thread(lambda: self._rows_present(self._node(run_key)))
             rows = [r for r in batch if r.row not in present]
             out.rows_skipped = len(batch) - len(rows)
         if not rows:
             return
         dim = rows[0].latent.shape[0]
         if st.vectors_dim is None:
-            await asyncio.to_thread(self._ensure_vectors_array, run_id, dim)
+            await asyncio.to_thread(self._ensure_vectors_array, run_key, dim)
         for group in _consecutive(rows, key=lambda r: r.row):  # idempotent: rewriting the same rows
             vec = np.stack([r.latent for r in group]).astype(np.float32, copy=False)
             params = {"offset": str(group[0].row), "shape": f"{len(group)},{dim}", "extend": "true"}
-            await self._patch(self._url("array/full", run_id, "latent", "vectors"), params, vec.tobytes(),
+            await self._patch(self._url("array/full", run_key, "latent", "vectors"), params, vec.tobytes(),
                               vec.nbytes, "application/octet-stream")  # fmt: skip
         table = pa.Table.from_pylist([r.values for r in rows], schema=point_schema())
         sink = io.BytesIO()
         with pa.ipc.new_file(sink, table.schema) as f:
             f.write_table(table)
         body = sink.getvalue()
-        await self._patch(self._url("table/partition", run_id, "latent", "points"), {"partition": "0"}, body,
+        await self._patch(self._url("table/partition", run_key, "latent", "points"), {"partition": "0"}, body,
                           len(body), APACHE_ARROW_FILE)  # fmt: skip
         out.rows_done = len(rows)
 
@@ -757,15 +817,16 @@ class TiledWriter:
                 return parent[key]
             raise
 
-    def _ensure_run(self, run_id: str, attempt: int = 0) -> None:
-        st = self._run(run_id)
+    def _ensure_run(self, run_key: str, attempt: int = 0) -> None:
+        st = self._run(run_key)
         parent = self._client
         for p in self._path():
             parent = self._ensure_container(parent, p)
-        start = st.start or {"run_id": run_id, "run_name": run_id, "started_at": time.time(), "metadata": {}}
-        md = {**_jsonable(start.get("metadata") or {}), "run_id": run_id, "run_name": start["run_name"],
-              "started_at": start["started_at"], "status": "open", "writer": "latent-stream"}  # fmt: skip
-        run = self._ensure_container(parent, run_id, md)
+        start = st.start or {"run_name": st.run_id, "started_at": time.time(), "metadata": {}}
+        md = {**_jsonable(start.get("metadata") or {}), "run_id": st.run_id, "run_key": run_key,
+              "run_name": start["run_name"], "started_at": start["started_at"], "status": "open",
+              "writer": "latent-stream"}  # fmt: skip
+        run = self._ensure_container(parent, run_key, md)
         self._ensure_container(run, "primary")
         latent = self._ensure_container(run, "latent")
         try:
@@ -775,17 +836,17 @@ class TiledWriter:
                 raise
         st.created = True
 
-    def _ensure_image_array(self, run_id: str, first: np.ndarray, attempt: int = 0) -> None:
+    def _ensure_image_array(self, run_key: str, first: np.ndarray, attempt: int = 0) -> None:
         """Create (or find, after a restart) /<run>/primary/image; remember its frame shape and dtype."""
-        st = self._run(run_id)
+        st = self._run(run_key)
         if not st.created:
-            self._ensure_run(run_id)
-        img = self._ensure_array(self._node(run_id, "primary"), "image", first.shape, first.dtype)
+            self._ensure_run(run_key)
+        img = self._ensure_array(self._node(run_key, "primary"), "image", first.shape, first.dtype)
         st.image_shape, st.image_dtype = tuple(img.shape[1:]), np.dtype(img.dtype).str
 
-    def _ensure_vectors_array(self, run_id: str, dim: int, attempt: int = 0) -> None:
-        vec = self._ensure_array(self._node(run_id, "latent"), "vectors", (dim,), np.dtype(np.float32))
-        self._run(run_id).vectors_dim = int(vec.shape[1])
+    def _ensure_vectors_array(self, run_key: str, dim: int, attempt: int = 0) -> None:
+        vec = self._ensure_array(self._node(run_key, "latent"), "vectors", (dim,), np.dtype(np.float32))
+        self._run(run_key).vectors_dim = int(vec.shape[1])
 
     def _ensure_array(self, parent: Any, key: str, row_shape: tuple[int, ...], dtype: np.dtype) -> Any:
         """An appendable array (1, *row_shape) with one chunk per leading index; no data written."""
@@ -820,22 +881,23 @@ class TiledWriter:
             raise
         return {int(v) for v in df["row"]}
 
-    def _close_run(self, run_id: str, stop: dict[str, Any], attempt: int = 0) -> None:
-        st = self._run(run_id)
+    def _close_run(self, run_key: str, stop: dict[str, Any], attempt: int = 0) -> None:
+        st = self._run(run_key)
         if not st.created:
-            self._ensure_run(run_id)
-        run = self._node(run_id)
-        md = {"status": "closed", **_jsonable(stop), "rows": st.next_row, "persist": self.run_counts(run_id)}
+            self._ensure_run(run_key)
+        run = self._node(run_key)
+        md = {"status": "closed", **_jsonable(stop), "rows": st.next_row, "persist": self.run_counts(run_key)}
         run.update_metadata(metadata=md)
 
     # ---- crash recovery -------------------------------------------------------------------------
 
     def _adopt(self, rec: RecoveredRun) -> None:
-        """Take over a logged run's state, before anything new is published (it may continue the run)."""
-        st = self._run(rec.run_id)
-        st.start = (
-            {k: rec.start[k] for k in ("run_id", "run_name", "started_at", "metadata")} if rec.start else None
-        )
+        """Take over a logged run's state, before anything new is published."""
+        st = self._run(rec.run_key, rec.run_id)
+        if rec.start is not None:
+            st.start = {"run_name": str(rec.start.get("run_name") or rec.run_id),
+                        "started_at": float(rec.start.get("started_at") or 0.0),
+                        "metadata": dict(rec.start.get("metadata") or {})}  # fmt: skip
         st.next_row = max((int(p["row"]) for p in rec.points), default=-1) + 1
         lost = sum(
             1 for p in rec.points if p.get("stored_by_service") and int(p["index"]) not in rec.frames_ok
@@ -843,32 +905,65 @@ class TiledWriter:
         if lost:
             st.frames_not_written["lost_in_crash"] += lost
             logger.warning(
-                "run %s: %d frames died with the previous process before reaching Tiled", rec.run_id, lost
-            )
+                "run %s (%s): %d frames died with the previous process before reaching Tiled",
+                rec.run_id, rec.run_key, lost,
+            )  # fmt: skip
         st.frames_written += len(rec.frames_ok)
+        st.frame_indices.update(rec.frames_ok)
         st.recovered_open = rec.stop is None
 
     async def _replay(self, rec: RecoveredRun) -> None:
-        """Bring Tiled up to date with an adopted run: its node, the rows it lacks, its close."""
-        st = self._run(rec.run_id)
-        await self._with_retry(f"recovery of run {rec.run_id}", self._ensure_run, rec.run_id)
+        """Bring Tiled up to date with an adopted run, or set its log aside if that cannot be done.
+
+        A log that cannot be replayed (a key Tiled refuses, records it cannot take) must never stop the
+        writer from starting: a restart that fails on it would fail on every restart after it.
+        """
+        if not is_safe_key(rec.run_key):  # a log from a version that stored runs under the raw id
+            self._set_aside(rec, f"{rec.run_key!r} is not a safe storage key")
+            return
+        try:
+            failed = await self._replay_rows(rec)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the log must not block the start
+            self._set_aside(rec, f"{type(exc).__name__}: {exc}")
+            return
+        if failed == "tiled_unreachable":
+            return  # the log stays: the next start replays it
+        if failed:
+            self._set_aside(rec, failed)
+        elif rec.stop is not None:
+            self._log.discard(rec.run_key)
+
+    async def _replay_rows(self, rec: RecoveredRun) -> str | None:
+        """The run's node, the rows Tiled lacks, its close; the reason it gave up, if it did."""
+        st = self._run(rec.run_key)
+        if failed := await self._with_retry(f"recovery of run {rec.run_key}", self._ensure_run, rec.run_key):
+            return failed
         rows = [
-            _Row(rec.run_id, int(p["row"]), int(p["index"]), {name: p[name] for name, _ in POINT_COLUMNS},
+            _Row(rec.run_key, int(p["row"]), int(p["index"]), {name: p[name] for name, _ in POINT_COLUMNS},
                  np.frombuffer(p["latent"], dtype=np.float32), None, float(p["timestamp"]))
             for p in rec.points
         ]  # fmt: skip
-        present = await asyncio.to_thread(self._rows_present, self._node(rec.run_id))
+        present = await asyncio.to_thread(self._rows_present, self._node(rec.run_key))
         missing = [r for r in rows if r.row not in present]
         st.rows_written += len(present)
         for i in range(0, len(missing), 256):
             await self._write_batch(missing[i : i + 256])
-        logger.info(
-            "run %s recovered: %d rows in the log, %d re-appended", rec.run_id, len(rows), len(missing)
-        )
-        if rec.stop is not None:
-            stop = {k: rec.stop.get(k) for k in ("stopped_at", "num_frames", "processed", "reason")}
-            if not await self._with_retry(f"close of run {rec.run_id}", self._close_run, rec.run_id, stop):
-                self._log.discard(rec.run_id)
+        logger.info("run %s (%s) recovered: %d rows in the log, %d re-appended",
+                    rec.run_id, rec.run_key, len(rows), len(missing))  # fmt: skip
+        if rec.stop is None:
+            return None
+        stop = {k: rec.stop.get(k) for k in ("stopped_at", "num_frames", "processed", "reason")}
+        return await self._with_retry(f"close of run {rec.run_key}", self._close_run, rec.run_key, stop)
+
+    def _set_aside(self, rec: RecoveredRun, why: str) -> None:
+        st = self._run(rec.run_key)
+        st.recovered_open = False
+        unstored = len(rec.points) - st.rows_written - sum(st.rows_not_written.values())
+        if unstored > 0:
+            st.rows_not_written["unreplayable"] += unstored
+        path = self._log.set_aside(rec.run_key)
+        logger.error("result log of run %s (%s) cannot be replayed into Tiled (%s); moved to %s",
+                     rec.run_id, rec.run_key, why, path)  # fmt: skip
 
 
 def _consecutive(rows: list[_Row], key: Any) -> list[list[_Row]]:

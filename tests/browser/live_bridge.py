@@ -188,7 +188,7 @@ def scan(
     rng = np.random.default_rng(seed)
     t0 = time.time()
     out: list[RunStarted | Point | ClusterNew] = [
-        RunStarted(run_id, f"scan {run_id}", t0, {"experiment_name": "browser test"})
+        RunStarted(run_id, f"scan {run_id}", t0, {"experiment_name": "browser test"}, run_key=run_id)
     ]
     for i in range(n):
         k = min(i // phase_len, len(PHASES) - 1)
@@ -214,7 +214,7 @@ def scan(
                 ),
                 latent=np.zeros(8, np.float32),
                 stored_by_service=image is not None,
-                image=image,
+                image=image, run_key=run_id,
             )
         )
     return out

@@ -194,7 +194,7 @@ def test_late_joiner_sees_the_run_so_far(page_probe: PageProbe, bridge: LiveBrid
 
 def test_run_selector_shows_a_past_run_and_returns_to_live(page_probe: PageProbe, bridge: LiveBridge) -> None:
     past = scan("run-past", 80, tiled_url=None, seed=3)
-    bridge.publish(*past, RunStopped("run-past", time.time(), 80, 80))
+    bridge.publish(*past, RunStopped("run-past", time.time(), 80, 80, run_key="run-past"))
     page = open_page(page_probe, bridge)
     current = scan("run-now", 40, tiled_url=None, seed=4)
     stream(bridge, current)
