@@ -43,6 +43,13 @@ async def _fetch(service: LiveService, url: str) -> bytes:
     return r.content
 
 
+async def _get(url: str) -> httpx.Response:
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        r = await http.get(url)
+    r.raise_for_status()
+    return r
+
+
 async def _fetchable(service: LiveService, url: str) -> bool:
     try:
         return bool(await _fetch(service, url))
@@ -63,7 +70,7 @@ async def test_a_restart_on_a_data_dir_left_by_odd_runs_comes_up_and_serves(tmp_
     first = start_service(tmp_path, log_name="serve-1.log")  # before: exit 1 during start-up
     try:
         assert sorted(p.name for p in (first.data_dir / "results-log" / SET_ASIDE_DIR).iterdir()) == left
-        metrics = httpx.get(f"{first.http}/metrics", timeout=10).text
+        metrics = (await _get(f"{first.http}/metrics")).text
         assert f"latent_stream_persist_logs_set_aside_total {float(len(left))}" in metrics
 
         # it serves, a run with an odd id included, and dies mid-run leaving that run's log behind
@@ -86,7 +93,7 @@ async def test_a_restart_on_a_data_dir_left_by_odd_runs_comes_up_and_serves(tmp_
         for i, url in enumerate(urls):  # the odd run was recovered under its key, its frames where they were
             assert await _fetch(second, url) == _frame(i).tobytes()
         run_key = urls[0].split("/array/full/")[1].split("/")[0]
-        rows = httpx.get(f"{second.http}/api/runs/{run_key}/points", timeout=30).json()
+        rows = (await _get(f"{second.http}/api/runs/{run_key}/points")).json()
         assert [r["index"] for r in rows] == [0, 1, 2]
     finally:
         rc, _ = stop_service(second)

@@ -153,7 +153,9 @@ def leave_logs_of_failed_runs(results_log: Path) -> list[str]:
     start = {"t": "start", "run_id": "a/b", "run_name": "a/b", "started_at": time.time(), "metadata": {}}
     _write_log(results_log / ("x" + b"a/b".hex() + ".wal"), start, _legacy_point("a/b", 0))
     # an id that would have written into another run's node
-    _write_log(results_log / ("x" + b"victim%2Fprimary".hex() + ".wal"), {**start, "run_id": "victim%2Fprimary"})
+    _write_log(
+        results_log / ("x" + b"victim%2Fprimary".hex() + ".wal"), {**start, "run_id": "victim%2Fprimary"}
+    )
     # bytes that are no log at all, and records that are not maps
     (results_log / "garbage.wal").write_bytes(b"\xc1" * 64)
     _write_log(results_log / "not-maps.wal", [1, 2, 3], "text")

@@ -61,7 +61,7 @@ class TiledRunCatalog:
         if is_safe_key(run) and run in root:  # anything else would be read as a path into the tree
             return root[run]
         named = [(md.get("started_at") or 0.0, node) for _, md, node in self._runs() if md.get("run_id") == run]
-        return max(named, key=lambda pair: pair[0])[1] if named else None
+        return max(named, key=lambda started_node: started_node[0])[1] if named else None
 
     def _list_runs(self, limit: int) -> list[dict[str, Any]]:
         out = []

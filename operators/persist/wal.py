@@ -135,8 +135,8 @@ def _read(path: Path) -> RecoveredRun:
         if t == "start":
             run.start = rec
         elif t == "point":
-            for name in _POINT_FIELDS:
-                rec[name]  # noqa: B018 - a point without them cannot be replayed
+            if missing := [name for name in _POINT_FIELDS if name not in rec]:
+                raise KeyError(f"a point record without {', '.join(missing)}")
             run.points.append(rec)
         elif t == "frame_ok":
             run.frames_ok.add(int(rec["index"]))

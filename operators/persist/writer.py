@@ -192,7 +192,7 @@ class WriterStats:
     frames_not_written: dict[str, int] = field(default_factory=dict)
     rows_not_written: dict[str, int] = field(default_factory=dict)
     retries: int = 0
-    logs_set_aside: int = 0  # result logs left by a crash that could not be replayed (results-log/unreplayable/)
+    logs_set_aside: int = 0  # crash result logs that could not be replayed (results-log/unreplayable/)
     buffered_rows: int = 0
     buffered_bytes: int = 0
     lag_p50_s: float | None = None  # point sent -> its frame fetchable from Tiled (the last 10,000 frames)
@@ -285,9 +285,7 @@ class TiledWriter:
         # A new run closes runs recovered open after a crash that nobody continued.
         for st in list(self._runs.values()):
             if st.recovered_open:
-                self._enqueue_stop(
-                    RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted", run_key=st.run_key)
-                )
+                self._enqueue_stop(self._interrupted(st))
         st = self._run(m.run_key, m.run_id)
         start = {
             "run_key": m.run_key,
@@ -299,6 +297,11 @@ class TiledWriter:
         st.start = start
         self._log.append(m.run_key, {"t": "start", **start})
         self._ops.append(("start", m.run_key))
+
+    @staticmethod
+    def _interrupted(st: _RunState) -> RunStopped:
+        """The stop of a run recovered open that no source will close."""
+        return RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted", run_key=st.run_key)
 
     def _enqueue_point(self, p: Point) -> None:
         st = self._run(p.run_key, p.run_id)
@@ -421,9 +424,7 @@ class TiledWriter:
         """Write what is buffered (up to `drain_timeout`), close recovered-open runs, stop."""
         for st in list(self._runs.values()):
             if st.recovered_open:
-                self._enqueue_stop(
-                    RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted", run_key=st.run_key)
-                )
+                self._enqueue_stop(self._interrupted(st))
         self._wake.set()
         self._closing = True
         deadline = time.monotonic() + drain_timeout
