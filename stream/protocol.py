@@ -11,6 +11,11 @@ Compatible with the ALS arroyo tools (see ARCHITECTURE.md, "Ingest wire format")
 read-only numpy view on the bytes msgpack produced: no further copy. Size limits are checked on the
 raw message length and on ``dtype x shape`` before any array is built.
 
+Everything but an event's pixel bytes is metadata (sender strings, extra keys) and is bounded by `Limits`:
+while msgpack unpacks (its per-container limits and an object budget: a small message of empty arrays must
+not become a gigabyte of Python objects), then in packed size and nesting depth (websocket clients receive
+start metadata as JSON).
+
 This module has no project imports (see docs/internals.md).
 """
 
@@ -25,8 +30,11 @@ import numpy as np
 # Pilatus 2M (1679 x 1475) with ample room; both limits are configurable per decoder call.
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_BYTES = DEFAULT_MAX_PIXELS * 8
-# Headroom over the pixel bytes for the msgpack envelope and metadata keys.
-_ENVELOPE_SLACK = 64 * 1024
+# 2**31 - 1: 24 days of a 1 kHz detector; 2**63 and beyond do not even fit the int64 columns downstream.
+DEFAULT_MAX_FRAME_NUMBER = 2**31 - 1
+# ALS and bluesky start documents are a few KiB; this also bounds an event's bytes besides its pixels.
+DEFAULT_MAX_METADATA_BYTES = 64 * 1024
+DEFAULT_MAX_METADATA_DEPTH = 32
 
 _ALLOWED_KINDS = frozenset("iuf")  # signed/unsigned integers and floats; no bool/complex/object/str
 
@@ -40,6 +48,7 @@ REJECT_REASONS = (
     "size_mismatch",
     "oversized",
     "non_finite",
+    "oversized_metadata",
 )
 
 
@@ -79,11 +88,23 @@ WireMessage = Start | Event | Stop
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What a frame may be. Checked before any copy of the pixel data."""
+    """What a message may be. Checked before any copy of the pixel data.
+
+    ``max_metadata_bytes`` bounds a message's bytes other than an event's pixel bytes, and (each msgpack
+    object taking at least one byte) the number of objects it unpacks to.
+    """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     reject_non_finite: bool = True
+    max_frame_number: int = DEFAULT_MAX_FRAME_NUMBER
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    max_metadata_depth: int = DEFAULT_MAX_METADATA_DEPTH
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The longest message that can be accepted: the largest frame plus its metadata."""
+        return self.max_bytes + self.max_metadata_bytes
 
 
 DEFAULT_LIMITS = Limits()
@@ -91,24 +112,101 @@ DEFAULT_LIMITS = Limits()
 
 def decode(payload: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> WireMessage:
     """Parse one ZeroMQ message. Raises `ProtocolError` with a reason label."""
-    if len(payload) > limits.max_bytes + _ENVELOPE_SLACK:
-        raise ProtocolError("oversized", f"message of {len(payload)} bytes exceeds {limits.max_bytes}")
-    try:
-        doc = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # ExtraData, FormatError, StackError...
-        raise ProtocolError("malformed", f"not msgpack: {type(exc).__name__}") from None
+    if len(payload) > limits.max_message_bytes:
+        raise ProtocolError("oversized", f"{len(payload)} bytes exceed {limits.max_message_bytes}")
+    doc = _unpack(payload, limits)
     if not isinstance(doc, dict):
         raise ProtocolError("malformed", f"expected a map, got {type(doc).__name__}")
+    _check_metadata(doc, len(payload), limits)
     msg_type = doc.get("msg_type")
     if msg_type == "event":
         return _decode_event(doc, limits)
     if msg_type == "start":
         return _decode_start(doc)
     if msg_type == "stop":
-        return _decode_stop(doc)
+        return _decode_stop(doc, limits)
     if msg_type is None:
         raise ProtocolError("missing_field", "msg_type")
     raise ProtocolError("unknown_msg_type", repr(msg_type)[:64])
+
+
+class _ObjectBudget(Exception):
+    """Raised from inside msgpack's hooks when a message unpacks to more objects than its budget."""
+
+
+class _Budget:
+    """msgpack hooks that count the objects of each completed container, raising once ``left`` runs out."""
+
+    def __init__(self, objects: int) -> None:
+        self.left = objects
+
+    def _spend(self, objects: int) -> None:
+        self.left -= objects
+        if self.left < 0:
+            raise _ObjectBudget
+
+    def list_hook(self, items: list[Any]) -> list[Any]:
+        self._spend(len(items))
+        return items
+
+    def object_hook(self, mapping: dict[Any, Any]) -> dict[Any, Any]:
+        self._spend(2 * len(mapping))
+        return mapping
+
+
+def _unpack(payload: bytes | memoryview, limits: Limits) -> Any:
+    """msgpack with every container, string and object count bounded while it unpacks, not after."""
+    budget = _Budget(limits.max_metadata_bytes)
+    small = limits.max_metadata_bytes
+    try:
+        return msgpack.unpackb(
+            payload, raw=False, strict_map_key=False,
+            list_hook=budget.list_hook, object_hook=budget.object_hook,
+            max_str_len=small, max_array_len=small, max_map_len=small, max_ext_len=small,
+            max_bin_len=max(limits.max_bytes, small),
+        )  # fmt: skip
+    except _ObjectBudget:
+        raise ProtocolError(
+            "oversized_metadata", f"more than {limits.max_metadata_bytes} msgpack objects"
+        ) from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # ExtraData, FormatError, StackError...
+        # msgpack reports a container or string over its max_*_len as a plain ValueError "N exceeds max_..."
+        if type(exc) is ValueError and "exceeds max_" in str(exc):
+            raise ProtocolError("oversized_metadata", str(exc)) from None
+        raise ProtocolError("malformed", f"not msgpack: {type(exc).__name__}") from None
+
+
+def _check_metadata(doc: dict[Any, Any], message_bytes: int, limits: Limits) -> None:
+    """Everything but an event's pixel bytes fits ``max_metadata_bytes`` and ``max_metadata_depth``."""
+    is_event = doc.get("msg_type") == "event"
+    data = _pixel_bytes(doc) if is_event else None
+    size = message_bytes - (len(data) if data is not None else 0)
+    if size > limits.max_metadata_bytes:
+        raise ProtocolError(
+            "oversized_metadata", f"{size} bytes besides the pixels exceed {limits.max_metadata_bytes}"
+        )
+    keys = {k: v for k, v in doc.items() if not (is_event and k == "image")}
+    if not _within_depth(keys, limits.max_metadata_depth):
+        raise ProtocolError("oversized_metadata", f"nested deeper than {limits.max_metadata_depth} levels")
+
+
+def _pixel_bytes(doc: dict[Any, Any]) -> bytes | None:
+    image = doc.get("image")
+    array = image.get("array") if isinstance(image, dict) else None
+    data = array.get("data") if isinstance(array, dict) else None
+    return data if isinstance(data, bytes) else None
+
+
+def _within_depth(doc: dict[Any, Any], limit: int) -> bool:
+    """Whether no container lies deeper than ``limit`` (``doc`` is level 1); iterative: msgpack nests 1024."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, level = stack.pop()
+        if level > limit:
+            return False
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return True
 
 
 def _str_field(doc: dict[str, Any], key: str) -> str:
@@ -118,6 +216,10 @@ def _str_field(doc: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise ProtocolError("bad_field", f"{key} must be a string, got {type(value).__name__}")
     return value
+
+
+def _counting_number(value: Any, maximum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= maximum
 
 
 def _decode_start(doc: dict[str, Any]) -> Start:
@@ -135,10 +237,11 @@ def _decode_start(doc: dict[str, Any]) -> Start:
     )
 
 
-def _decode_stop(doc: dict[str, Any]) -> Stop:
+def _decode_stop(doc: dict[str, Any], limits: Limits) -> Stop:
     num = doc.get("num_frames")
-    if num is not None and (not isinstance(num, int) or isinstance(num, bool) or num < 0):
-        raise ProtocolError("bad_field", f"num_frames must be a non-negative integer, got {num!r:.40}")
+    if num is not None and not _counting_number(num, limits.max_frame_number + 1):
+        most = limits.max_frame_number + 1
+        raise ProtocolError("bad_field", f"num_frames must be an integer in [0, {most}], got {num!r:.40}")
     meta = {k: v for k, v in doc.items() if k not in ("msg_type", "num_frames")}
     return Stop(num_frames=num, metadata=meta)
 
@@ -147,8 +250,10 @@ def _decode_event(doc: dict[str, Any], limits: Limits) -> Event:
     frame_number = doc.get("frame_number")
     if frame_number is None:
         raise ProtocolError("missing_field", "frame_number")
-    if not isinstance(frame_number, int) or isinstance(frame_number, bool) or frame_number < 0:
-        raise ProtocolError("bad_field", f"frame_number must be a non-negative integer, got {frame_number!r:.40}")
+    if not _counting_number(frame_number, limits.max_frame_number):
+        most = limits.max_frame_number
+        got = f"{frame_number!r:.40}"
+        raise ProtocolError("bad_field", f"frame_number must be an integer in [0, {most}], got {got}")
     try:
         array = doc["image"]["array"]
         data, dtype_name, shape = array["data"], array["dtype"], array["shape"]
