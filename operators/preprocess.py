@@ -19,8 +19,10 @@ The spec is a frozen dataclass written into the bundle manifest; `Preprocessor.f
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -35,6 +37,10 @@ DEFAULT_SATURATION = 1_000_000
 
 
 _NO_MASK = np.ones((1, 1), np.uint8)
+
+# One shape's buffers are ~5 MB (the bins of a 512 px input). A detector sends one shape and a replay of mixed
+# files a few; a sender can send any number: keep the most recently used few, not every shape ever seen.
+_SHAPES_KEPT = 4
 
 
 @numba.njit(cache=True, nogil=True)
@@ -93,14 +99,18 @@ def _window(mean, ok, lo, scale, out):  # pragma: no cover
 
 
 @dataclass(slots=True)
-class _Scratch:
-    """Per-shape buffers reused frame after frame, and the bands of source rows (one per thread)."""
+class _Plan:
+    """What one frame shape needs: its place on the canvas, its bins, and buffers reused frame after frame."""
 
+    geometry: tuple[int, int, int, int]  # (new_h, new_w, top, left)
+    rows: np.ndarray  # source row -> output bin row
+    cols: np.ndarray  # source column -> output bin column
+    static: np.ndarray | None  # uint8 valid pixels of the detector's static mask, when it has this shape
     num: np.ndarray  # (bh, bw) float64 sum of valid pixels per bin
     den: np.ndarray  # (bh, bw) float64 count of valid pixels per bin
     mean: np.ndarray  # (bh, bw) float32 log1p of the mean of valid pixels (0 where none)
     ok: np.ndarray  # (bh, bw) bool: the bin has a valid pixel
-    bands: list[tuple[int, int]]
+    bands: list[tuple[int, int]]  # source rows per thread
 
 
 class PreprocessError(ValueError):
@@ -141,7 +151,7 @@ def detector_mask(name: str | None) -> np.ndarray | None:
 
 
 class Preprocessor:
-    """Callable `(image, out=None) -> (1, S, S) float32`. Holds per-shape scratch buffers; not thread-safe.
+    """Callable `(image, out=None) -> (1, S, S) float32`. Holds the last few shapes' buffers; not thread-safe.
 
     `threads` > 1 splits the pass over the raw frame into that many bands of output rows, run at once
     (the kernel releases the GIL); the result is identical for any thread count.
@@ -159,61 +169,36 @@ class Preprocessor:
         if self.spec.transform != "log1p":
             raise ValueError(f"unsupported intensity transform {self.spec.transform!r}")
         self._static_mask = static_mask if static_mask is not None else detector_mask(self.spec.detector)
-        self._valid_cache: dict[tuple[int, int], np.ndarray] = {}
-        self._geometry: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-        self._bin_maps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._scratch: dict[tuple[int, int], _Scratch] = {}
+        self._plan: Callable[[tuple[int, int]], _Plan] = functools.lru_cache(_SHAPES_KEPT)(self._make_plan)
         self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="preprocess") if threads > 1 else None
 
     @classmethod
     def from_spec(cls, spec: dict | PreprocessSpec, *, threads: int = 1) -> Preprocessor:
         return cls(spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec), threads=threads)
 
-    def _static_valid(self, shape: tuple[int, int]) -> np.ndarray | None:
-        if self._static_mask is None or self._static_mask.shape != shape:
-            return None
-        v = self._valid_cache.get(shape)
-        if v is None:
-            v = (~self._static_mask).view(np.uint8)
-            self._valid_cache[shape] = v
-        return v
-
-    def _maps(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        m = self._bin_maps.get(shape)
-        if m is None:
-            nh, nw, _, _ = self.geometry(shape)
-            # source row/column -> output bin; bins are 3-4 source pixels wide for a 2M frame
-            bh, bw = min(nh, shape[0]), min(nw, shape[1])
-            rows = (np.arange(shape[0]) * bh // shape[0]).astype(np.int32)
-            cols = (np.arange(shape[1]) * bw // shape[1]).astype(np.int32)
-            m = (rows, cols)
-            self._bin_maps[shape] = m
-        return m
-
-    def _scratch_for(self, shape: tuple[int, int]) -> _Scratch:
-        sc = self._scratch.get(shape)
-        if sc is None:
-            rows, cols = self._maps(shape)
-            bh, bw = int(rows[-1]) + 1, int(cols[-1]) + 1
-            # band k covers output rows [k*bh/n, (k+1)*bh/n): cut the source rows where those bins start
-            cuts = [int(np.searchsorted(rows, k * bh // self.threads)) for k in range(self.threads)] + [shape[0]]
-            bands = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
-            sc = _Scratch(np.empty((bh, bw), np.float64), np.empty((bh, bw), np.float64),
-                          np.empty((bh, bw), np.float32), np.empty((bh, bw), np.bool_), bands)  # fmt: skip
-            self._scratch[shape] = sc
-        return sc
+    def _make_plan(self, shape: tuple[int, int]) -> _Plan:
+        nh, nw, top, left = self.geometry(shape)
+        # source row/column -> output bin; bins are 3-4 source pixels wide for a 2M frame
+        bh, bw = min(nh, shape[0]), min(nw, shape[1])
+        rows = (np.arange(shape[0]) * bh // shape[0]).astype(np.int32)
+        cols = (np.arange(shape[1]) * bw // shape[1]).astype(np.int32)
+        matches = self._static_mask is not None and self._static_mask.shape == shape
+        static = (~self._static_mask).view(np.uint8) if matches else None
+        # band k covers output rows [k*bh/n, (k+1)*bh/n): cut the source rows where those bins start
+        cuts = [int(np.searchsorted(rows, k * bh // self.threads)) for k in range(self.threads)] + [shape[0]]
+        bands = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+        bins = (bh, bw)
+        return _Plan((nh, nw, top, left), rows, cols, static, np.empty(bins, np.float64),
+                     np.empty(bins, np.float64), np.empty(bins, np.float32), np.empty(bins, np.bool_),
+                     bands)  # fmt: skip
 
     def geometry(self, shape: tuple[int, int]) -> tuple[int, int, int, int]:
         """(new_h, new_w, top, left) of the resized frame on the S x S canvas."""
-        g = self._geometry.get(shape)
-        if g is None:
-            h, w = shape
-            s = self.spec.size
-            scale = s / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            g = (nh, nw, (s - nh) // 2, (s - nw) // 2)
-            self._geometry[shape] = g
-        return g
+        h, w = shape
+        s = self.spec.size
+        scale = s / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        return nh, nw, (s - nh) // 2, (s - nw) // 2
 
     def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         spec = self.spec
@@ -232,12 +217,11 @@ class Preprocessor:
 
         if not img.dtype.isnative:  # e.g. big-endian from a file: numba needs native byte order
             img = img.astype(img.dtype.newbyteorder("="))
-        nh, nw, top, left = self.geometry(img.shape)
-        rows, cols = self._maps(img.shape)
-        static = self._static_valid(img.shape)
-        sc = self._scratch_for(img.shape)
-        args = (img, static if static is not None else _NO_MASK, static is not None, float(spec.saturation),
-                float(spec.hot_ratio), float(spec.hot_floor), rows, cols)  # fmt: skip
+        sc = self._plan(img.shape)
+        nh, nw, top, left = sc.geometry
+        static = sc.static if sc.static is not None else _NO_MASK
+        args = (img, static, sc.static is not None, float(spec.saturation), float(spec.hot_ratio),
+                float(spec.hot_floor), sc.rows, sc.cols)  # fmt: skip
         *others, last = sc.bands
         futures = [self._pool.submit(_bin_band, *args, y0, y1, sc.num, sc.den, sc.mean, sc.ok)
                    for y0, y1 in others] if self._pool else []  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -141,3 +143,21 @@ def test_consecutive_frames_do_not_leak_into_each_other_through_reused_buffers(p
     first_a = pre(a).copy()
     pre(b)
     np.testing.assert_array_equal(pre(a), first_a)
+
+
+def test_memory_stays_bounded_however_many_frame_shapes_a_sender_invents() -> None:
+    pre = Preprocessor(PreprocessSpec(detector=None))
+    pre(np.ones((64, 64), np.int32))  # kernels loaded before measuring
+    per_shape = 512 * 444 * (8 + 8 + 4 + 1)  # the bins of one shape: sums, counts, means, flags (~4.8 MB)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(40):
+            pre(np.ones((600 + i, 520), np.int32))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 6 * per_shape, f"{held / 2**20:.0f} MiB held after 40 shapes"
+    # a shape seen before, evicted since, gives the same result as in a fresh preprocessor
+    img = np.random.default_rng(6).poisson(50, (600, 520))
+    np.testing.assert_array_equal(pre(img), Preprocessor(PreprocessSpec(detector=None))(img))
