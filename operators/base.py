@@ -4,7 +4,8 @@ arroyopy gives the shape (``Listener(operator)``, ``Operator.process``, ``Publis
 plug in. 0.2.2 shares ``publishers`` between instances, has no queue bound, lets one exception kill the
 listener, and awaits publishers one by one (see ../shared/notes/arroyopy.md). Here:
 
-- `BoundedQueue`: the queue between receive and compute, with a named overload policy and a drop counter;
+- `BoundedQueue`: the queue between receive and compute, bounded in messages and bytes, with a named
+  overload policy and a drop counter;
 - `QueuedOperator`: an arroyopy ``Operator`` with per-instance publishers, a bounded inbox fed by a
   listener's ``submit``, per-message error isolation, and concurrent, isolated, time-limited fan-out;
 - `BatchStage` + `run_isolated`: a per-frame step with ``process_one`` / ``process_many``; when a batch
@@ -22,6 +23,7 @@ from typing import Any, Generic, TypeVar
 
 import arroyopy
 
+from operators.messages import Frame
 from operators.metrics import PipelineMetrics
 from operators.throttled_log import ThrottledLog
 
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Listener = arroyopy.Listener
 Publisher = arroyopy.Publisher
+
+# Frames waiting for compute: ~50 PILATUS3 2M frames, yet only 4 of the largest frames the protocol admits.
+DEFAULT_QUEUE_BYTES = 512 * 1024**2
 
 
 class QueuePolicy(StrEnum):
@@ -41,8 +46,10 @@ class QueuePolicy(StrEnum):
 
 
 class BoundedQueue(asyncio.Queue[T]):
-    """An `asyncio.Queue` with an explicit overload policy.
+    """An `asyncio.Queue` with an explicit overload policy, bounded in messages and in bytes.
 
+    The queue is full at ``maxsize`` messages, or once the messages waiting weigh ``max_bytes`` (``size_of``
+    each; one message may overshoot the bound: a frame larger than it still gets through an empty queue).
     Only messages for which ``droppable`` is true may be dropped (run start/stop documents never are;
     they wait for room instead). Every drop calls ``on_drop(message)``, which counts it.
     """
@@ -53,32 +60,52 @@ class BoundedQueue(asyncio.Queue[T]):
         policy: QueuePolicy,
         on_drop: Callable[[T], None],
         droppable: Callable[[T], bool] = lambda _: True,
+        *,
+        max_bytes: int | None = None,
+        size_of: Callable[[T], int] = lambda _: 0,
     ) -> None:
         if maxsize < 1:
             raise ValueError("a bounded queue needs maxsize >= 1")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("a byte bound needs max_bytes >= 1")
         super().__init__(maxsize)
         self.policy = QueuePolicy(policy)
+        self.max_bytes = max_bytes
         self._on_drop = on_drop
         self._droppable = droppable
+        self._size_of = size_of
+        self.nbytes = 0  # what the waiting messages weigh
+
+    def full(self) -> bool:
+        return super().full() or (self.max_bytes is not None and self.nbytes >= self.max_bytes)
+
+    # asyncio.Queue's storage hooks: every message in or out passes here (the byte count stays exact)
+    def _put(self, item: T) -> None:
+        super()._put(item)  # type: ignore[misc]
+        self.nbytes += self._size_of(item)
+
+    def _get(self) -> T:
+        item: T = super()._get()  # type: ignore[misc]
+        self.nbytes -= self._size_of(item)
+        return item
 
     async def offer(self, item: T) -> bool:
         """Enqueue under the policy. False when ``item`` itself was dropped."""
         if self.policy is QueuePolicy.BLOCK or not self._droppable(item):
             await self.put(item)
             return True
-        try:
+        if self.policy is QueuePolicy.DROP_NEWEST:
+            if self.full():
+                self._on_drop(item)
+                return False
             self.put_nowait(item)
             return True
-        except asyncio.QueueFull:
-            pass
-        if self.policy is QueuePolicy.DROP_NEWEST:
-            self._on_drop(item)
-            return False
-        victim = self._pop_oldest_droppable()
-        if victim is None:  # full of undroppable control messages: wait like BLOCK
-            await self.put(item)
-            return True
-        self._on_drop(victim)
+        while self.full():  # the byte bound may take more than one victim
+            victim = self._pop_oldest_droppable()
+            if victim is None:  # full of undroppable control messages: wait like BLOCK
+                await self.put(item)
+                return True
+            self._on_drop(victim)
         self.put_nowait(item)
         return True
 
@@ -87,6 +114,7 @@ class BoundedQueue(asyncio.Queue[T]):
         for i, candidate in enumerate(items):
             if self._droppable(candidate):
                 del items[i]
+                self.nbytes -= self._size_of(candidate)
                 return candidate
         return None
 
@@ -103,7 +131,8 @@ class BoundedQueue(asyncio.Queue[T]):
 class QueuedOperator(arroyopy.Operator, Generic[T]):
     """An arroyopy ``Operator`` with a bounded inbox and robust fan-out.
 
-    A listener calls ``await operator.submit(message)``; `run` consumes the inbox. ``process`` failures are
+    A listener calls ``await operator.submit(message)``; `run` consumes the inbox, which holds at most
+    ``queue_size`` messages and ``queue_bytes`` of frames (see `message_bytes`). ``process`` failures are
     isolated per message (logged, counted by the subclass, never fatal). ``publish`` sends one message to
     every publisher concurrently; a publisher that raises or exceeds ``publish_timeout`` is counted in
     ``publisher_errors`` and the others are unaffected.
@@ -116,6 +145,7 @@ class QueuedOperator(arroyopy.Operator, Generic[T]):
         queue_size: int = 64,
         policy: QueuePolicy = QueuePolicy.BLOCK,
         publish_timeout: float = 1.0,
+        queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
     ) -> None:
         # Not arroyopy's __init__: it creates an unbounded queue, and its list attributes are class-level.
         self.listeners: list[Any] = []
@@ -126,12 +156,17 @@ class QueuedOperator(arroyopy.Operator, Generic[T]):
         # per-frame warnings (drops, rejections), under the subclass's logger; the counters stay exact
         self._warn = ThrottledLog(logging.getLogger(type(self).__module__))
         self.inbox: BoundedQueue[T] = BoundedQueue(
-            queue_size, policy, on_drop=self._count_queue_drop, droppable=self.droppable
-        )
+            queue_size, policy, on_drop=self._count_queue_drop, droppable=self.droppable,
+            max_bytes=queue_bytes, size_of=self.message_bytes,
+        )  # fmt: skip
 
     def droppable(self, message: T) -> bool:
         """Whether the overload policy may drop ``message``. Subclasses protect control messages."""
         return True
+
+    def message_bytes(self, message: T) -> int:
+        """What ``message`` weighs against ``queue_bytes``: a frame's pixels; the rest is small."""
+        return message.image.nbytes if isinstance(message, Frame) else 0
 
     def _count_queue_drop(self, message: T) -> None:
         self.metrics.dropped.labels("queue_full").inc()

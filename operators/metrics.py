@@ -7,7 +7,8 @@ Accounting identity, for every message that came off the ZeroMQ socket once the 
 ``processed{msg_type}`` counts start / event / stop documents fully handled (an event becomes a point),
 ``rejected{reason}`` messages refused as bad input, ``dropped{reason}`` good messages the service had to
 let go (queue overflow, shutdown). ``lost_upstream`` counts frame numbers that never arrived (gaps);
-those frames were never received, so they are outside the identity.
+those frames were never received, so they are outside the identity, as are the messages ZeroMQ itself refuses
+(over the size limit: it drops that connection, and ``source_reconnects`` counts the ingest making it again).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class PipelineMetrics:
             "lost_upstream", "Frame numbers missing from the source's sequence",
             namespace=namespace, registry=registry,
         )
+        self.source_reconnects = Counter(
+            "source_reconnects", "Connections to the frame source that ZeroMQ dropped for a protocol error "
+            "(e.g. a message over the size limit) and the ingest made again",
+            namespace=namespace, registry=registry,
+        )
         self.publisher_errors = Counter(
             "publisher_errors", "Publisher calls that raised or timed out", ["publisher"],
             namespace=namespace, registry=registry,
@@ -80,6 +86,7 @@ class PipelineMetrics:
         for name, labelled in (
             ("received", None), ("processed", "msg_type"), ("rejected", "reason"),
             ("dropped", "reason"), ("lost_upstream", None), ("publisher_errors", "publisher"),
+            ("source_reconnects", None),
         ):
             samples = [
                 s

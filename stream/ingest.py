@@ -8,11 +8,15 @@ Its receive loop is its own (arroyopy 0.2.2's ``ZMQListener`` swallows cancellat
 first exception). Each message is counted as received, decoded off the event loop by `IngestDecoder`
 (bad input raises `ProtocolError` and is counted under its reason), and handed to the operator's
 ``submit``, whose bounded queue applies the overload policy.
+
+A message longer than the protocol's `Limits` never reaches the service: ZeroMQ refuses it (``MAXMSGSIZE``)
+and drops that connection, which the ingest makes again (``source_reconnects``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -22,6 +26,7 @@ from typing import Literal, Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from operators.base import Listener
 from operators.messages import Frame, RunStarted, RunStopped
@@ -34,6 +39,12 @@ log = logging.getLogger(__name__)
 
 IngestMessage = RunStarted | Frame | RunStopped
 Pattern = Literal["pull", "sub"]
+
+# ZeroMQ reports a connection it will retry (its peer went away) within milliseconds of dropping it; one it
+# dropped for a protocol error (a message over MAXMSGSIZE) it never retries.
+_RETRY_GRACE_S = 1.0
+# A message is one part, or a PUB topic and the payload.
+_MAX_PARTS = 2
 
 
 class Submitter(Protocol):
@@ -138,7 +149,8 @@ class IngestDecoder:
 class ZmqIngest(Listener):
     """Connects to ``address`` and feeds ``operator.submit`` until `stop`.
 
-    ``rcvhwm`` bounds what ZeroMQ itself buffers (default 1000 messages would be ~10 GB of Pilatus frames).
+    ``rcvhwm`` bounds what ZeroMQ itself buffers (default 1000 messages would be ~10 GB of Pilatus frames),
+    ``limits.max_message_bytes`` how long each may be.
     """
 
     def __init__(
@@ -158,6 +170,7 @@ class ZmqIngest(Listener):
         self.address = address
         self.pattern = pattern
         self.metrics = metrics
+        self.limits = limits
         self.decoder = IngestDecoder(metrics, limits)
         self.rcvhwm = rcvhwm
         self._warn = ThrottledLog(log)  # a misbehaving sender must not flood the log (counters stay exact)
@@ -177,24 +190,71 @@ class ZmqIngest(Listener):
         sock = self._context.socket(zmq.PULL if self.pattern == "pull" else zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         if self.pattern == "sub":
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._socket = sock
+        watcher = asyncio.create_task(self._keep_connected(sock), name="ingest-reconnect")
         try:
             sock.connect(self.address)
             log.info("ingest connected to %s (%s)", self.address, self.pattern)
             self._connected.set()
             while True:
-                parts = await sock.recv_multipart(copy=False)
-                await self._handle(parts[-1])  # a PUB topic frame, if any, comes first
+                await self._handle(*await self._receive(sock))
         finally:
+            watcher.cancel()
+            await asyncio.wait([watcher])  # its monitor socket closes before this one
             sock.close(linger=0)
             self._socket = None
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _handle(self, frame: zmq.Frame) -> None:
+    @staticmethod
+    async def _receive(sock: zmq.asyncio.Socket) -> tuple[zmq.Frame, int]:
+        """One message's last part (a PUB topic, if any, comes first) and its number of parts.
+
+        Part by part: MAXMSGSIZE bounds each part, not their number, so earlier parts are let go as read.
+        """
+        frame = await sock.recv(copy=False)
+        parts = 1
+        while frame.more:
+            frame = await sock.recv(copy=False)
+            parts += 1
+        return frame, parts
+
+    async def _keep_connected(self, sock: zmq.asyncio.Socket) -> None:
+        """Connect again when ZeroMQ drops the connection for good (one message over MAXMSGSIZE would
+        otherwise stop the ingest until a restart); a connection it retries by itself is left to it."""
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        try:
+            while True:
+                if await _next_event(monitor) != zmq.EVENT_DISCONNECTED:
+                    continue
+                try:
+                    async with asyncio.timeout(_RETRY_GRACE_S):
+                        while await _next_event(monitor) != zmq.EVENT_CONNECT_RETRIED:
+                            pass
+                    continue
+                except TimeoutError:
+                    pass
+                self.metrics.source_reconnects.inc()
+                self._warn.warning("reconnect", "ZeroMQ dropped the connection to %s for a protocol error (a "
+                                   "message over the %d-byte limit, or not ZMTP); connecting again",
+                                   self.address, self.limits.max_message_bytes)  # fmt: skip
+                with contextlib.suppress(zmq.ZMQError):  # already forgotten by ZeroMQ
+                    sock.disconnect(self.address)
+                sock.connect(self.address)
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+
+    async def _handle(self, frame: zmq.Frame, parts: int) -> None:
         received_at, received_perf = time.time(), time.perf_counter()
         self.metrics.received.inc()
+        if parts > _MAX_PARTS:
+            self.metrics.rejected.labels("malformed").inc()
+            self._warn.warning("malformed", "rejected message (malformed) in run %s: %d parts",
+                               self.decoder.run_id, parts)  # fmt: skip
+            return
         loop = asyncio.get_running_loop()
         try:
             messages = await loop.run_in_executor(
@@ -227,3 +287,8 @@ class ZmqIngest(Listener):
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])
+
+
+async def _next_event(monitor: zmq.asyncio.Socket) -> int:
+    event: int = parse_monitor_message(await monitor.recv_multipart())["event"]
+    return event

@@ -220,3 +220,95 @@ async def test_undroppable_messages_wait_for_room_under_drop_policies(policy: Qu
     assert queue.get_nowait() == 0
     assert await asyncio.wait_for(waiter, 1)
     assert queue.drain_nowait() == [-1]
+
+
+FRAME_BYTES = _frame(0).nbytes
+
+
+async def test_the_inbox_holds_at_most_its_bytes_of_frames_and_block_then_loses_nothing() -> None:
+    async with _live(run_operator=False, queue_size=100, queue_bytes=3 * FRAME_BYTES,
+                     policy=QueuePolicy.BLOCK) as (sender, _, collector, metrics):  # fmt: skip
+        await sender.send_start("r", "scan")
+        for i in range(10):
+            await sender.send_event(i, _frame(i))
+        await _until(lambda: collector.inbox.qsize() == 4)  # the start and 3 frames' worth of bytes
+        await asyncio.sleep(0.1)
+        assert collector.inbox.qsize() == 4 and collector.inbox.nbytes == 3 * FRAME_BYTES
+        consumer = asyncio.create_task(collector.run())
+        await sender.send_stop(10)
+        await _until(lambda: any(isinstance(m, RunStopped) for m in collector.seen))
+        consumer.cancel()
+    assert [f.index for f in collector.frames()] == list(range(10))
+    assert metrics.snapshot()["dropped"] == {}
+
+
+async def test_a_full_inbox_by_bytes_drops_the_oldest_frames_and_counts_them() -> None:
+    async with _live(run_operator=False, queue_size=100, queue_bytes=3 * FRAME_BYTES,
+                     policy=QueuePolicy.DROP_OLDEST) as (sender, _, collector, metrics):  # fmt: skip
+        await sender.send_start("r", "scan")
+        for i in range(10):
+            await sender.send_event(i, _frame(i))
+        await _until(lambda: metrics.snapshot()["received"] == 11)
+        assert collector.inbox.nbytes <= 3 * FRAME_BYTES
+        consumer = asyncio.create_task(collector.run())
+        await sender.send_stop(10)
+        await _until(lambda: any(isinstance(m, RunStopped) for m in collector.seen))
+        consumer.cancel()
+    assert [f.index for f in collector.frames()] == [7, 8, 9]
+    assert metrics.snapshot()["dropped"] == {"queue_full": 7}
+    assert metrics.accounted() == (12, 12)
+
+
+async def test_bounded_queue_by_bytes_refuses_newest_and_lets_a_frame_larger_than_the_bound_through() -> None:
+    dropped: list[bytes] = []
+    queue: BoundedQueue[bytes] = BoundedQueue(10, QueuePolicy.DROP_NEWEST, on_drop=dropped.append, max_bytes=100,
+                                              size_of=len)  # fmt: skip
+    assert await queue.offer(b"a" * 500)  # alone in an empty queue: one message may overshoot the bound
+    assert not await queue.offer(b"b")
+    assert queue.get_nowait() == b"a" * 500 and queue.nbytes == 0
+    assert await queue.offer(b"c" * 60) and await queue.offer(b"d" * 60) and not await queue.offer(b"e")
+    assert dropped == [b"b", b"e"] and queue.nbytes == 120
+
+
+async def test_a_message_over_the_size_limit_never_reaches_the_service_and_the_source_is_reconnected() -> None:
+    limits = Limits(max_pixels=1024, max_bytes=4096, max_metadata_bytes=4096)
+    async with _live(limits=limits) as (sender, _, collector, metrics):
+        await sender.send_start("r", "scan")
+        await sender.send_event(0, _frame(0))
+        await _until(lambda: len(collector.frames()) == 1)
+        # ZeroMQ refuses it (MAXMSGSIZE) and drops the connection; then it would never connect again
+        await sender.send_raw(encode_event(1, np.zeros((300, 300), np.int32)))
+        await _until(lambda: metrics.snapshot()["source_reconnects"] == 1, timeout=10)
+        for i in range(2, 5):  # the sender's socket waits for the connection to come back
+            await sender.send_event(i, _frame(i))
+        await sender.send_stop(5)
+        await _until(lambda: any(isinstance(m, RunStopped) for m in collector.seen), timeout=10)
+    assert [f.index for f in collector.frames()] == [0, 2, 3, 4]
+    snap = metrics.snapshot()
+    assert snap["received"] == 6 and snap["rejected"] == {} and snap["lost_upstream"] == 1
+    assert metrics.accounted() == (6, 6)
+
+
+async def test_a_dropped_source_connection_that_zeromq_retries_is_not_made_twice() -> None:
+    async with _live() as (sender, _, collector, metrics):
+        endpoint = sender.endpoint
+        await sender.send_start("r", "scan")
+        await _until(lambda: len(collector.seen) == 1)
+        sender.close(linger_ms=0)  # the source restarts on the same address
+        await asyncio.sleep(0.2)
+        async with FrameSender(endpoint) as again:
+            await again.send_event(0, _frame(0))
+            await _until(lambda: len(collector.frames()) == 1, timeout=10)
+            await asyncio.sleep(1.5)  # past the grace the ingest gives ZeroMQ to retry by itself
+    assert metrics.snapshot()["source_reconnects"] == 0
+
+
+async def test_a_message_of_more_than_two_parts_is_rejected_as_malformed() -> None:
+    async with _live() as (sender, _, collector, metrics):
+        await sender.send_start("r", "scan")
+        await sender.socket.send_multipart([b"topic", b"x" * 1000, encode_event(0, _frame(0))])
+        await sender.socket.send_multipart([b"topic", encode_event(1, _frame(1))])  # a PUB topic and a payload
+        await _until(lambda: len(collector.frames()) == 1)
+    assert [f.index for f in collector.frames()] == [1]
+    assert metrics.snapshot()["rejected"] == {"malformed": 1}
+    assert metrics.accounted() == (3, 3)
