@@ -91,10 +91,12 @@ app = typer.Typer(
 
 
 def _setup_logging(level: str) -> None:
+    from operators.log_safety import line_safe_handler
+
+    # sender strings (run ids, names) reach log messages: one record stays one line
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[line_safe_handler("%(asctime)s %(levelname)-7s %(name)s: %(message)s", sys.stderr)],
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Tiled request drowns the service's own
 

@@ -393,7 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
-    logging.basicConfig(level=logging.WARNING)
+    from operators.log_safety import line_safe_handler
+
+    # sender strings reach this server's logs (in request paths, errors): one record stays one line
+    logging.basicConfig(level=logging.WARNING, handlers=[line_safe_handler(logging.BASIC_FORMAT)])
     _serve(args.dir.resolve(), args.host, args.port)
 
 
