@@ -232,14 +232,14 @@ def create_app(
     @app.get("/api/runs", dependencies=api)
     async def runs(limit: int = Query(runs_limit, ge=1, le=10_000)) -> Response:
         listed = hub.runs()
-        known = {run["run_id"] for run in listed}
+        known = {run["run_key"] for run in listed}  # a reused run id is two runs
         body: dict[str, Any] = {"current": hub.current.run_id if hub.current else None}
         if run_catalog is not None:
             try:
                 for run in await run_catalog.list_runs(limit):
-                    if run.get("run_id") not in known:
+                    if run.get("run_key") not in known:
                         listed.append({**run, "current": False, "active": False, "source": "catalog"})
-                        known.add(run.get("run_id"))
+                        known.add(run.get("run_key"))
             except Exception as exc:  # noqa: BLE001 - live runs must still be listed when the catalog fails
                 logger.warning("run catalog failed to list runs: %s", exc)
                 body["catalog_error"] = str(exc) or type(exc).__name__

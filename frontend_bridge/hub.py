@@ -169,6 +169,7 @@ class RunState:
     """One run as the hub knows it: its start/stop events, clusters and (while retained) its points."""
 
     ctx: RunContext
+    run_key: str  # where the run is stored; also what /api/runs/{id} accepts for a past run
     run_name: str
     started_at: float
     start_event: dict[str, Any]
@@ -184,6 +185,7 @@ class RunState:
     def summary(self, *, current: bool) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
+            "run_key": self.run_key,
             "run_name": self.run_name,
             "experiment_name": self.ctx.experiment_name,
             "started_at": self.started_at,
@@ -418,7 +420,7 @@ class Hub:
             logger.error("hub got an unsupported message type %s", type(message).__name__)
 
     def _on_run_started(self, msg: RunStarted) -> None:
-        if self.current is not None and self.current.run_id == msg.run_id and self.current.stop_event is None:
+        if self.current is not None and self.current.run_key == msg.run_key and self.current.stop_event is None:
             logger.warning("run %s started again while active; keeping its points", msg.run_id)
             return
         if self.current is not None:
@@ -426,7 +428,8 @@ class Hub:
                 # The pipeline normally sends RunStopped(reason="superseded") first; close it here otherwise.
                 self._on_run_stopped(
                     RunStopped(
-                        self.current.run_id, msg.started_at, None, self.current.points, reason="superseded"
+                        self.current.run_id, msg.started_at, None, self.current.points, reason="superseded",
+                        run_key=self.current.run_key,
                     )
                 )
             self._retire(self.current)
@@ -434,6 +437,7 @@ class Hub:
         ctx = RunContext(run_id=msg.run_id, experiment_name=experiment, model=self.model_info)
         run = RunState(
             ctx=ctx,
+            run_key=msg.run_key,
             run_name=msg.run_name,
             started_at=float(msg.started_at),
             start_event=wire.run_start_event(msg, self.model_info),
@@ -445,8 +449,8 @@ class Hub:
 
     def _on_point(self, point: Point) -> None:
         run = self.current
-        if run is None or run.run_id != point.run_id:
-            if point.run_id in self._past:
+        if run is None or run.run_key != point.run_key:
+            if point.run_key in self._past:
                 self.count_drop("stale_run")
                 logger.warning("dropping point %d of run %s: not the current run", point.index, point.run_id)
                 return
@@ -454,7 +458,7 @@ class Hub:
             logger.warning(
                 "point %d for unannounced run %s; starting it implicitly", point.index, point.run_id
             )
-            self._on_run_started(RunStarted(point.run_id, point.run_id, float(point.timestamp)))
+            self._on_run_started(RunStarted(point.run_id, point.run_id, float(point.timestamp), run_key=point.run_key))
             run = self.current
             assert run is not None
         if run.stop_event is not None:
@@ -509,7 +513,7 @@ class Hub:
 
     def _on_run_stopped(self, msg: RunStopped) -> None:
         run = self.current
-        if run is None or run.run_id != msg.run_id or run.stop_event is not None:
+        if run is None or run.run_key != msg.run_key or run.stop_event is not None:
             self.count_drop("stale_run")
             logger.warning("ignoring run_stop for run %s: not the current active run", msg.run_id)
             return
@@ -533,8 +537,8 @@ class Hub:
 
     def _retire(self, run: RunState) -> None:
         """Move a finished run to the index; keep past points only within max_past_points."""
-        self._past[run.run_id] = run
-        self._past.move_to_end(run.run_id)
+        self._past[run.run_key] = run
+        self._past.move_to_end(run.run_key)
         while len(self._past) > self.max_runs:
             self._past.popitem(last=False)
         held = 0
@@ -599,20 +603,22 @@ class Hub:
 
     def runs(self) -> list[dict[str, Any]]:
         """Current run first, then finished runs newest first."""
-        out = []
-        if self.current is not None:
-            out.append(self.current.summary(current=True))
-        out.extend(run.summary(current=False) for run in reversed(self._past.values()))
-        return out
+        return [run.summary(current=run is self.current) for run in self._newest_first()]
 
-    def run_rows(self, run_id: str) -> list[dict[str, Any]] | None:
-        """A run's points from memory in the compact REST form, or None when memory does not hold them."""
-        run = (
-            self.current
-            if self.current is not None and self.current.run_id == run_id
-            else self._past.get(run_id)
-        )
-        if run is None or run.store is None or len(run.store) < run.points:
+    def run_rows(self, run: str) -> list[dict[str, Any]] | None:
+        """A run's points (by run key, else the latest run with that run id) from memory in the compact REST
+        form, or None when memory does not hold them."""
+        found = next((r for r in self._newest_first() if run in (r.run_key, r.run_id)), None)
+        return None if found is None else self._rows_in_memory(found)
+
+    def _newest_first(self) -> Iterator[RunState]:
+        if self.current is not None:
+            yield self.current
+        yield from reversed(self._past.values())
+
+    @staticmethod
+    def _rows_in_memory(run: RunState) -> list[dict[str, Any]] | None:
+        if run.store is None or len(run.store) < run.points:
             return None  # unknown, released, or partly evicted: the catalog has the full run
         return [row_dict(row, url) for row, url in run.store.rows(run.store.first_seq, run.store.end_seq)]
 

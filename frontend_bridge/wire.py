@@ -130,6 +130,7 @@ def run_start_event(msg: RunStarted, model: ModelInfo) -> dict[str, Any]:
     return {
         "type": "run_start",
         "run_id": msg.run_id,
+        "run_key": msg.run_key,
         "run_name": msg.run_name,
         "started_at": float(msg.started_at),
         "autoencoder_model": model.autoencoder_model,

@@ -76,13 +76,14 @@ def frame_url(run_id: str, index: int, base: str = TILED_BASE) -> str:
 
 
 def run_started(run_id: str = "run-a", name: str = "scan A", **metadata: Any) -> RunStarted:
-    return RunStarted(run_id=run_id, run_name=name, started_at=time.time(), metadata=metadata)
+    return RunStarted(run_id=run_id, run_key=run_id, run_name=name, started_at=time.time(), metadata=metadata)
 
 
 def point(run_id: str, index: int, *, cluster: int = 0, url: str | None = None) -> Point:
     rng = np.random.default_rng(index)
     return Point(
         run_id=run_id,
+        run_key=run_id,
         index=index,
         x=np.float32(rng.standard_normal()),  # projectors hand out numpy scalars
         y=np.float32(rng.standard_normal()),
@@ -103,7 +104,7 @@ def cluster_new(run_id: str, cluster: int, index: int) -> ClusterNew:
 
 
 def run_stopped(run_id: str, processed: int) -> RunStopped:
-    return RunStopped(run_id=run_id, stopped_at=time.time(), num_frames=processed, processed=processed)
+    return RunStopped(run_id=run_id, run_key=run_id, stopped_at=time.time(), num_frames=processed, processed=processed)
 
 
 async def receive(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
