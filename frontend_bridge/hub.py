@@ -47,7 +47,12 @@ DROP_REASONS: tuple[str, ...] = (
     "stale_run",  # a point or event for a run that is no longer current
     "non_finite_point",  # a point whose x or y is NaN or infinite (JSON cannot carry it, plots cannot place it)
     "unsupported_message",  # publish() got something that is not RunStarted/Point/ClusterNew/RunStopped
+    # A run's start metadata sent to clients as {} (its run_start says why in `metadata_omitted`):
+    "metadata_too_deep",  # nested deeper than max_metadata_depth
+    "metadata_too_large",  # more than max_metadata_bytes packed
+    "metadata_unencodable",  # JSON or msgpack cannot carry it
 )
+EXPERIMENT_NAME_CHARS = 256  # experiment_name is repeated in every point message
 
 WS_CLOSE_TRY_AGAIN_LATER = 1013
 WS_CLOSE_GOING_AWAY = 1001
@@ -172,7 +177,7 @@ class RunState:
     run_key: str  # where the run is stored; also what /api/runs/{id} accepts for a past run
     run_name: str
     started_at: float
-    start_event: dict[str, Any]
+    start_event: dict[str, Any] | None  # only the current run's: new clients get no other run's start
     store: PointStore | None
     points: int = 0  # points published for the run (including evicted ones)
     clusters: list[dict[str, Any]] = field(default_factory=list)
@@ -378,6 +383,8 @@ class Hub:
         ws_queue: int = 8192,
         backfill_chunk: int = 512,
         stats_window: int = 2048,
+        max_metadata_depth: int = 32,
+        max_metadata_bytes: int = 64 * 1024,
     ) -> None:
         """
         max_points: points kept in memory for the current run (oldest evicted beyond, counted).
@@ -385,6 +392,8 @@ class Hub:
             runs' points are then only in the run catalog.
         max_runs: finished runs remembered in the in-memory run index.
         lse_queue / ws_queue: per-client queue bounds (messages).
+        max_metadata_depth / max_metadata_bytes: a run's start metadata goes to every new /ws client;
+            beyond these bounds (levels, bytes packed) clients get it as {} (counted by reason).
         """
         self.model_info = model_info
         self.max_points = max_points
@@ -392,6 +401,8 @@ class Hub:
         self.max_runs = max_runs
         self.queue_bounds = {"lse": lse_queue, "ws": ws_queue}
         self.backfill_chunk = backfill_chunk
+        self.max_metadata_depth = max_metadata_depth
+        self.max_metadata_bytes = max_metadata_bytes
         self.current: RunState | None = None
         self._past: OrderedDict[str, RunState] = OrderedDict()  # newest last
         self._clients: dict[int, Client] = {}
@@ -433,19 +444,35 @@ class Hub:
                     )
                 )
             self._retire(self.current)
-        experiment = str(msg.metadata.get("experiment_name") or msg.run_name or msg.run_id)
-        ctx = RunContext(run_id=msg.run_id, experiment_name=experiment, model=self.model_info)
-        run = RunState(
+        experiment = msg.metadata.get("experiment_name")
+        if not isinstance(experiment, (str, int, float)) or experiment == "":
+            experiment = msg.run_name or msg.run_id
+        ctx = RunContext(
+            run_id=msg.run_id, experiment_name=str(experiment)[:EXPERIMENT_NAME_CHARS], model=self.model_info
+        )
+        start_event = self._start_event(msg)
+        self.current = RunState(
             ctx=ctx,
             run_key=msg.run_key,
             run_name=msg.run_name,
             started_at=float(msg.started_at),
-            start_event=wire.run_start_event(msg, self.model_info),
+            start_event=start_event,
             store=PointStore(self.max_points),
         )
-        self.current = run
         logger.info("run %s started (%s)", msg.run_id, msg.run_name)
-        self._broadcast_event(run.start_event, run_id=None)
+        self._broadcast_event(start_event, run_id=None)
+
+    def _start_event(self, msg: RunStarted) -> dict[str, Any]:
+        """The run_start event, with the metadata only when every client can be sent it."""
+        try:
+            metadata = wire.client_metadata(
+                msg.metadata, max_depth=self.max_metadata_depth, max_bytes=self.max_metadata_bytes
+            )
+        except wire.MetadataOmitted as exc:
+            self.count_drop(exc.reason)
+            logger.warning("run %r: start metadata not sent to clients (%s): %s", msg.run_id, exc.reason, exc)
+            return wire.run_start_event(msg, self.model_info, {}, exc.reason)
+        return wire.run_start_event(msg, self.model_info, metadata, None)
 
     def _on_point(self, point: Point) -> None:
         run = self.current
@@ -537,6 +564,7 @@ class Hub:
 
     def _retire(self, run: RunState) -> None:
         """Move a finished run to the index; keep past points only within max_past_points."""
+        run.start_event = None  # its summary stays; its metadata is in the run catalog
         self._past[run.run_key] = run
         self._past.move_to_end(run.run_key)
         while len(self._past) > self.max_runs:
@@ -565,6 +593,7 @@ class Hub:
         if backfill and run is not None:
             if typed:
                 held = len(run.store) if run.store is not None else 0
+                assert run.start_event is not None  # the current run's is kept
                 client.queue.append(wire.encode(run.start_event, fmt))
                 client.queue.append(wire.encode(wire.backfill_start_event(run.run_id, held), fmt))
                 client.queue.extend(wire.encode(event, fmt) for event in run.clusters)

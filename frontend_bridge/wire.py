@@ -10,6 +10,7 @@ same encoded payload out to every client of that format.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +127,10 @@ def typed_point(message: dict[str, Any]) -> dict[str, Any]:
     return {"type": "point", **message}
 
 
-def run_start_event(msg: RunStarted, model: ModelInfo) -> dict[str, Any]:
+def run_start_event(
+    msg: RunStarted, model: ModelInfo, metadata: dict[str, Any], metadata_omitted: str | None
+) -> dict[str, Any]:
+    """`metadata`: from `client_metadata`, or `{}` when it cannot be sent and `metadata_omitted` says why."""
     return {
         "type": "run_start",
         "run_id": msg.run_id,
@@ -135,7 +139,8 @@ def run_start_event(msg: RunStarted, model: ModelInfo) -> dict[str, Any]:
         "started_at": float(msg.started_at),
         "autoencoder_model": model.autoencoder_model,
         "dimred_model": model.dimred_model,
-        "metadata": jsonable(msg.metadata),
+        "metadata": metadata,
+        "metadata_omitted": metadata_omitted,
     }
 
 
@@ -182,17 +187,49 @@ def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def jsonable(value: Any) -> Any:
-    """Run metadata comes from the source's start document: keep what JSON can carry, stringify the rest."""
+class MetadataOmitted(ValueError):
+    """A run's start metadata cannot go to clients whole; `reason` is the counted drop reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def client_metadata(metadata: Mapping[str, Any], *, max_depth: int, max_bytes: int) -> dict[str, Any]:
+    """The start metadata as clients get it: JSON-safe, at most `max_depth` levels and `max_bytes` packed.
+
+    Every new /ws client receives it, so it must encode in every format and stay small; raises
+    MetadataOmitted (reason `metadata_too_deep`, `metadata_too_large` or `metadata_unencodable`) otherwise.
+    Depth and packed (msgpack) size are counted as the ingest counts them, so what it accepts passes here.
+    """
+    value = jsonable(metadata, max_depth)
+    try:
+        orjson.dumps(value)
+        size = len(msgpack.packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. an integer beyond 64 bits, a lone surrogate
+        raise MetadataOmitted("metadata_unencodable", f"cannot be encoded: {exc}") from exc
+    if size > max_bytes:
+        raise MetadataOmitted("metadata_too_large", f"{size} bytes packed; at most {max_bytes}")
+    return value
+
+
+def jsonable(value: Any, max_depth: int) -> Any:
+    """Run metadata comes from the source's start document: keep what JSON can carry, stringify the rest.
+
+    Containers nested deeper than `max_depth` raise MetadataOmitted (orjson stops at 255 levels, msgpack
+    at 512, and a deep enough document would exhaust the recursion here).
+    """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+    if isinstance(value, (Mapping, list, tuple)):
+        if max_depth < 1:
+            raise MetadataOmitted("metadata_too_deep", "nested deeper than the limit")
+        if isinstance(value, Mapping):
+            return {str(k): jsonable(v, max_depth - 1) for k, v in value.items()}
+        return [jsonable(v, max_depth - 1) for v in value]
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     item = getattr(value, "item", None)  # numpy scalars
     if callable(item) and getattr(value, "ndim", None) == 0:
-        return jsonable(item())
+        return jsonable(item(), max_depth)
     return str(value)

@@ -244,3 +244,45 @@ async def test_a_client_can_skip_the_backfill_and_get_only_live_messages() -> No
             await srv.hub.publish(point("r1", 1))
             first = await receive(ws)
     assert (first["type"], first["index"]) == ("point", 1)
+
+
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ({"plan": _nested(300)}, "metadata_too_deep"),  # JSON encoders stop at 255 levels
+        ({"notes": "x" * 100_000}, "metadata_too_large"),
+        ({"sample": "\ud800"}, "metadata_unencodable"),  # a lone surrogate: not UTF-8
+    ],
+)
+async def test_start_metadata_that_cannot_be_sent_is_omitted_and_every_client_still_connects(
+    metadata: dict, reason: str
+) -> None:
+    async with bridge() as srv, connect(f"{srv.ws}/ws") as present:
+        await receive_until(present, lambda m: m["type"] == "backfill_end")
+        await srv.hub.publish(run_started("r1", **metadata))
+        await srv.hub.publish(point("r1", 0))
+        live = await receive_until(present, lambda m: m["type"] == "point")
+        async with connect(f"{srv.ws}/ws") as text, connect(f"{srv.ws}/ws?format=msgpack") as packed:
+            joined = [await receive_until(ws, lambda m: m["type"] == "backfill_end") for ws in (text, packed)]
+    for messages in (live, *joined):
+        start = messages[0]
+        assert (start["type"], start["run_id"], start["metadata"]) == ("run_start", "r1", {})
+        assert start["metadata_omitted"] == reason
+        assert [m["index"] for m in messages if m["type"] == "point"] == [0]
+    assert srv.hub.dropped[reason] == 1
+
+
+async def test_start_metadata_within_the_bounds_reaches_clients_whole() -> None:
+    metadata = {"plan": _nested(20), "notes": "x" * 50_000, "detectors": ["pilatus", 2]}
+    async with bridge() as srv:
+        await srv.hub.publish(run_started("r1", **metadata))
+        async with connect(f"{srv.ws}/ws?format=msgpack") as ws:
+            start = await receive(ws)
+    assert (start["metadata"], start["metadata_omitted"]) == (metadata, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import pytest
 from bridge_support import MODEL, cluster_new, point, run_started, run_stopped
@@ -176,3 +177,23 @@ async def test_a_repeated_start_of_the_active_run_keeps_its_points() -> None:
     await hub.publish(point("r", 1))
     assert [r["run_id"] for r in hub.runs()] == ["r"]
     assert [row["index"] for row in hub.run_rows("r")] == [0, 1]
+
+
+async def _memory_held_by_runs(notes_bytes: int, runs: int = 33) -> int:
+    """Bytes a hub holds after `runs` runs, each with `notes_bytes` of start metadata."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        hub = Hub(MODEL, max_runs=runs - 1)
+        for r in range(runs):
+            await hub.publish(run_started(f"r{r}", notes=f"{r}" + "x" * notes_bytes))
+            await hub.publish(run_stopped(f"r{r}", 0))
+        assert len(hub.runs()) == runs
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+async def test_only_the_current_runs_start_metadata_stays_in_memory() -> None:
+    metadata_held = await _memory_held_by_runs(60_000) - await _memory_held_by_runs(0)
+    assert metadata_held < 500_000  # the current run's 60 kB (within the bound), not 32 past runs' 2 MB
