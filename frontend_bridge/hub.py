@@ -9,6 +9,8 @@ Slow-client policies (each drop is counted under `dropped{reason}`):
           live cloud, so the newest points matter most.
 - /ws   : DISCONNECT   - the client is closed with 1013 "try again later" (`ws_slow_client`); /ws
           carries typed events whose order matters, and a reconnecting client gets a full backfill.
+The server's keepalive never closes a client for a late pong (stream/serve.py), so these policies
+are all a slow client meets.
 
 Late joiners on /ws get the current run's points from memory (backfill) and then live messages,
 with no gap and no duplicate: while a client backfills, the run's new points are read from the

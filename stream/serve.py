@@ -35,6 +35,8 @@ from operators.metrics import PipelineMetrics
 from stream.config import ServeSettings
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from operators.persist.writer import TiledWriter
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 # Shutdown budget per step (seconds): the whole stop stays within a few seconds.
 _WRITER_DRAIN_S = 2.0
 _UVICORN_STOP_S = 3.0
+# Slow websocket clients are the hub's to handle (drop-oldest on /lse, 1013 on /ws). A keepalive pong
+# waits behind everything a slow client has not read yet, so a pong deadline would close it before the
+# hub's policy acts: pings only keep idle connections open through firewalls, and no deadline is set.
+WS_PING_INTERVAL_S = 20.0
 
 
 class ServeError(RuntimeError):
@@ -236,9 +242,7 @@ class Service:
             def capture_signals(self) -> contextlib.AbstractContextManager[None]:
                 return contextlib.nullcontext()
 
-        config = uvicorn.Config(app, host=self.settings.host, port=self.settings.port, log_level="warning",
-                                lifespan="on", ws_ping_interval=20, timeout_graceful_shutdown=1)
-        server = _Server(config)
+        server = _Server(bridge_server_config(app, self.settings.host, self.settings.port))
         task = asyncio.create_task(server.serve(), name="uvicorn")
         while not server.started:
             if task.done():
@@ -272,6 +276,14 @@ class Service:
                 "zmq_pattern": self.settings.zmq_pattern, "tiled": self.tiled_url,
                 "tiled_connected": writer is not None and writer.connected,
                 "persist": dataclasses.asdict(writer.stats()) if writer is not None else None}
+
+
+def bridge_server_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    """How uvicorn serves the bridge (tests serve it the same way)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                          ws_ping_interval=WS_PING_INTERVAL_S, ws_ping_timeout=None, timeout_graceful_shutdown=1)
 
 
 async def _all_or_nothing(*steps: Awaitable[Any]) -> list[Any]:

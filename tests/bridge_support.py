@@ -7,7 +7,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from frontend_bridge import Hub, ModelInfo, create_app
 from operators.messages import ClusterNew, Point, RunStarted, RunStopped, StageTimings
+from stream.serve import bridge_server_config
 
 MODEL = ModelInfo(autoencoder_model="cvae-test:1.0", dimred_model="umap-test:1.0")
 TILED_BASE = "http://127.0.0.1:8000"
@@ -41,11 +42,13 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: Any) -> AsyncIterator[str]:
-    """Run `app` with uvicorn in the current event loop on a random 127.0.0.1 port; yields host:port."""
+async def serve_app(app: Any, config: uvicorn.Config | None = None) -> AsyncIterator[str]:
+    """Run `app` with uvicorn in the current event loop on a random 127.0.0.1 port; yields host:port.
+
+    config: how uvicorn serves it; by default exactly as the service does.
+    """
     sock = free_socket()
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")  # default ws protocol, as served
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(config or bridge_server_config(app, "127.0.0.1", 0))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
@@ -61,13 +64,18 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def bridge(**kwargs: Any) -> AsyncIterator[Served]:
-    """A hub plus the bridge app, served for real. kwargs split between Hub(...) and create_app(...)."""
+async def bridge(
+    server_config: Callable[[Any], uvicorn.Config] | None = None, **kwargs: Any
+) -> AsyncIterator[Served]:
+    """A hub plus the bridge app, served for real. kwargs split between Hub(...) and create_app(...).
+
+    server_config: the uvicorn config for the app (default: the service's own).
+    """
     hub_keys = {"max_points", "max_past_points", "max_runs", "lse_queue", "ws_queue", "backfill_chunk"}
     registry = CollectorRegistry()
     hub = Hub(MODEL, registry=registry, **{k: v for k, v in kwargs.items() if k in hub_keys})
     app = create_app(hub, registry=registry, **{k: v for k, v in kwargs.items() if k not in hub_keys})
-    async with serve_app(app) as hostport:
+    async with serve_app(app, server_config(app) if server_config else None) as hostport:
         yield Served(base=f"http://{hostport}", ws=f"ws://{hostport}", hub=hub, registry=registry)
 
 

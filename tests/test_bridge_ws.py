@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgpack
 import pytest
+import uvicorn
 from bridge_support import (
     bridge,
     close_code,
@@ -22,13 +24,17 @@ from websockets.exceptions import ConnectionClosed
 
 from frontend_bridge import Hub
 from frontend_bridge.wire import LSE_KEYS, SERVICE_KEYS
+from stream.serve import bridge_server_config
 
 
-async def publish_paced_by(hub: Hub, received: list[int], n: int, batch: int = 100) -> None:
+async def publish_paced_by(
+    hub: Hub, received: list[int], n: int, batch: int = 100, pause: float = 0.0
+) -> None:
     """Publish n points in batches, never more than one batch ahead of the fast reader.
 
     If a stalled client could hold the hub up, the fast reader would stop progressing and this
     would never finish; the stalled client meanwhile falls further behind with every batch.
+    pause: seconds between batches (stretches the run).
     """
     for start in range(0, n, batch):
         for i in range(start, min(start + batch, n)):
@@ -36,6 +42,7 @@ async def publish_paced_by(hub: Hub, received: list[int], n: int, batch: int = 1
         async with asyncio.timeout(30):
             while len(received) < start:
                 await asyncio.sleep(0.001)
+        await asyncio.sleep(pause)
 
 
 def _types(messages: list[dict]) -> list[str]:
@@ -244,6 +251,45 @@ async def test_a_client_can_skip_the_backfill_and_get_only_live_messages() -> No
             await srv.hub.publish(point("r1", 1))
             first = await receive(ws)
     assert (first["type"], first["index"]) == ("point", 1)
+
+
+def keepalive_100x_faster(app: object) -> uvicorn.Config:
+    """The service's own uvicorn settings with its keepalive 100 times faster: a stall of seconds here is
+    minutes served."""
+    config = bridge_server_config(app, "127.0.0.1", 0)
+    assert config.ws_ping_interval is not None
+    config.ws_ping_interval /= 100
+    if config.ws_ping_timeout is not None:
+        config.ws_ping_timeout /= 100
+    return config
+
+
+async def test_a_stalled_lse_client_keeps_its_connection_and_gets_the_newest_points_on_reading() -> None:
+    n = 20_000
+    async with bridge(server_config=keepalive_100x_faster, lse_queue=256) as srv:
+        await srv.hub.publish(run_started("r1"))
+        async with (
+            # Its library stops reading the socket (pongs included) as soon as one message waits.
+            connect(f"{srv.ws}/lse", max_queue=1, compression=None, ping_interval=None) as slow,
+            connect(f"{srv.ws}/lse") as fast,
+        ):
+            received: list[int] = []
+
+            async def read_fast() -> None:
+                while len(received) < n:
+                    received.append((await receive(fast))["index"])
+
+            reader = asyncio.create_task(read_fast())
+            stalled_since = time.monotonic()
+            await publish_paced_by(srv.hub, received, n, pause=0.02)
+            await asyncio.wait_for(reader, 60)
+            assert time.monotonic() - stalled_since > 20 * 0.2  # 20 keepalive intervals, the fast ones
+            assert srv.hub.client_counts()["lse"] == 2
+            slow_indexes = []
+            while not slow_indexes or slow_indexes[-1] != n - 1:
+                slow_indexes.append((await receive(slow))["index"])
+    assert srv.hub.dropped["lse_slow_client"] > 0
+    assert slow_indexes == sorted(slow_indexes) and slow_indexes[-256:] == list(range(n - 256, n))
 
 
 def _nested(depth: int) -> dict:
