@@ -2,24 +2,24 @@
 
 `create_app` only builds the app; the composition root (stream/serve.py) owns the Hub, the
 prometheus registry and the uvicorn server, and may nest its own lifespan (pipeline tasks) inside
-the app's through `lifespan=`.
+the app's through `lifespan=`. Every request passes `access.AccessGuard` (Host, Origin, token, body
+size) before any route sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
+from fastapi import FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,13 +28,13 @@ from pydantic import BaseModel, Field
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import frames, wire
+from .access import AccessGuard, AccessPolicy, Refusals
 from .hub import Client, ClientClosed, Hub
 from .wire import ModelInfo, WireFormat
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-WS_CLOSE_POLICY_VIOLATION = 1008
 WS_CLOSE_UNSUPPORTED = 1003
 CLOSE_TIMEOUT_S = 5.0
 
@@ -46,6 +46,8 @@ class TiledConfig:
     base_url: str
     api_key: str | None = None
     timeout_s: float = 30.0
+    max_frame_pixels: int = frames.MAX_FRAME_PIXELS  # larger frames are refused before any download
+    max_frame_bytes: int = frames.MAX_FRAME_BYTES
 
 
 @runtime_checkable
@@ -73,14 +75,6 @@ def _json(obj: Any, status_code: int = 200) -> Response:
     return Response(content=wire.dumps(obj), media_type="application/json", status_code=status_code)
 
 
-def _provided_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-    auth = headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value:
-        return value.strip()
-    return query.get("token")
-
-
 def create_app(
     hub: Hub,
     *,
@@ -90,6 +84,10 @@ def create_app(
     reference_clusters: np.ndarray | None = None,
     tiled: TiledConfig | None = None,
     token: str | None = None,
+    allowed_hosts: Collection[str] = (),
+    allowed_origins: Collection[str] = (),
+    metrics_public: bool = False,
+    max_body_bytes: int = 1 << 20,
     run_catalog: RunCatalog | None = None,
     health_extra: Callable[[], Mapping[str, Any]] | None = None,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
@@ -104,7 +102,12 @@ def create_app(
     model_info: the bundle's model names (default: the hub's).
     reference_embedding / reference_clusters: the bundle's (N, 2) reference map and (N,) labels.
     tiled: where /api/frame and /api/aggregate read frames; None disables them (503).
-    token: when set, every websocket and /api route requires it (`?token=` or `Authorization: Bearer`).
+    token: when set, every route but the page (`/`, `/static/`) requires it (`?token=` or
+        `Authorization: Bearer`), /metrics too unless `metrics_public`.
+    allowed_hosts: host names clients may address the service by, besides the loopback names ("*": any).
+    allowed_origins: web origins ("scheme://host[:port]") whose pages may use the service, besides its own
+        and loopback ones ("*": any).
+    max_body_bytes: largest request body read (413 beyond, before any route parses it).
     run_catalog: past runs beyond memory (e.g. persisted in Tiled).
     health_extra: extra keys merged into GET /api/health (e.g. ingest counters).
     lifespan: the caller's own lifespan, entered inside the app's (start pipeline tasks there).
@@ -117,7 +120,15 @@ def create_app(
     @contextlib.asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
         fetcher = (
-            frames.FrameFetcher(tiled.base_url, tiled.api_key, timeout_s=tiled.timeout_s) if tiled else None
+            frames.FrameFetcher(
+                tiled.base_url,
+                tiled.api_key,
+                timeout_s=tiled.timeout_s,
+                max_frame_pixels=tiled.max_frame_pixels,
+                max_frame_bytes=tiled.max_frame_bytes,
+            )
+            if tiled
+            else None
         )
         app.state.fetcher = fetcher
         try:
@@ -132,20 +143,10 @@ def create_app(
                 await fetcher.aclose()
 
     app = FastAPI(title="latent-stream bridge", lifespan=app_lifespan, docs_url=None, redoc_url=None)
-
-    def authorized(headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
-        if token is None:
-            return True
-        provided = _provided_token(headers, query)
-        return provided is not None and hmac.compare_digest(provided.encode(), token.encode())
-
-    async def require_token(request: Request) -> None:
-        if not authorized(request.headers, request.query_params):
-            raise HTTPException(
-                status_code=401,
-                detail="token required: ?token=... or Authorization: Bearer ...",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    refusals = Refusals()
+    registry.register(refusals)
+    policy = AccessPolicy(allowed_hosts, allowed_origins, token, metrics_public, max_body_bytes)
+    app.add_middleware(AccessGuard, policy=policy, refusals=refusals)
 
     def fetcher_of(request: Request) -> frames.FrameFetcher:
         fetcher = getattr(request.app.state, "fetcher", None)
@@ -185,15 +186,11 @@ def create_app(
     @app.websocket("/lse")
     async def lse_socket(websocket: WebSocket, backfill: bool = False) -> None:
         """The Latent Space Explorer's live feed: point messages only, JSON text."""
-        if not authorized(websocket.headers, websocket.query_params):
-            return await refuse(websocket, WS_CLOSE_POLICY_VIOLATION, "token required")
         await serve_websocket(websocket, "lse", WireFormat.LSE_JSON, backfill)
 
     @app.websocket("/ws")
     async def ws_socket(websocket: WebSocket, format: str = "json", backfill: bool = True) -> None:
         """The full typed stream: backfill of the current run, then live."""
-        if not authorized(websocket.headers, websocket.query_params):
-            return await refuse(websocket, WS_CLOSE_POLICY_VIOLATION, "token required")
         fmt = {"json": WireFormat.WS_JSON, "msgpack": WireFormat.WS_MSGPACK}.get(format)
         if fmt is None:
             return await refuse(websocket, WS_CLOSE_UNSUPPORTED, "format must be json or msgpack")
@@ -201,9 +198,7 @@ def create_app(
 
     # -- REST -----------------------------------------------------------------------------------
 
-    api = [Depends(require_token)]
-
-    @app.get("/api/health", dependencies=api)
+    @app.get("/api/health")
     async def health() -> Response:
         current = hub.current.summary(current=True) if hub.current is not None else None
         body: dict[str, Any] = {
@@ -215,6 +210,7 @@ def create_app(
                 "points": hub.points_total,
                 "connections": hub.clients_total,
                 "dropped": dict(hub.dropped),
+                "refused": dict(refusals.counts),
             },
             "frames_per_s": round(hub.frames_per_second(), 3),
             "stage_p50_ms": hub.stage_p50_ms(),
@@ -229,7 +225,7 @@ def create_app(
     async def metrics() -> Response:
         return Response(content=generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/runs", dependencies=api)
+    @app.get("/api/runs")
     async def runs(limit: int = Query(runs_limit, ge=1, le=10_000)) -> Response:
         listed = hub.runs()
         known = {run["run_key"] for run in listed}  # a reused run id is two runs
@@ -246,7 +242,7 @@ def create_app(
         body["runs"] = listed[:limit]
         return _json(body)
 
-    @app.get("/api/runs/{run_id}/points", dependencies=api)
+    @app.get("/api/runs/{run_id}/points")
     async def run_points(run_id: str) -> Response:
         rows = hub.run_rows(run_id)
         if rows is None and run_catalog is not None:
@@ -259,13 +255,13 @@ def create_app(
             raise HTTPException(status_code=404, detail=f"unknown run {run_id!r}")
         return _json(rows)
 
-    @app.get("/api/reference", dependencies=api)
+    @app.get("/api/reference")
     async def reference() -> Response:
         if reference_body is None:
             raise HTTPException(status_code=404, detail="the model bundle has no reference embedding")
         return Response(content=reference_body, media_type="application/json")
 
-    @app.get("/api/frame", dependencies=api)
+    @app.get("/api/frame")
     async def frame(
         request: Request, url: str = Query(..., min_length=1), cmap: frames.Colormap = "gray"
     ) -> Response:
@@ -279,7 +275,7 @@ def create_app(
             content=png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
         )
 
-    @app.post("/api/aggregate", dependencies=api)
+    @app.post("/api/aggregate")
     async def aggregate(request: Request, body: AggregateRequest) -> Response:
         if len(body.urls) > max_aggregate:
             raise HTTPException(

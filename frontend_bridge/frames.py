@@ -1,10 +1,12 @@
 """Frames fetched back from Tiled by their URI, and rendered as log-scaled PNGs.
 
 Only URIs on the configured Tiled server are fetched (the bridge holds the API key; it must never
-become an open proxy). A frame costs two small requests at most: the array's structure from
-`/api/v1/metadata/{path}` (cached per array; refreshed when an index lies beyond the cached
-length of an appendable stack) and the raw bytes from `/api/v1/array/full/{path}?slice=...` with
-`Accept: application/octet-stream` (Tiled's cheapest encoding: no server-side image codec).
+become an open proxy), and only when the array's structure says the URI selects one frame of a
+bounded size: nothing larger is ever downloaded. A frame costs two small requests at most: the
+array's structure from `/api/v1/metadata/{path}` (cached per array; refreshed when an index lies
+beyond the cached length of an appendable stack) and the raw bytes from
+`/api/v1/array/full/{path}?slice=...` with `Accept: application/octet-stream` (Tiled's cheapest
+encoding: no server-side image codec).
 
 Errors from httpx and Tiled are translated into `FrameError` subclasses carrying the HTTP status
 the bridge should answer with.
@@ -27,6 +29,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _ARRAY_PREFIXES = ("api/v1/array/full/", "api/v1/array/block/", "api/v1/metadata/")
+# The ingest's default frame bounds: any frame the service accepts can be shown.
+MAX_FRAME_PIXELS = 4096 * 4096
+MAX_FRAME_BYTES = MAX_FRAME_PIXELS * 8
 
 
 class FrameError(Exception):
@@ -45,6 +50,10 @@ class BadFrameURL(FrameError):
     """The URL is on the Tiled server but cannot be read as a frame (bad slice, not an array)."""
 
     status_code = 422
+
+
+class FrameTooLarge(BadFrameURL):
+    """The URI selects one frame, but larger than the bridge renders."""
 
 
 class FrameNotFound(FrameError):
@@ -134,6 +143,8 @@ class FrameFetcher:
         timeout_s: float = 30.0,
         max_concurrency: int = 8,
         structure_cache: int = 64,
+        max_frame_pixels: int = MAX_FRAME_PIXELS,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
         parts = urlsplit(base_url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -152,6 +163,8 @@ class FrameFetcher:
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._structures: OrderedDict[str, ArrayInfo] = OrderedDict()
         self._structure_cache = structure_cache
+        self._max_pixels = max_frame_pixels
+        self._max_bytes = max_frame_bytes
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -190,26 +203,27 @@ class FrameFetcher:
                 info = await self._structure(ref.path, refresh=True)  # the stack may have grown
                 if not -info.shape[0] <= first < info.shape[0]:
                     raise FrameNotFound(f"frame {first} is beyond {ref.path} (length {info.shape[0]})")
+            what = f"{ref.path}?slice={ref.slice_expr}"
             out_shape = _sliced_shape(info.shape, key)
+            frame_shape = _frame_shape(out_shape, what)  # checked before anything is downloaded
+            expected = math.prod(out_shape) * info.dtype.itemsize
+            if math.prod(frame_shape) > self._max_pixels or expected > self._max_bytes:
+                raise FrameTooLarge(
+                    f"{what} is a {frame_shape[0]}x{frame_shape[1]} {info.dtype} frame ({expected} bytes); "
+                    f"at most {self._max_pixels} pixels and {self._max_bytes} bytes are rendered"
+                )
             response = await self._get(
                 f"{self.base_url}/api/v1/array/full/{quote(ref.path)}",
                 params={"slice": ref.slice_expr} if ref.slice_expr else None,
                 accept="application/octet-stream",
-                what=f"frame {ref.path}?slice={ref.slice_expr}",
+                what=f"frame {what}",
             )
-        expected = math.prod(out_shape) * info.dtype.itemsize
         if len(response.content) != expected:
             raise FrameDecodeError(
-                f"Tiled sent {len(response.content)} bytes for {ref.path}?slice={ref.slice_expr}; "
+                f"Tiled sent {len(response.content)} bytes for {what}; "
                 f"expected {expected} ({info.dtype} x {out_shape})"
             )
-        array = np.frombuffer(response.content, dtype=info.dtype).reshape(out_shape)
-        squeezed = array.reshape([n for n in out_shape if n != 1] or [1, 1])
-        if squeezed.ndim == 1:
-            squeezed = squeezed.reshape(1, -1)
-        if squeezed.ndim != 2:
-            raise BadFrameURL(f"{ref.path}?slice={ref.slice_expr} is not one frame: shape {out_shape}")
-        return squeezed
+        return np.frombuffer(response.content, dtype=info.dtype).reshape(frame_shape)
 
     async def _structure(self, path: str, *, refresh: bool = False) -> ArrayInfo:
         if not refresh and path in self._structures:
@@ -247,6 +261,16 @@ class FrameFetcher:
         if response.status_code >= 400:
             raise TiledUnavailable(f"Tiled answered {response.status_code} for {what}")
         return response
+
+
+def _frame_shape(shape: tuple[int, ...], what: str) -> tuple[int, int]:
+    """The 2-D frame a selection of `shape` is, unit axes dropped; BadFrameURL when it is not one frame."""
+    dims = [n for n in shape if n != 1]
+    if len(dims) > 2 or 0 in dims:
+        raise BadFrameURL(f"{what} is not one frame: it selects shape {shape}")
+    if len(dims) == 2:
+        return dims[0], dims[1]
+    return 1, dims[0] if dims else 1
 
 
 def _sliced_shape(shape: tuple[int, ...], key: tuple[int | slice, ...]) -> tuple[int, ...]:

@@ -144,6 +144,13 @@ def serve(
     tiled_api_key: Annotated[str | None, typer.Option(help="Tiled API key (generated when embedded).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where embedded Tiled keeps data [./data].")] = None,
     token: Annotated[str | None, typer.Option(help="Require this token from clients.")] = None,
+    allowed_hosts: Annotated[
+        str | None, typer.Option(help="More host names clients may use, comma-separated; * for any.")
+    ] = None,
+    allowed_origins: Annotated[
+        str | None, typer.Option(help="Web origins whose pages may connect, comma-separated; * for any.")
+    ] = None,
+    metrics_public: Annotated[bool | None, typer.Option(help="Serve /metrics without the token.")] = None,
     queue_size: Annotated[int | None, typer.Option(help="Frames held between receive and compute [32].")] = None,
     queue_policy: Annotated[
         str | None, typer.Option(help="block | drop_oldest | drop_newest [block for pull, drop_oldest for sub].")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -41,6 +42,25 @@ class ServeSettings(BaseSettings):
     tiled_api_key: str | None = Field(None, description="Tiled API key (generated for embedded when unset)")
     data_dir: Path = Field(Path("data"), description="where the embedded Tiled catalog and files live")
     token: str | None = Field(None, description="require this token from websocket and REST clients")
+    # Who may use the bridge (frontend_bridge/access.py), besides the loopback names and a non-wildcard host.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="more host names clients may address the service by; * for any"
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="web origins (scheme://host[:port]) whose pages may use the service, besides its own "
+        "and loopback ones; * for any",
+    )
+    metrics_public: bool = Field(False, description="serve /metrics without the token")
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """A comma-separated string (command line, environment) or a YAML list."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
     # Internals, with defaults that suit one Pilatus 2M at up to ~100 Hz on a small machine.
     queue_size: int = Field(32, ge=1, description="frames held between receive and compute")
     queue_policy: QueuePolicy | None = Field(

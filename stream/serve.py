@@ -48,6 +48,8 @@ _UVICORN_STOP_S = 3.0
 # waits behind everything a slow client has not read yet, so a pong deadline would close it before the
 # hub's policy acts: pings only keep idle connections open through firewalls, and no deadline is set.
 WS_PING_INTERVAL_S = 20.0
+WS_MAX_MESSAGE_BYTES = 64 * 1024  # clients send nothing the service reads; larger messages close with 1009
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
 class ServeError(RuntimeError):
@@ -163,8 +165,12 @@ class Service:
             registry=self.registry,
             reference_embedding=bundle.reference_embedding,
             reference_clusters=bundle.reference_clusters,
-            tiled=TiledConfig(self.tiled_url, self.tiled_api_key),
+            tiled=TiledConfig(self.tiled_url, self.tiled_api_key, max_frame_pixels=s.max_frame_pixels,
+                              max_frame_bytes=s.max_frame_bytes),
             token=s.token,
+            allowed_hosts=self._allowed_hosts(),
+            allowed_origins=s.allowed_origins,
+            metrics_public=s.metrics_public,
             health_extra=self._health,
             run_catalog=TiledRunCatalog(self.tiled_url, self.tiled_api_key),  # past runs from Tiled
         )
@@ -234,6 +240,16 @@ class Service:
 
         return endpoint.url, endpoint.api_key, ready
 
+    def _allowed_hosts(self) -> list[str]:
+        """Host names the bridge answers to besides the loopback ones: the bind address unless a wildcard."""
+        s = self.settings
+        if s.host not in _WILDCARD_HOSTS:
+            return [*s.allowed_hosts, s.host]
+        if not s.allowed_hosts:
+            log.warning("listening on all interfaces (%s), but only requests addressed to localhost are "
+                        "answered: set --allowed-hosts to the names clients use", s.host or "''")
+        return s.allowed_hosts
+
     async def _start_uvicorn(self, app: Any) -> asyncio.Task[Any]:
         import uvicorn
 
@@ -283,7 +299,8 @@ def bridge_server_config(app: Any, host: str, port: int) -> uvicorn.Config:
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                          ws_ping_interval=WS_PING_INTERVAL_S, ws_ping_timeout=None, timeout_graceful_shutdown=1)
+                          ws_ping_interval=WS_PING_INTERVAL_S, ws_ping_timeout=None,
+                          ws_max_size=WS_MAX_MESSAGE_BYTES, timeout_graceful_shutdown=1)
 
 
 async def _all_or_nothing(*steps: Awaitable[Any]) -> list[Any]:

@@ -21,7 +21,7 @@ from tiled.config import Authentication
 from tiled.server.app import build_app
 
 from frontend_bridge import TiledConfig
-from frontend_bridge.frames import log_scale, lse_index, valid_mask
+from frontend_bridge.frames import BadFrameURL, FrameFetcher, FrameTooLarge, log_scale, lse_index, valid_mask
 
 API_KEY = "bridgetestkey"
 SHAPE = (40, 56)
@@ -155,6 +155,39 @@ async def test_frame_errors_become_clear_http_answers(tiled: TiledFixture) -> No
         got = {url: (await http.get(f"{srv.base}/api/frame", params={"url": url})) for url in cases}
     assert {url: r.status_code for url, r in got.items()} == cases
     assert all(r.json()["detail"] for r in got.values())
+
+
+async def test_only_one_frame_of_a_bounded_size_is_ever_downloaded(tiled: TiledFixture) -> None:
+    requested: list[str] = []
+
+    async def record(request: httpx.Request) -> None:
+        requested.append(request.url.path)
+
+    frame_bytes = SHAPE[0] * SHAPE[1] * 4
+    async with httpx.AsyncClient(event_hooks={"request": [record]}) as client:
+        fetcher = FrameFetcher(tiled.base, API_KEY, client=client, max_frame_bytes=frame_bytes - 1)
+        with pytest.raises(BadFrameURL, match="not one frame"):
+            await fetcher.fetch(f"{tiled.base}/api/v1/array/full/scan1/primary/image")  # the whole stack
+        with pytest.raises(BadFrameURL, match="not one frame"):
+            await fetcher.fetch(tiled.url("0:3"))
+        with pytest.raises(FrameTooLarge, match=f"{frame_bytes} bytes"):
+            await fetcher.fetch(tiled.url("0"))
+    assert requested == ["/api/v1/metadata/scan1/primary/image"]  # the structure only: no array data
+
+
+async def test_the_frame_route_refuses_a_whole_stack_and_frames_over_the_size_bound(
+    tiled: TiledFixture,
+) -> None:
+    whole_stack = f"{tiled.base}/api/v1/array/full/scan1/primary/image"
+    async with httpx.AsyncClient() as http:
+        async with bridge(tiled=TiledConfig(tiled.base, API_KEY)) as srv:
+            stack = await http.get(f"{srv.base}/api/frame", params={"url": whole_stack})
+        async with bridge(
+            tiled=TiledConfig(tiled.base, API_KEY, max_frame_pixels=SHAPE[0] * SHAPE[1] - 1)
+        ) as srv:
+            large = await http.get(f"{srv.base}/api/frame", params={"url": tiled.url("0")})
+    assert stack.status_code == 422 and "not one frame" in stack.json()["detail"]
+    assert large.status_code == 422 and "at most" in large.json()["detail"]
 
 
 async def test_a_wrong_api_key_or_a_dead_tiled_is_a_bad_gateway(tiled: TiledFixture) -> None:
