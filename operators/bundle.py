@@ -9,7 +9,9 @@
 
 Integrity: every file in the directory except manifest.json is listed with its sha256; `load` hashes each
 file it lists before anything is parsed or unpickled, refuses a file that differs, is missing or is not
-listed. Versions: `libraries` in the manifest records the versions the bundle was made with and a policy:
+listed. Every listed name must be a relative path that stays inside the bundle directory, symlinks
+resolved; `read_manifest` refuses any other before a file is opened. Versions: `libraries` in the
+manifest records the versions the bundle was made with and a policy:
 "exact" (pickles: umap-learn, numba, pynndescent, scikit-learn; checked before umap.joblib is unpickled),
 "minimum" (onnxruntime must be at least the major.minor that exported the graphs) or "info".
 Serving imports onnxruntime only; torch only for runtime="torchscript"; umap only for projection="umap".
@@ -24,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -56,7 +58,7 @@ class BundleError(Exception):
 
 
 class BundleIntegrityError(BundleError):
-    """A bundle file is missing, unlisted, or its sha256 differs from the manifest."""
+    """A bundle file is missing, unlisted, outside the bundle directory, or its sha256 differs."""
 
 
 class BundleVersionError(BundleError):
@@ -131,7 +133,27 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
             raise BundleFormatError(f"{path}: manifest lacks required field {key!r}")
     if manifest.get("format") != FORMAT_VERSION:
         raise BundleFormatError(f"{path}: bundle format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+    if not isinstance(manifest["files"], dict):
+        raise BundleFormatError(f"{path}: 'files' must map file names to their sha256")
+    for rel in manifest["files"]:
+        _check_inside(Path(bundle_dir), rel)
     return manifest
+
+
+def _check_inside(bundle_dir: Path, rel: str) -> None:
+    """A file a manifest names must be inside the bundle: checksums and loads only ever read its own files."""
+    pure = PurePosixPath(rel)
+    if not rel or pure.is_absolute() or ".." in pure.parts:
+        raise BundleIntegrityError(
+            f"{bundle_dir / MANIFEST}: lists {rel!r}; bundle files must be relative paths inside the bundle"
+        )
+    root = bundle_dir.resolve()
+    target = (root / pure).resolve()
+    if target == root or not target.is_relative_to(root):
+        raise BundleIntegrityError(
+            f"{bundle_dir / MANIFEST}: {rel!r} resolves to {target}, outside the bundle directory {root} "
+            "(a symlink?); refusing to read it"
+        )
 
 
 def verify_checksums(bundle_dir: Path, manifest: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from operators.bundle import (
     BundleVersionError,
     ModelBundle,
     read_manifest,
+    sha256_file,
     write_manifest,
 )
 from stream.detector import PILATUS3_2M
@@ -142,3 +144,43 @@ def test_bundle_round_trips_through_write_manifest_and_load(copy: Path, bundle: 
 def test_unknown_runtime_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="runtime"):
         ModelBundle.load(runtime="tensorrt")
+
+
+def _list_outside_file(copy: Path, outside: Path) -> str:
+    """List the encoder under the name `outside` (the file there is the true encoder, with its sha256) and
+    point the manifest's ONNX encoder at it; returns the name."""
+    rel = outside.as_posix()
+    m = json.loads((copy / MANIFEST).read_text())
+    entry = m["files"].pop(m["encoder"]["onnx"])
+    m["files"][rel] = entry
+    m["encoder"]["onnx"] = rel
+    (copy / MANIFEST).write_text(json.dumps(m))
+    return rel
+
+
+@pytest.mark.parametrize("how", ["absolute", "dot-dot"])
+def test_a_manifest_naming_a_file_outside_the_bundle_is_refused_before_any_file_is_read(
+    copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    outside = tmp_path / "elsewhere" / "encoder.onnx"
+    outside.parent.mkdir()
+    (copy / "encoder.onnx").rename(outside)
+    rel = _list_outside_file(copy, outside if how == "absolute" else Path("../elsewhere/encoder.onnx"))
+    hashed: list[Path] = []
+
+    def recording_sha256(path: Path) -> str:
+        hashed.append(path)
+        return sha256_file(path)
+
+    monkeypatch.setattr("operators.bundle.sha256_file", recording_sha256)
+    with pytest.raises(BundleIntegrityError, match=f"{re.escape(repr(rel))}.*inside the bundle"):
+        ModelBundle.load(copy)
+    assert hashed == []
+
+
+def test_a_bundle_file_that_is_a_symlink_out_of_the_bundle_is_refused(copy: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.onnx"
+    (copy / "encoder.onnx").rename(outside)
+    (copy / "encoder.onnx").symlink_to(outside)  # same bytes, same sha256: only where it lives is wrong
+    with pytest.raises(BundleIntegrityError, match=r"'encoder\.onnx' resolves to .*outside the bundle"):
+        ModelBundle.load(copy)
