@@ -220,9 +220,11 @@ class Service:
         s = self.settings
         if not s.embedded_tiled:
             return s.tiled, s.tiled_api_key, None
-        from operators.persist.server import EmbeddedTiledServer, TiledServerError
+        from operators.persist.server import MAX_BODY_BYTES, EmbeddedTiledServer, TiledServerError
 
-        server = EmbeddedTiledServer(s.data_dir, port=s.tiled_port, api_key=s.tiled_api_key)
+        # The writer sends a frame larger than its PATCH size alone: the server must take the largest frame.
+        server = EmbeddedTiledServer(s.data_dir, port=s.tiled_port, api_key=s.tiled_api_key,
+                                     max_body_bytes=max(MAX_BODY_BYTES, s.max_frame_bytes))
         self._on_stop("embedded tiled", server.stop)  # before launch: a cancelled start still reaps the child
         try:
             endpoint = await server.launch()

@@ -53,6 +53,7 @@ from typing import Any
 import httpx
 
 from operators.persist.whole_body import WholeBodyMiddleware
+from stream.protocol import DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ _KEY_FILE = "tiled-api-key"
 BLOSC_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 # Niceness of the server child once it is up (see _lower_priority).
 SERVER_NICENESS = 10
-# Largest request body the server accepts (it holds each body in memory, as Tiled does anyway).
-MAX_BODY_BYTES = 2**30
+# Largest request body the server accepts (it holds each body in memory, as Tiled does anyway): the
+# writer's largest request, a PATCH of up to 64 MiB of frames (TiledWriter's max_patch_bytes) or one
+# frame alone when it is larger, and a frame is at most the wire protocol's DEFAULT_MAX_BYTES.
+MAX_BODY_BYTES = max(64 * 2**20, DEFAULT_MAX_BYTES)
 
 
 class TiledServerError(RuntimeError):
@@ -153,6 +156,7 @@ class EmbeddedTiledServer:
     """Start/stop a writable Tiled server on 127.0.0.1 with its catalog and data under `data_dir`.
 
     `port=0` picks a free port once; `restart()` reuses the same port and data directory.
+    `max_body_bytes`: the largest request body it reads; raise it with the service's frame limit.
     """
 
     def __init__(
@@ -163,12 +167,14 @@ class EmbeddedTiledServer:
         api_key: str | None = None,
         host: str = "127.0.0.1",
         startup_timeout: float = 90.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.port = port or free_port(host)
         self._api_key_arg = api_key
         self.startup_timeout = startup_timeout
+        self.max_body_bytes = max_body_bytes
         self._proc: subprocess.Popen[bytes] | None = None
         self.endpoint: TiledEndpoint | None = None
         self._ready = False
@@ -223,6 +229,7 @@ class EmbeddedTiledServer:
         cmd = [
             sys.executable, "-m", "operators.persist.server", "--parent-pid", str(os.getpid()),
             "--dir", str(self.tiled_dir), "--host", self.host, "--port", str(self.port),
+            "--max-body-bytes", str(self.max_body_bytes),
         ]  # fmt: skip
         with open(self.tiled_dir / "server.log", "ab") as log:
             # Its own session: a Ctrl-C in the terminal goes to the service alone, which stops this server
@@ -359,7 +366,7 @@ async def _slice_out_of_range(request: Any, exc: Exception) -> Any:
     return JSONResponse({"detail": f"slice out of range (not written yet?): {exc}"}, status_code=404)
 
 
-def _serve(directory: Path, host: str, port: int) -> None:
+def _serve(directory: Path, host: str, port: int, max_body_bytes: int) -> None:
     """Child-process entry point: build the catalog and app, serve until SIGTERM."""
     import uvicorn
     from tiled.catalog import from_uri
@@ -380,7 +387,7 @@ def _serve(directory: Path, host: str, port: int) -> None:
     app = build_app(catalog, authentication=Authentication(single_user_api_key=api_key))
     app.add_exception_handler(ValueError, _slice_out_of_range)
     _memoize_dependants()
-    served = WholeBodyMiddleware(app, max_body_bytes=MAX_BODY_BYTES)
+    served = WholeBodyMiddleware(app, max_body_bytes=max_body_bytes, api_key=api_key)
     uvicorn.run(served, host=host, port=port, log_level="warning", access_log=False)
 
 
@@ -390,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     args = parser.parse_args(argv)
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # sender strings reach this server's logs (in request paths, errors): one record stays one line
     logging.basicConfig(level=logging.WARNING, handlers=[line_safe_handler(logging.BASIC_FORMAT)])
-    _serve(args.dir.resolve(), args.host, args.port)
+    _serve(args.dir.resolve(), args.host, args.port, args.max_body_bytes)
 
 
 if __name__ == "__main__":
