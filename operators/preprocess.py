@@ -215,7 +215,9 @@ class Preprocessor:
         elif out.shape != (1, s, s) or out.dtype != np.float32:
             raise PreprocessError(f"out must be float32 (1, {s}, {s}), got {out.dtype} {out.shape}")
 
-        if not img.dtype.isnative:  # e.g. big-endian from a file: numba needs native byte order
+        if img.dtype.kind == "f" and img.dtype.itemsize not in (4, 8):  # numba has no float16 / longdouble
+            img = img.astype(np.float32 if img.dtype.itemsize < 4 else np.float64)
+        elif not img.dtype.isnative:  # e.g. big-endian from a file: numba needs native byte order
             img = img.astype(img.dtype.newbyteorder("="))
         sc = self._plan(img.shape)
         nh, nw, top, left = sc.geometry

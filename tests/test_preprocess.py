@@ -161,3 +161,9 @@ def test_memory_stays_bounded_however_many_frame_shapes_a_sender_invents() -> No
     # a shape seen before, evicted since, gives the same result as in a fresh preprocessor
     img = np.random.default_rng(6).poisson(50, (600, 520))
     np.testing.assert_array_equal(pre(img), Preprocessor(PreprocessSpec(detector=None))(img))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.longdouble, np.dtype(">f2")])
+def test_half_and_extended_precision_frames_give_the_result_of_their_values(pre, dtype) -> None:
+    img = np.random.default_rng(7).poisson(50, (195, 487))
+    np.testing.assert_array_equal(pre(img.astype(dtype)), pre(img.astype(np.float64)))
