@@ -137,7 +137,13 @@ class Service:
     async def _start(self) -> list[asyncio.Task[Any]]:
         s = self.settings
         _check_port_free(s.host, s.port)
+        from operators.persist.server import make_private_dir
         from operators.persist.writer import preload_client_modules
+
+        try:
+            make_private_dir(s.data_dir)  # the key, the catalog, the frames and the result log live there
+        except OSError as exc:
+            raise ServeError(f"cannot use the data directory {s.data_dir}: {exc}") from exc
 
         bundle, (self.tiled_url, self.tiled_api_key, tiled_ready), _ = await _all_or_nothing(
             self._load_bundle(), self._launch_tiled(), asyncio.to_thread(preload_client_modules)
@@ -230,9 +236,9 @@ class Service:
             endpoint = await server.launch()
         except TiledServerError as exc:
             raise ServeError(str(exc)) from exc
-        if server.api_key_generated:
-            log.warning("embedded Tiled at %s: generated API key %s (kept in %s)",
-                        endpoint.url, endpoint.api_key, s.data_dir)
+        if server.api_key_generated:  # the key itself is never logged
+            log.info("embedded Tiled at %s: generated an API key, kept in %s (readable by you only)",
+                     endpoint.url, server.key_file)
 
         async def ready() -> None:
             try:

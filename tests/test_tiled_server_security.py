@@ -1,11 +1,13 @@
 """The embedded Tiled server (a real child process, real HTTP) reads no body from a client without its API
-key, and none larger than the writer ever sends."""
+key, reads none larger than the writer ever sends, and keeps its data directory and key private."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import socket
+import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -84,6 +86,46 @@ async def test_a_body_with_the_key_in_the_query_string_is_stored(tiled_server: E
     assert r.status_code == 200, r.text
     stored = await asyncio.to_thread(lambda: from_uri(ep.url, api_key=ep.api_key)["by-query"].read())
     np.testing.assert_array_equal(stored, np.concatenate([first, second]))
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_the_data_directory_key_and_stored_files_are_private_to_their_owner(
+    tiled_server: EmbeddedTiledServer,
+) -> None:
+    ep = tiled_server.endpoint
+    assert ep is not None
+    frame = np.ones((1, 8, 8), np.int32)
+    await asyncio.to_thread(lambda: from_uri(ep.url, api_key=ep.api_key).write_array(frame, key="private"))
+    data_dir = tiled_server.data_dir
+    assert _mode(data_dir) == 0o700 and _mode(tiled_server.tiled_dir) == 0o700
+    assert tiled_server.key_file.read_text() == ep.api_key and _mode(tiled_server.key_file) == 0o600
+    stored = list(tiled_server.tiled_dir.rglob("*"))
+    assert any(p.name == "catalog.db" for p in stored) and any(p.parent.name == "data" for p in stored)
+    assert {p.relative_to(data_dir).as_posix(): oct(_mode(p)) for p in stored if _mode(p) & 0o077} == {}
+
+
+async def test_a_data_directory_and_key_file_others_can_read_are_made_private_and_the_log_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    key_file = data_dir / "tiled-api-key"
+    key_file.write_text("an-earlier-runs-key")
+    key_file.chmod(0o644)
+    server = EmbeddedTiledServer(data_dir, port=0)
+    with caplog.at_level(logging.WARNING, logger="operators.persist.server"):
+        try:
+            endpoint = await server.launch()
+        finally:
+            await server.stop()
+    assert _mode(data_dir) == 0o700 and _mode(key_file) == 0o600
+    assert f"{data_dir} was open to other users (mode 755)" in caplog.text
+    assert f"{key_file} was open to other users (mode 644)" in caplog.text
+    assert endpoint.api_key == "an-earlier-runs-key" and endpoint.api_key not in caplog.text
 
 
 async def test_the_server_enforces_the_body_limit_it_is_started_with(tmp_path: Path) -> None:

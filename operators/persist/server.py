@@ -29,6 +29,11 @@ or, to use the endpoint (port and key) while the server starts: ``launch()``, la
 The child is started with PR_SET_PDEATHSIG (Linux) so that it dies with the service even when
 the service is SIGKILLed; a pid file in the data directory lets a restarted service reap a
 survivor (other platforms) before it binds the same port and opens the same SQLite catalog.
+
+Secrets: the data directory (and the directories made in it) is private to its owner (0700), and
+the child creates every file owner-only; a generated API key is kept in `_KEY_FILE` (0600), never
+logged or put on a command line. Every request body must show the key before any of it is read
+(whole_body.py).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -93,22 +99,61 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def make_private_dir(path: Path) -> None:
+    """Create `path` readable by its owner only (0700), or tighten an existing one that others can read.
+
+    The data directory holds the API key, the catalog and every stored frame.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _tighten(path, 0o700)
+
+
+def _tighten(path: Path, private: int) -> None:
+    """Give `path` mode `private` if other users have any access to it, and say so.
+
+    One we do not own cannot be changed: it is reported and used as it is (the start must not fail on it).
+    """
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        path.chmod(private)
+    except PermissionError:
+        logger.warning(
+            "%s is open to other users (mode %o); not ours to change: make it %o", path, mode, private
+        )
+        return
+    logger.warning(
+        "%s was open to other users (mode %o); made it private to its owner (%o)", path, mode, private
+    )
+
+
 def load_or_create_api_key(data_dir: Path, api_key: str | None = None) -> tuple[str, bool]:
     """The key to start the server with: the given one, else the one saved in `data_dir`, else a new one.
 
-    Returns (key, generated). A generated key is saved (mode 0600) so that a restart after a crash
-    keeps the key that clients were given.
+    Returns (key, generated). A generated key is saved in `data_dir / _KEY_FILE` (mode 0600) so that a
+    restart after a crash keeps the key that clients were given. A saved file that is empty (a crash
+    while it was written by an older version) does not stop the start: a new key replaces it.
     """
     key_path = data_dir / _KEY_FILE
     if api_key:
         return api_key, False
     if key_path.exists():
-        return key_path.read_text().strip(), False
+        _tighten(key_path, 0o600)
+        key = key_path.read_text().strip()
+        if key:
+            return key, False
+        logger.warning("%s is empty; generating a new API key", key_path)
     key = secrets.token_hex(16)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Written whole under another name, then renamed: a crash never leaves a half-written key file.
+    partial = key_path.with_name(f"{_KEY_FILE}.partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    partial.replace(key_path)
     return key, True
 
 
@@ -128,27 +173,36 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit("parent exited before the server started")
 
 
-def _reap_stale_server(data_dir: Path) -> None:
-    """Stop a Tiled child left behind by a killed service (it holds the port and the SQLite catalog)."""
+def _reap_stale_server(data_dir: Path, tiled_dir: Path) -> None:
+    """Stop a Tiled child left behind by a killed service (it holds the port and the SQLite catalog).
+
+    Only the server of this data directory: the pid in the file may have been reused since, even by the
+    embedded server of another service.
+    """
     pid_path = data_dir / _PID_FILE
     if not pid_path.exists():
         return
     try:
         pid = int(pid_path.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except (ValueError, OSError):
         pid_path.unlink(missing_ok=True)
         return
-    if b"operators.persist.server" not in cmdline:
+    if "operators.persist.server" not in argv or str(tiled_dir) not in argv:
         pid_path.unlink(missing_ok=True)
         return
     logger.warning("stopping a stale embedded Tiled server (pid %d) for %s", pid, data_dir)
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:  # it exited meanwhile
+        pid_path.unlink(missing_ok=True)
+        return
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         time.sleep(0.1)
     if Path(f"/proc/{pid}").exists():
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     pid_path.unlink(missing_ok=True)
 
 
@@ -184,6 +238,11 @@ class EmbeddedTiledServer:
     def tiled_dir(self) -> Path:
         return self.data_dir / "tiled"
 
+    @property
+    def key_file(self) -> Path:
+        """Where a generated API key is kept (mode 0600); a restart on this data directory reuses it."""
+        return self.data_dir / _KEY_FILE
+
     async def __aenter__(self) -> TiledEndpoint:
         return await self.start()
 
@@ -201,10 +260,11 @@ class EmbeddedTiledServer:
         """Start the child; its endpoint is known at once, it answers once `wait_ready` returns."""
         if self._proc is not None and self._proc.poll() is None and self.endpoint is not None:
             return self.endpoint
-        self.tiled_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.data_dir)
+        make_private_dir(self.tiled_dir)
         key, generated = load_or_create_api_key(self.data_dir, self._api_key_arg)
         self.api_key_generated = self.api_key_generated or generated
-        await asyncio.to_thread(_reap_stale_server, self.data_dir)
+        await asyncio.to_thread(_reap_stale_server, self.data_dir, self.tiled_dir)
         # Spawned from this (the event loop's) thread, not a worker: PR_SET_PDEATHSIG fires when the
         # *thread* that forked the child exits, and executor threads come and go.
         self._proc = self._spawn(key)
@@ -231,7 +291,8 @@ class EmbeddedTiledServer:
             "--dir", str(self.tiled_dir), "--host", self.host, "--port", str(self.port),
             "--max-body-bytes", str(self.max_body_bytes),
         ]  # fmt: skip
-        with open(self.tiled_dir / "server.log", "ab") as log:
+        log_fd = os.open(self.tiled_dir / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(log_fd, "ab") as log:
             # Its own session: a Ctrl-C in the terminal goes to the service alone, which stops this server
             # last, after the writer has drained (it would otherwise die first, with the writer's backlog).
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir,
@@ -376,7 +437,8 @@ def _serve(directory: Path, host: str, port: int, max_body_bytes: int) -> None:
     api_key = os.environ.get(API_KEY_ENV)
     if not api_key:
         raise SystemExit(f"{API_KEY_ENV} is not set")
-    (directory / "data").mkdir(parents=True, exist_ok=True)
+    os.umask(0o077)  # the catalog, the tables and every frame file: owner only
+    (directory / "data").mkdir(mode=0o700, parents=True, exist_ok=True)
     _configure_zarr()
     catalog = from_uri(
         directory / "catalog.db",
