@@ -155,6 +155,9 @@ def serve(
     queue_policy: Annotated[
         str | None, typer.Option(help="block | drop_oldest | drop_newest [block for pull, drop_oldest for sub].")
     ] = None,
+    queue_bytes: Annotated[
+        int | None, typer.Option(help="Bytes of frames held between receive and compute [512 MiB].")
+    ] = None,
     max_batch: Annotated[int | None, typer.Option(help="Most frames computed together [4].")] = None,
     runtime: Annotated[str | None, typer.Option(help="Encoder runtime: onnx | torchscript [onnx].")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options.")] = None,

@@ -21,8 +21,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from operators.base import QueuePolicy
-from stream.protocol import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Limits
+from operators.base import DEFAULT_QUEUE_BYTES, QueuePolicy
+from stream.protocol import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_FRAME_NUMBER,
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_METADATA_DEPTH,
+    DEFAULT_MAX_PIXELS,
+    Limits,
+)
 
 ENV_PREFIX = "LATENT_STREAM_"
 
@@ -72,6 +79,14 @@ class ServeSettings(BaseSettings):
     rcvhwm: int = Field(16, ge=1, description="ZeroMQ receive high-water mark (messages)")
     max_frame_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     max_frame_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    # What one sender can make the service hold or pass on: beyond each, a message is rejected (counted by
+    # reason); past queue_bytes of waiting frames, the queue policy applies as past queue_size.
+    queue_bytes: int = Field(DEFAULT_QUEUE_BYTES, ge=1, description="bytes of frames held before compute")
+    max_frame_number: int = Field(DEFAULT_MAX_FRAME_NUMBER, ge=0, le=2**63 - 1)
+    max_metadata_bytes: int = Field(
+        DEFAULT_MAX_METADATA_BYTES, ge=1024, description="bytes of a message besides its pixels"
+    )
+    max_metadata_depth: int = Field(DEFAULT_MAX_METADATA_DEPTH, ge=2, description="levels of nested keys")
     runtime: Literal["onnx", "torchscript"] = Field("onnx", description="encoder runtime from the bundle")
     publish_timeout: float = Field(1.0, gt=0, description="seconds a publisher may take per message")
     drain_timeout: float = Field(2.0, ge=0, description="seconds to finish queued frames at shutdown")
@@ -93,7 +108,13 @@ class ServeSettings(BaseSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_pixels=self.max_frame_pixels, max_bytes=self.max_frame_bytes)
+        return Limits(
+            max_pixels=self.max_frame_pixels,
+            max_bytes=self.max_frame_bytes,
+            max_frame_number=self.max_frame_number,
+            max_metadata_bytes=self.max_metadata_bytes,
+            max_metadata_depth=self.max_metadata_depth,
+        )
 
     @property
     def embedded_tiled(self) -> bool:

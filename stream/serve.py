@@ -189,6 +189,7 @@ class Service:
             bundle, self.metrics, tiled_base_url=self.tiled_url, max_batch=s.max_batch,
             queue_size=s.queue_size, policy=s.queue_policy, publish_timeout=s.publish_timeout,
         )
+        pipeline.inbox.max_bytes = s.queue_bytes  # before any frame: LivePipeline does not take it yet
         pipeline.add_publisher(hub)
         pipeline.add_publisher(writer)
 

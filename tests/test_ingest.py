@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from operators.base import BoundedQueue, QueuedOperator, QueuePolicy
 from operators.messages import Frame, RunStarted, RunStopped
 from operators.metrics import PipelineMetrics
+from stream.config import load_settings
 from stream.ingest import ZmqIngest
 from stream.protocol import DEFAULT_LIMITS, Limits, encode_event
 from stream.sender import FrameSender
@@ -312,3 +313,11 @@ async def test_a_message_of_more_than_two_parts_is_rejected_as_malformed() -> No
     assert [f.index for f in collector.frames()] == [1]
     assert metrics.snapshot()["rejected"] == {"malformed": 1}
     assert metrics.accounted() == (3, 3)
+
+
+def test_serve_settings_carry_every_sender_limit_to_the_protocol_and_the_inbox() -> None:
+    s = load_settings(max_frame_number=10, max_metadata_bytes=2048, max_metadata_depth=4, queue_bytes=1000)
+    assert s.limits == Limits(max_frame_number=10, max_metadata_bytes=2048, max_metadata_depth=4)
+    assert s.queue_bytes == 1000
+    defaults = load_settings()
+    assert defaults.limits == DEFAULT_LIMITS and defaults.queue_bytes == 512 * 2**20
