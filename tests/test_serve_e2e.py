@@ -70,7 +70,9 @@ async def test_200_full_size_frames_at_10_hz_become_200_points_and_the_counters_
 
     points = client.points(run_id)
     assert [p["index"] for p in points] == list(range(200))
-    base = f"http://127.0.0.1:{service.tiled_port}/api/v1/array/full/{run_id}/primary/image?slice="
+    start = next(m for m in client.messages if m.get("type") == "run_start" and m["run_id"] == run_id)
+    assert start["run_key"].startswith(f"{run_id}-")  # where the run is stored: the id plus a suffix of its own
+    base = f"http://127.0.0.1:{service.tiled_port}/api/v1/array/full/{start['run_key']}/primary/image?slice="
     for p in points:
         assert len(p["feature_vector"]) == 2 and all(math.isfinite(v) for v in p["feature_vector"])
         assert isinstance(p["cluster"], int)
@@ -151,8 +153,12 @@ async def test_a_client_that_stops_reading_does_not_hold_back_the_others(service
     )
     try:
         async with WsClient(service.ws) as reader, FrameSender(service.zmq) as sender:
-            # Start metadata travels in the run_start event: 2 MB alone overflows the stalled socket's buffers.
-            await sender.send_start(run_id, "one client stalls", padding="x" * 2_000_000)
+            # Start metadata travels in every run_start event: 40 runs of 60 KB overflow the stalled socket's
+            # buffers (one start may carry at most 64 KiB).
+            for k in range(40):
+                await sender.send_start(f"{run_id}-filler-{k}", "filler", padding="x" * 60_000)
+                await sender.send_stop(0)
+            await sender.send_start(run_id, "one client stalls")
             for i in range(120):
                 await sender.send_event(i, _small_frame(i))
             await sender.send_stop(120)
