@@ -10,7 +10,8 @@ first exception). Each message is counted as received, decoded off the event loo
 ``submit``, whose bounded queue applies the overload policy.
 
 A message longer than the protocol's `Limits` never reaches the service: ZeroMQ refuses it (``MAXMSGSIZE``)
-and drops that connection, which the ingest makes again (``source_reconnects``).
+and drops that connection (with what the sender had queued on it), which the ingest makes again once it has
+read what the connection delivered before (``source_reconnects``).
 """
 
 from __future__ import annotations
@@ -240,6 +241,9 @@ class ZmqIngest(Listener):
                 self._warn.warning("reconnect", "ZeroMQ dropped the connection to %s for a protocol error (a "
                                    "message over the %d-byte limit, or not ZMTP); connecting again",
                                    self.address, self.limits.max_message_bytes)  # fmt: skip
+                # What the connection delivered before the error is still queued: disconnect would discard it.
+                while sock.get(zmq.EVENTS) & zmq.POLLIN:
+                    await asyncio.sleep(0.05)
                 with contextlib.suppress(zmq.ZMQError):  # already forgotten by ZeroMQ
                     sock.disconnect(self.address)
                 sock.connect(self.address)

@@ -273,21 +273,22 @@ async def test_bounded_queue_by_bytes_refuses_newest_and_lets_a_frame_larger_tha
 
 async def test_a_message_over_the_size_limit_never_reaches_the_service_and_the_source_is_reconnected() -> None:
     limits = Limits(max_pixels=1024, max_bytes=4096, max_metadata_bytes=4096)
-    async with _live(limits=limits) as (sender, _, collector, metrics):
+    # a slow operator: when ZeroMQ drops the connection, frames it received before are still waiting to be read
+    async with _live(limits=limits, delay=0.8, queue_size=1) as (sender, _, collector, metrics):
         await sender.send_start("r", "scan")
-        await sender.send_event(0, _frame(0))
-        await _until(lambda: len(collector.frames()) == 1)
-        # ZeroMQ refuses it (MAXMSGSIZE) and drops the connection; then it would never connect again
-        await sender.send_raw(encode_event(1, np.zeros((300, 300), np.int32)))
-        await _until(lambda: metrics.snapshot()["source_reconnects"] == 1, timeout=10)
-        for i in range(2, 5):  # the sender's socket waits for the connection to come back
+        for i in range(4):
             await sender.send_event(i, _frame(i))
-        await sender.send_stop(5)
-        await _until(lambda: any(isinstance(m, RunStopped) for m in collector.seen), timeout=10)
-    assert [f.index for f in collector.frames()] == [0, 2, 3, 4]
+        # ZeroMQ refuses it (MAXMSGSIZE) and drops the connection, which it would never make again
+        await sender.send_raw(encode_event(4, np.zeros((300, 300), np.int32)))
+        await _until(lambda: metrics.snapshot()["source_reconnects"] == 1, timeout=10)
+        for i in range(5, 7):  # the sender's socket waits for the connection to come back
+            await sender.send_event(i, _frame(i))
+        await sender.send_stop(7)
+        await _until(lambda: any(isinstance(m, RunStopped) for m in collector.seen), timeout=30)
+    assert [f.index for f in collector.frames()] == [0, 1, 2, 3, 5, 6]
     snap = metrics.snapshot()
-    assert snap["received"] == 6 and snap["rejected"] == {} and snap["lost_upstream"] == 1
-    assert metrics.accounted() == (6, 6)
+    assert snap["source_reconnects"] == 1 and snap["received"] == 8 and snap["lost_upstream"] == 1
+    assert snap["rejected"] == {} and metrics.accounted() == (8, 8)
 
 
 async def test_a_dropped_source_connection_that_zeromq_retries_is_not_made_twice() -> None:
