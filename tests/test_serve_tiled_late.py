@@ -30,10 +30,10 @@ def _metrics(url: str) -> str:
     return httpx.get(f"{url}/metrics", timeout=5).text
 
 
-def _run_in_tiled(url: str, key: str, run_id: str) -> tuple[int, tuple[int, ...]] | None:
+def _run_in_tiled(url: str, key: str, run_key: str) -> tuple[int, tuple[int, ...]] | None:
     """(rows in the run's points table, shape of its stored frames), or None while not all there."""
     try:
-        run = from_uri(url, api_key=key)[run_id]
+        run = from_uri(url, api_key=key)[run_key]
         return len(run["latent"]["points"].read()), tuple(run["primary"]["image"].shape)
     except Exception:  # noqa: BLE001 - not written yet
         return None
@@ -60,7 +60,8 @@ async def test_points_flow_while_tiled_is_not_up_yet_and_everything_lands_once_i
         landed = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            landed = await asyncio.to_thread(_run_in_tiled, tiled_url, key, report.run_id)
+            run_key = points[0]["tiled_url"].split("/array/full/")[1].split("/")[0]
+            landed = await asyncio.to_thread(_run_in_tiled, tiled_url, key, run_key)
             if landed is not None and landed[0] == FRAMES:
                 break
             await asyncio.sleep(0.5)

@@ -59,7 +59,7 @@ class ResultLog:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._files: dict[str, Any] = {}
         self.logs_set_aside = 0  # since this process started
 
