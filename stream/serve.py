@@ -307,7 +307,8 @@ def bridge_server_config(app: Any, host: str, port: int) -> uvicorn.Config:
     """How uvicorn serves the bridge (tests serve it the same way)."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+    # log_config=None: uvicorn's records go through the service's own (line-safe) handler, not uvicorn's.
+    return uvicorn.Config(app, host=host, port=port, log_config=None, log_level="warning", lifespan="on",
                           ws_ping_interval=WS_PING_INTERVAL_S, ws_ping_timeout=None,
                           ws_max_size=WS_MAX_MESSAGE_BYTES, timeout_graceful_shutdown=1)
 
