@@ -21,6 +21,23 @@ Run time (`OnlineClusterer.learn_predict_one`), one frame at a time, in order:
   is_new=True exactly once. Ids are never renumbered or merged.
 - novelty = distance to the nearest reference cluster centre / its radius (<= ~1: a typical member).
 
+Re-clustering the run (`recluster`), every `recluster_every` frames: HDBSCAN (scikit-learn) on the reduced
+latents of the run so far (the last `recluster_window` frames) says which frames belong together by the structure
+of the whole run, not by a centre that followed a ramp. Its labels are mapped onto the ids already given
+(`apply_labels`), never renumbering one:
+- each existing id is owned by the density cluster that holds most of its frames;
+- a density cluster whose frames mostly carry an id owned by another cluster is a phase that id's regime
+  drifted into: it gets a new id (announced once, like a founded regime), and its frames move to it;
+- frames of a cluster that carry an id owned by another cluster, or no id yet (pending), move to the
+  cluster's id; frames of an id no cluster owns, and frames the density clustering calls noise, keep theirs,
+  so two existing ids are never merged;
+- the fast path's regime centres are reset to the recent members of each cluster, so the next frames follow.
+The moves are kept as corrections (`corrections()`: new ids and (indices, clusters) since the last call),
+for the pipeline to send as a `ClusterUpdate` after the points they correct.
+Modes: "sync" (default, `learn_predict_one` re-clusters inline: deterministic, for evaluation and tests) or
+"manual" (the caller re-clusters: the live pipeline runs `density_labels` in a worker process, because
+HDBSCAN holds the GIL for tens of ms, then `apply_labels` in the clusterer's own thread).
+
 Why not river's DBSTREAM: its macro-cluster ids shift on every recluster and predict_one never says "new"
 (see the runtime-facts note), so the stable-id and novelty logic would have to be written anyway; on top of
 fitted reference clusters that logic alone is the whole algorithm, deterministic and ~20 us per frame.
@@ -59,6 +76,18 @@ class ClusteringSettings:
     drift: float = 0.2
     step_window: int = 64  # frame-to-frame steps kept for the noise estimate
     known_immediately: bool = True  # a frame inside an unclaimed reference cluster founds its regime at once
+    # Re-clustering of the run (HDBSCAN on its reduced latents); 0 turns it off.
+    recluster_every: int = 2  # frames between re-clusterings (sync mode; the pipeline's worker as soon as free)
+    recluster_min_frames: int = 12  # no re-clustering of a run shorter than this
+    recluster_window: int = 2000  # the most recent frames a re-clustering sees (and corrections reach)
+    run_min_cluster_size: int = 10  # HDBSCAN min_cluster_size on the run: the frames a phase needs to be a cluster
+    run_min_samples: int = 3
+    # a density cluster splits from the one that owns its id only when their centres lie this many times
+    # their summed RMS spreads apart (two halves of one drifting phase lie about 1 apart)
+    split_separation: float = 2.0
+    # HDBSCAN cluster_selection_epsilon = this x tau: density clusters closer than that are not split apart,
+    # so the noise of a drifting phase does not shatter it
+    run_epsilon_factor: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +102,44 @@ class Assignment:
     cluster: int
     novelty: float
     is_new: bool
+
+
+@dataclass(frozen=True)
+class Corrections:
+    """What re-clustering changed since the last `corrections()` call.
+
+    `new_clusters`: (cluster, index of its earliest frame) for each id founded by re-clustering, to announce
+    before any message carries it; `indices`/`clusters`: frames already assigned whose id changed, with their
+    id now (the latest wins when a frame moved twice).
+    """
+
+    new_clusters: tuple[tuple[int, int], ...] = ()
+    indices: tuple[int, ...] = ()
+    clusters: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.new_clusters or self.indices)
+
+
+def density_labels(z: np.ndarray, min_cluster_size: int, min_samples: int, epsilon: float) -> np.ndarray:
+    """HDBSCAN labels (-1 noise) of a run's reduced latents; a plain function so a worker process can run it."""
+    from sklearn.cluster import HDBSCAN
+
+    z = np.asarray(z, np.float64)
+    if len(z) < max(2, min_cluster_size):
+        return np.full(len(z), -1, np.int64)
+    def fit(eps: float) -> np.ndarray:
+        hdb = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min(min_samples, len(z) - 1),
+                      cluster_selection_epsilon=eps, copy=True)
+        return hdb.fit_predict(z).astype(np.int64)
+
+    try:
+        return fit(float(epsilon))
+    except TypeError:
+        # scikit-learn 1.5-1.9: the epsilon search fails on some cluster trees ("only 0-dimensional arrays
+        # can be converted"); the plain excess-of-mass selection still answers
+        log.debug("HDBSCAN epsilon search failed; re-clustering without cluster_selection_epsilon")
+        return fit(0.0)
 
 
 @dataclass
@@ -159,7 +226,11 @@ def fit_clustering(
 class OnlineClusterer:
     """Stable-id online clustering for one run; start a fresh one per run (`ModelBundle.new_clusterer`)."""
 
-    def __init__(self, state: ClusterState, settings: ClusteringSettings | None = None) -> None:
+    def __init__(self, state: ClusterState, settings: ClusteringSettings | None = None, *,
+                 mode: str = "sync") -> None:
+        if mode not in ("sync", "manual"):
+            raise ValueError(f"mode must be 'sync' or 'manual', not {mode!r}")
+        self.mode = mode
         self.settings = s = settings or ClusteringSettings()
         self._state = state
         self._ref_centers = state.centers.astype(np.float32)
@@ -173,6 +244,14 @@ class OnlineClusterer:
         self._steps: deque[float] = deque(maxlen=s.step_window)
         self._prev: np.ndarray | None = None
         self._pending: deque[np.ndarray] = deque(maxlen=s.pending_max)
+        # the run so far (the last recluster_window frames, up to twice that before trimming)
+        self._z: list[np.ndarray] = []
+        self._ids: list[int] = []
+        self._indices: list[int] = []
+        self._seen = 0  # frames learned in this run
+        self._last_recluster = 0  # self._seen at the last re-clustering
+        self._fixes: dict[int, int] = {}  # index -> corrected id, since the last corrections()
+        self._announce: list[tuple[int, int]] = []
 
     @property
     def n_clusters(self) -> int:
@@ -207,8 +286,128 @@ class OnlineClusterer:
         self._regime_ids.append(cid)
         return cid, new
 
-    def learn_predict_one(self, latent: np.ndarray) -> Assignment:
+    def learn_predict_one(self, latent: np.ndarray, index: int | None = None) -> Assignment:
+        """Assign one frame (``index``: its frame number, for corrections; default its position in the run)."""
         z = self._state.reduce(np.asarray(latent, np.float32).reshape(1, -1))[0]
+        a = self._assign(z)
+        self._remember(z, a.cluster, self._seen if index is None else int(index))
+        if self.mode == "sync" and self.recluster_due():
+            self.recluster()
+            now = self._ids[-1]
+            if now != a.cluster:  # this frame's point is not sent yet: it carries its id now, no correction
+                self._fixes.pop(self._indices[-1], None)
+                new = any(c == now for c, _ in self._announce)
+                self._announce = [(c, i) for c, i in self._announce if c != now]
+                a = Assignment(cluster=now, novelty=a.novelty, is_new=new)
+        return a
+
+    # -- the run so far, re-clustering, corrections ------------------------------------------------------
+
+    def _remember(self, z: np.ndarray, cluster: int, index: int) -> None:
+        self._z.append(z)
+        self._ids.append(int(cluster))
+        self._indices.append(index)
+        self._seen += 1
+        w = self.settings.recluster_window
+        if len(self._z) > 2 * w:
+            del self._z[:-w], self._ids[:-w], self._indices[:-w]
+
+    def recluster_due(self) -> bool:
+        s = self.settings
+        return (s.recluster_every > 0 and self._seen >= s.recluster_min_frames
+                and self._seen - self._last_recluster >= s.recluster_every)
+
+    def snapshot(self) -> tuple[np.ndarray, int, float]:
+        """(reduced latents of the window, the run's frame count then, HDBSCAN epsilon) for `density_labels`."""
+        w = self.settings.recluster_window
+        self._last_recluster = self._seen
+        return np.stack(self._z[-w:]).astype(np.float32), self._seen, self.settings.run_epsilon_factor * self.tau
+
+    def density_args(self, snapshot: tuple[np.ndarray, int, float]) -> tuple[np.ndarray, int, int, float]:
+        z, _, eps = snapshot
+        s = self.settings
+        return z, s.run_min_cluster_size, s.run_min_samples, eps
+
+    def recluster(self) -> None:
+        """Re-cluster the run now, in this thread (deterministic)."""
+        snap = self.snapshot()
+        self.apply_labels(density_labels(*self.density_args(snap)), snap[1])
+
+    def apply_labels(self, labels: np.ndarray, seen: int) -> None:
+        """Map density labels of the window that ended at frame count ``seen`` onto stable ids (see module doc)."""
+        labels = np.asarray(labels, np.int64)
+        end = len(self._ids) - (self._seen - seen)  # list position just after the snapshot's last frame
+        start = end - len(labels)
+        if start < 0 or end <= 0:
+            return  # the window was trimmed meanwhile: too old to apply
+        ids = np.asarray(self._ids[start:end], np.int64)
+        clusters = [int(c) for c in np.unique(labels) if c >= 0]
+        if not clusters:
+            return
+        members = {c: np.flatnonzero(labels == c) for c in clusters}
+        majority: dict[int, tuple[int, int]] = {}  # cluster -> (id, frames of it)
+        for c in clusters:
+            known = ids[members[c]]
+            known = known[known >= 0]
+            if len(known):
+                vals, counts = np.unique(known, return_counts=True)
+                j = int(counts.argmax())
+                majority[c] = (int(vals[j]), int(counts[j]))
+        # each id is owned by the cluster holding most of its frames (ties: the earlier cluster)
+        owner_of: dict[int, int] = {}
+        for c in sorted(majority, key=lambda c: (-majority[c][1], int(members[c][0]))):
+            owner_of.setdefault(majority[c][0], c)
+        cid_of: dict[int, int] = {c: m for m, c in owner_of.items()}
+        zs = np.stack(self._z[start:end])
+        for c in clusters:
+            if c in cid_of or c not in majority:
+                continue
+            other = owner_of[majority[c][0]]
+            if _separation(zs[members[c]], zs[members[other]]) < self.settings.split_separation:
+                cid_of[c] = majority[c][0]  # the same phase, drifting: not a split
+        for c in sorted(clusters, key=lambda c: int(members[c][0])):
+            if c not in cid_of and not _has_stretch(members[c], self.settings.new_min_points):
+                clusters.remove(c)  # scattered frames (glitches) are not a phase: they keep their ids
+            elif c not in cid_of:  # a phase its id's regime drifted into, or frames that fit no regime
+                cid_of[c] = self._next_id
+                self._next_id += 1
+                self._announce.append((cid_of[c], self._indices[start + int(members[c][0])]))
+                log.info("re-clustering founded cluster %d (%d frames)", cid_of[c], len(members[c]))
+        owned = set(owner_of)
+        for c in clusters:
+            cid = cid_of[c]
+            for p in members[c]:
+                old = int(ids[p])
+                if old != cid and (old == PENDING or old in owned):
+                    self._ids[start + p] = cid
+                    self._fixes[self._indices[start + p]] = cid
+        # the fast path follows: each cluster's regime centre at its recent members
+        recent = max(1, self.settings.new_min_points)
+        for c in clusters:
+            if owner_of.get(cid_of[c], c) != c:
+                continue  # a drifting part of another cluster's id: that cluster sets the centre
+            cid = cid_of[c]
+            mine = [p for p in members[c] if self._ids[start + p] == cid][-recent:]
+            if not mine:
+                continue
+            centre = zs[mine].mean(0).astype(np.float32)
+            if cid in self._regime_ids:
+                self._regimes[self._regime_ids.index(cid)] = centre
+            else:
+                self._regimes.append(centre)
+                self._regime_ids.append(cid)
+
+    def corrections(self) -> Corrections:
+        """New ids and corrected (index, id) pairs since the last call (and forget them)."""
+        fixes, announce = self._fixes, self._announce
+        self._fixes, self._announce = {}, []
+        return Corrections(tuple(announce), tuple(fixes), tuple(fixes.values()))
+
+    def labels(self) -> np.ndarray:
+        """Ids of the run's frames in the window now, corrections applied (for evaluation)."""
+        return np.asarray(self._ids[-self.settings.recluster_window :], np.int64)
+
+    def _assign(self, z: np.ndarray) -> Assignment:
         if self._prev is not None:
             self._steps.append(float(np.sqrt(((z - self._prev) ** 2).sum())))
         self._prev = z
@@ -239,6 +438,22 @@ class OnlineClusterer:
                     log.info("new cluster %d founded (novelty %.2f, tau %.4f)", cid, novelty, tau)
                 return Assignment(cluster=cid, novelty=novelty, is_new=new)
         return Assignment(cluster=PENDING, novelty=novelty, is_new=False)
+
+
+def _separation(a: np.ndarray, b: np.ndarray) -> float:
+    """Distance between two groups' centres over the sum of their RMS spreads."""
+    ca, cb = a.mean(0), b.mean(0)
+    spread = np.sqrt(((a - ca) ** 2).sum(1).mean()) + np.sqrt(((b - cb) ** 2).sum(1).mean())
+    return float(np.linalg.norm(ca - cb) / max(spread, 1e-12))
+
+
+def _has_stretch(positions: np.ndarray, n: int) -> bool:
+    """Whether sorted positions include n consecutive ones."""
+    if n <= 1:
+        return len(positions) > 0
+    breaks = np.flatnonzero(np.diff(positions) != 1)
+    runs = np.diff(np.concatenate(([-1], breaks, [len(positions) - 1])))
+    return bool(len(positions) and runs.max() >= n)
 
 
 def settings_json(settings: ClusteringSettings) -> str:

@@ -123,3 +123,107 @@ def test_fresh_clusterers_do_not_share_state(fitted, regimes) -> None:
         one.learn_predict_one(z)
     assert one.n_clusters == 4
     assert OnlineClusterer(state, ClusteringSettings(pca_dims=8)).n_clusters == 3
+
+
+def _ramp_run(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, n_a: int = 40, ramp: int = 20,
+              n_b: int = 40, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Phase a, a linear ramp of `ramp` frames into phase b, phase b; (latents, phase per frame)."""
+    t = np.concatenate([np.zeros(n_a), np.linspace(0, 1, ramp + 2)[1:-1], np.ones(n_b)]).astype(np.float32)
+    lat = a[None] + t[:, None] * (b - a)[None] + noise * rng.standard_normal((len(t), DIM)).astype(np.float32)
+    phase = np.concatenate([np.zeros(n_a + ramp // 2, int), np.ones(len(t) - n_a - ramp // 2, int)])
+    return lat.astype(np.float32), phase
+
+
+@pytest.fixture()
+def ramp(fitted, regimes):
+    rng, centers = regimes
+    state, labels = fitted
+    # phase b: phase a moved inside the same reference cluster, far beyond the run's noise
+    b = centers[0] + 0.1 * np.linalg.norm(centers[0]) * state.components[1] / np.linalg.norm(state.components[1])
+    return _ramp_run(rng, centers[0], b)
+
+
+def test_a_ramp_between_two_phases_merges_in_the_drifting_centre_but_re_clustering_splits_it(fitted, ramp) -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    state, labels = fitted
+    lat, phase = ramp
+    old = OnlineClusterer(state, ClusteringSettings(pca_dims=8, recluster_every=0))
+    old_ids = [old.learn_predict_one(z).cluster for z in lat]
+    assert len(set(old_ids[-30:]) | set(old_ids[:30])) == 1  # the EMA centre followed the ramp: one id
+
+    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8))
+    out = [cl.learn_predict_one(z) for z in lat]
+    first_id = out[0].cluster
+    assert {a.cluster for a in out[:40]} == {first_id}  # phase a keeps its id: nothing renumbered
+    tail = {a.cluster for a in out[-30:]}
+    assert len(tail) == 1 and first_id not in tail  # phase b's frames get their own id, live
+    b_id = tail.pop()
+    announced = [a for a in out if a.is_new]
+    corr = cl.corrections()
+    assert [c for c, _ in corr.new_clusters] + [a.cluster for a in announced] == [b_id]
+    final = cl.labels()
+    assert adjusted_rand_score(phase, final) > 0.85  # the ramp frames are ambiguous by nature
+    assert adjusted_rand_score(phase, old_ids) < adjusted_rand_score(phase, final)
+    # corrections moved only points that carried the split id (or none yet) to the new id
+    for i, c in zip(corr.indices, corr.clusters, strict=True):
+        assert c == b_id and out[i].cluster in (first_id, PENDING)
+        assert final[i] == b_id
+
+
+def test_ids_are_never_renumbered_only_moved_to_a_new_or_owning_id(fitted, ramp, regimes) -> None:
+    rng, centers = regimes
+    state, labels = fitted
+    lat, _ = ramp
+    # a, ramp, b, then back to a and on to a known regime
+    lat = np.concatenate([lat, _blob(rng, centers[0], 20, 0.01), _blob(rng, centers[2], 20, 0.01)])
+    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8))
+    sent: dict[int, int] = {}
+    announced: set[int] = set(range(cl.n_reference))
+    for i, z in enumerate(lat):
+        a = cl.learn_predict_one(z)
+        if a.is_new:
+            assert a.cluster not in announced
+            announced.add(a.cluster)
+        assert a.cluster == PENDING or a.cluster in announced
+        sent[i] = a.cluster
+        corr = cl.corrections()
+        for c, _ in corr.new_clusters:
+            assert c not in announced
+            announced.add(c)
+        for j, c in zip(corr.indices, corr.clusters, strict=True):
+            assert j < i and c in announced and c != sent[j]
+            sent[j] = c
+    final = cl.labels()
+    assert [sent[i] for i in range(len(lat))] == final.tolist()
+    # every id that was ever given still names frames: nothing was merged away
+    assert {c for c in sent.values() if c >= 0} == announced & set(final.tolist())
+    assert final[-20:].tolist() == [int(labels[300])] * 20
+
+
+def test_sync_re_clustering_is_deterministic(fitted, ramp) -> None:
+    state, _ = fitted
+    lat, _ = ramp
+    runs = []
+    for _ in range(2):
+        cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8))
+        runs.append(([cl.learn_predict_one(z) for z in lat], cl.corrections()))
+    assert runs[0] == runs[1]
+
+
+def test_manual_mode_re_clusters_only_when_asked_and_applies_late_labels(fitted, ramp) -> None:
+    from operators.clustering import density_labels
+
+    state, _ = fitted
+    lat, _ = ramp
+    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8), mode="manual")
+    for z in lat[:80]:
+        cl.learn_predict_one(z, index=1000 + len(cl.labels()))
+    assert not cl.corrections() and cl.recluster_due()
+    snap = cl.snapshot()
+    for z in lat[80:]:  # frames keep coming while a worker clusters the snapshot
+        cl.learn_predict_one(z, index=1000 + len(cl.labels()))
+    cl.apply_labels(density_labels(*cl.density_args(snap)), snap[1])
+    corr = cl.corrections()
+    assert len(corr.new_clusters) == 1 and corr.indices
+    assert all(1000 <= i < 1080 for i in corr.indices)  # frame numbers, inside the snapshot only

@@ -70,10 +70,17 @@ def encode_runs(bundle: ModelBundle, scenarios: tuple[str, ...], seeds: tuple[in
     return runs
 
 
-def replay(state: ClusterState, settings: ClusteringSettings, latents: np.ndarray) -> np.ndarray:
-    """Cluster ids a fresh per-run clusterer gives these latents, in order."""
-    clusterer = OnlineClusterer(state, settings)
-    return np.asarray([clusterer.learn_predict_one(z).cluster for z in latents], np.int64)
+def replay(state: ClusteringSettings | ClusterState, settings: ClusteringSettings, latents: np.ndarray,
+           *, corrected: bool = False) -> np.ndarray:
+    """Cluster ids a fresh per-run clusterer gives these latents, in order: as each point was sent, or
+    (``corrected``) with the re-clustering's corrections applied at the end of the run."""
+    clusterer = OnlineClusterer(state, settings)  # type: ignore[arg-type]
+    live = np.asarray([clusterer.learn_predict_one(z).cluster for z in latents], np.int64)
+    if not corrected:
+        return live
+    out = live.copy()
+    out[-len(clusterer.labels()):] = clusterer.labels()
+    return out
 
 
 def sweep(state: ClusterState, runs: list[EncodedRun], candidates: list[ClusteringSettings]) -> list[SweepRow]:
@@ -90,8 +97,13 @@ def sweep(state: ClusterState, runs: list[EncodedRun], candidates: list[Clusteri
     return rows
 
 
-def grid(base: ClusteringSettings, drift: list[float], noise_factor: list[float]) -> list[ClusteringSettings]:
-    return [replace(base, drift=d, noise_factor=n) for d, n in itertools.product(drift, noise_factor)]
+def grid(base: ClusteringSettings, drift: list[float], noise_factor: list[float],
+         recluster_every: list[int] | None = None, min_cluster_size: list[int] | None = None,
+         epsilon_factor: list[float] | None = None) -> list[ClusteringSettings]:
+    return [replace(base, drift=d, noise_factor=n, recluster_every=r, run_min_cluster_size=m, run_epsilon_factor=e)
+            for d, n, r, m, e in itertools.product(
+                drift, noise_factor, recluster_every or [base.recluster_every],
+                min_cluster_size or [base.run_min_cluster_size], epsilon_factor or [base.run_epsilon_factor])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     p.add_argument("--drift", type=float, nargs="+", default=[0.2, 0.15, 0.1, 0.075, 0.05])
     p.add_argument("--noise-factor", type=float, nargs="+", default=[6.0, 8.0, 10.0, 12.0, 14.0, 20.0])
+    p.add_argument("--recluster-every", type=int, nargs="+", default=None, help="0: no re-clustering")
+    p.add_argument("--run-min-cluster-size", type=int, nargs="+", default=None)
+    p.add_argument("--epsilon-factor", type=float, nargs="+", default=None)
     p.add_argument("--allow-heldout", action="store_true", help="permit held-out seeds (reporting only)")
     p.add_argument("--json", default=None, help="write all rows here")
     a = p.parse_args(argv)
@@ -111,10 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     bundle = ModelBundle.load(a.bundle)
     bundle.warmup()
     runs = encode_runs(bundle, tuple(a.scenarios), tuple(a.seeds), a.frames, allow_heldout=a.allow_heldout)
-    rows = sweep(bundle.clustering_state, runs, grid(bundle.clustering_settings, a.drift, a.noise_factor))
+    rows = sweep(bundle.clustering_state, runs, grid(bundle.clustering_settings, a.drift, a.noise_factor,
+                                                        a.recluster_every, a.run_min_cluster_size,
+                                                        a.epsilon_factor))
     for r in rows:
-        log.info("drift %.3g noise_factor %.3g: mean ARI %.3f, min %.3f", r.settings["drift"],
-                 r.settings["noise_factor"], r.mean_ari, r.min_ari)
+        log.info("drift %.3g noise_factor %.3g recluster_every %d min_cluster_size %d epsilon_factor %.3g: "
+                 "mean ARI %.3f, min %.3f", r.settings["drift"], r.settings["noise_factor"],
+                 r.settings["recluster_every"], r.settings["run_min_cluster_size"],
+                 r.settings["run_epsilon_factor"], r.mean_ari, r.min_ari)
     if a.json:
         Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
 
