@@ -84,6 +84,21 @@ class ClusterNew:
 
 
 @dataclass(slots=True)
+class ClusterUpdate:
+    """Points already published whose cluster id changed (re-clustering of the run split a phase off).
+
+    Published after every point it corrects, and after the `ClusterNew` of any id it names. Ids are never
+    renumbered: a point only moves to a new id or to the id its phase already has.
+    """
+
+    run_id: str
+    run_key: str = field(kw_only=True)
+    indices: list[int]  # frame numbers of the corrected points
+    clusters: list[int]  # their cluster id now, one per index
+    timestamp: float  # unix seconds
+
+
+@dataclass(slots=True)
 class RunStopped:
     """A run ended (a `stop` document arrived, or the service is shutting down)."""
 
@@ -95,4 +110,4 @@ class RunStopped:
     reason: str = "stop"  # "stop" | "superseded" (a new start came first) | "shutdown"
 
 
-PipelineMessage = RunStarted | Point | ClusterNew | RunStopped
+PipelineMessage = RunStarted | Point | ClusterNew | ClusterUpdate | RunStopped

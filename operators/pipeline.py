@@ -9,6 +9,13 @@ concurrently (`QueuedOperator.publish`).
 
 Run control messages (`RunStarted`, `RunStopped`) are never dropped by the overload policy and are
 handled in arrival order between batches: a start gives the run a fresh online clusterer.
+
+Re-clustering (operators.clustering): the per-frame assignment stays in the compute thread; the run's
+re-clustering (HDBSCAN, which holds the GIL for tens of ms) runs in one worker process (``recluster="process"``),
+never delaying a point. Its labels are applied in the compute thread, between batches or as soon as the worker
+answers, and what they change is published after the points it corrects: `ClusterNew` for each new id, then one
+`ClusterUpdate`. ``recluster="sync"`` re-clusters inline (deterministic, for tests); ``"off"`` not at all. A
+re-clustering still running when its run stops is dropped.
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from operators.base import BatchStage, QueuedOperator, QueuePolicy, describe, run_isolated
-from operators.messages import ClusterNew, Frame, Point, RunStarted, RunStopped, StageTimings
+from operators.clustering import Corrections, density_labels
+from operators.messages import ClusterNew, ClusterUpdate, Frame, Point, RunStarted, RunStopped, StageTimings
 from operators.metrics import PipelineMetrics
 from operators.persist.uris import frame_uri
 
@@ -103,23 +112,85 @@ class ProjectStage(BatchStage[Work]):
 
 
 class ClusterStage(BatchStage[Work]):
-    """Online clustering in the latent; one clusterer per run. Learning is sequential by nature."""
+    """Online clustering in the latent; one clusterer per run. Learning is sequential by nature.
+
+    Touched by the compute thread only. With a worker (``recluster="process"``) the clusterer is in manual
+    mode: `step` applies the worker's labels when they are back and sends it the next snapshot when one is due.
+    """
 
     name, reject_reason = "cluster", "cluster_error"
     batchable = False  # a retry would learn the same frames twice
 
-    def __init__(self, bundle: Any) -> None:
+    def __init__(self, bundle: Any, recluster: str = "process") -> None:
+        if recluster not in ("process", "sync", "off"):
+            raise ValueError(f"recluster must be 'process', 'sync' or 'off', not {recluster!r}")
         self.bundle = bundle
+        self.recluster = recluster
         self.clusterer: Any = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._job: tuple[Any, Future[Any], int] | None = None  # (clusterer, labels future, its frame count)
 
     def reset(self) -> None:
         self.clusterer = self.bundle.new_clusterer()
+        self._job = None  # a re-clustering of the previous run is of no use any more
+        if self.recluster != "sync":  # the worker re-clusters ("process"), or nothing does ("off")
+            self.clusterer.mode = "manual"
 
     def process_many(self, items: Sequence[Work]) -> None:
         if self.clusterer is None:
             self.reset()
         for work in items:
-            work.assignment = self.clusterer.learn_predict_one(work.latent)
+            work.assignment = self.clusterer.learn_predict_one(work.latent, index=work.frame.index)
+
+    @property
+    def job_running(self) -> Future[Any] | None:
+        return self._job[1] if self._job is not None and not self._job[1].done() else None
+
+    def step(self) -> Corrections:
+        """Apply a finished re-clustering, start the next if due; what the run's ids changed since last time."""
+        cl = self.clusterer
+        if cl is None:
+            return Corrections()
+        if self.recluster == "process":
+            if self._job is not None and self._job[1].done():
+                owner, fut, seen = self._job
+                self._job = None
+                try:
+                    labels = fut.result()
+                except Exception:  # a broken worker loses this re-clustering, not the run
+                    log.exception("re-clustering failed")
+                    self._close_pool()
+                else:
+                    if owner is cl:
+                        cl.apply_labels(labels, seen)
+            if self._job is None and cl.recluster_due():
+                snap = cl.snapshot()
+                try:
+                    fut = self._worker().submit(density_labels, *cl.density_args(snap))
+                except Exception:
+                    log.exception("could not start a re-clustering")
+                    self._close_pool()
+                else:
+                    self._job = (cl, fut, snap[1])
+        return cl.corrections()
+
+    def drop_job(self) -> None:
+        self._job = None
+
+    def _worker(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: the compute thread and the event loop live in this process; a fork would copy their locks
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        self._job = None
+        self._close_pool()
 
 
 @dataclass(slots=True)
@@ -133,6 +204,7 @@ class _Run:
 class _BatchResult:
     points: list[Point]
     new_clusters: dict[int, ClusterNew]  # keyed by the founding frame's index
+    corrections: Corrections = field(default_factory=Corrections)  # published after the points
 
 
 class LivePipeline(QueuedOperator[InMessage]):
@@ -151,6 +223,7 @@ class LivePipeline(QueuedOperator[InMessage]):
         queue_size: int = 32,
         policy: QueuePolicy = QueuePolicy.BLOCK,
         publish_timeout: float = 1.0,
+        recluster: str = "process",
     ) -> None:
         super().__init__(metrics, queue_size=queue_size, policy=policy, publish_timeout=publish_timeout)
         if max_batch < 1:
@@ -158,7 +231,7 @@ class LivePipeline(QueuedOperator[InMessage]):
         self.bundle = bundle
         self.tiled_base_url = tiled_base_url
         self.max_batch = max_batch
-        self.cluster_stage = ClusterStage(bundle)
+        self.cluster_stage = ClusterStage(bundle, recluster)
         size = bundle.preprocessor.spec.size
         batch_buffer = np.zeros((max_batch, 1, size, size), np.float32)
         self.stages: tuple[BatchStage[Work], ...] = (
@@ -172,6 +245,9 @@ class LivePipeline(QueuedOperator[InMessage]):
         self._idle.set()
         # One compute thread: stages and the clusterer's state are touched by it alone.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeline-compute")
+        # a batch's points and a late re-clustering's corrections are published one after the other, never mixed
+        self._publishing = asyncio.Lock()
+        self._late: asyncio.Task[None] | None = None
 
     @property
     def run_id(self) -> str | None:
@@ -211,7 +287,13 @@ class LivePipeline(QueuedOperator[InMessage]):
                     if self.inbox.empty():
                         self._idle.set()
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._shutdown_compute()
+
+    def _shutdown_compute(self) -> None:
+        if self._late is not None:
+            self._late.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.cluster_stage.close()
 
     async def process(self, message: InMessage) -> None:
         """arroyopy's one-message verb: the same path as `run`, for a batch of one."""
@@ -242,7 +324,7 @@ class LivePipeline(QueuedOperator[InMessage]):
                 RunStopped(run.run_id, time.time(), None, run.processed, reason="shutdown", run_key=run.run_key)
             )
             log.info("run %s closed at shutdown after %d point(s)", run.run_id, run.processed)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._shutdown_compute()
 
     async def _process_control(self, message: InMessage) -> None:
         try:
@@ -260,6 +342,8 @@ class LivePipeline(QueuedOperator[InMessage]):
             self.metrics.processed.labels("start").inc()
             await self.publish(message)
         elif isinstance(message, RunStopped):
+            if self._run is not None and self._run.run_key == message.run_key:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.cluster_stage.drop_job)
             processed = self._run.processed if self._run and self._run.run_key == message.run_key else 0
             if self._run is not None and self._run.run_key == message.run_key:
                 self._run = None
@@ -272,22 +356,59 @@ class LivePipeline(QueuedOperator[InMessage]):
     async def _process_frames(self, frames: list[Frame]) -> None:
         self.metrics.batch_size.observe(len(frames))
         loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self._executor, self._compute, frames)
-        except asyncio.CancelledError:
-            self.metrics.dropped.labels("shutdown").inc(len(frames))
-            raise
-        except Exception:  # a bug outside the isolated stages: lose this batch, keep the pipeline
-            self.metrics.rejected.labels("processing_error").inc(len(frames))
-            log.exception("run %s: batch of %d frame(s) failed", frames[0].run_id, len(frames))
+        async with self._publishing:
+            try:
+                result = await loop.run_in_executor(self._executor, self._compute, frames)
+            except asyncio.CancelledError:
+                self.metrics.dropped.labels("shutdown").inc(len(frames))
+                raise
+            except Exception:  # a bug outside the isolated stages: lose this batch, keep the pipeline
+                self.metrics.rejected.labels("processing_error").inc(len(frames))
+                log.exception("run %s: batch of %d frame(s) failed", frames[0].run_id, len(frames))
+                return
+            for point in result.points:
+                founded = result.new_clusters.get(point.index)
+                if founded is not None:
+                    await self.publish(founded)
+                t0 = time.perf_counter()
+                await self.publish(point)
+                self.metrics.observe("publish", time.perf_counter() - t0)
+            await self._publish_corrections(result.corrections)
+        self._watch_recluster()
+
+    async def _publish_corrections(self, corr: Corrections) -> None:
+        run = self._run
+        if not corr or run is None:
             return
-        for point in result.points:
-            founded = result.new_clusters.get(point.index)
-            if founded is not None:
-                await self.publish(founded)
-            t0 = time.perf_counter()
-            await self.publish(point)
-            self.metrics.observe("publish", time.perf_counter() - t0)
+        now = time.time()
+        for cluster, index in corr.new_clusters:
+            await self.publish(ClusterNew(run.run_id, int(cluster), int(index), now))
+            log.info("run %s: new cluster %d split off by re-clustering (from frame %d)", run.run_id, cluster, index)
+        if corr.indices:
+            await self.publish(ClusterUpdate(run.run_id, [int(i) for i in corr.indices],
+                                             [int(c) for c in corr.clusters], now, run_key=run.run_key))
+
+    def _watch_recluster(self) -> None:
+        """When a re-clustering is running, apply it as soon as it answers, even if no frame comes meanwhile."""
+        fut = self.cluster_stage.job_running
+        if fut is None or (self._late is not None and not self._late.done()):
+            return
+        self._late = asyncio.get_running_loop().create_task(self._apply_late(fut))
+
+    async def _apply_late(self, fut: Future[Any]) -> None:
+        try:
+            await asyncio.wrap_future(fut)
+        except Exception:
+            pass  # reported by ClusterStage.step
+        loop = asyncio.get_running_loop()
+        async with self._publishing:
+            try:
+                corr = await loop.run_in_executor(self._executor, self.cluster_stage.step)
+            except RuntimeError:  # the compute thread is shut down
+                return
+            await self._publish_corrections(corr)
+        self._late = None
+        self._watch_recluster()
 
     def _compute(self, frames: list[Frame]) -> _BatchResult:
         """Runs in the compute thread: every stage on the batch, each frame isolated."""
@@ -303,7 +424,12 @@ class LivePipeline(QueuedOperator[InMessage]):
             for work in items:
                 setattr(work.timings, stage.name, elapsed)
                 self.metrics.observe(stage.name, elapsed)
-        return self._finish(items)
+        result = self._finish(items)
+        try:
+            result.corrections = self.cluster_stage.step()  # after the points' timings: never delays them
+        except Exception:
+            log.exception("applying a re-clustering failed")
+        return result
 
     def _finish(self, items: list[Work]) -> _BatchResult:
         points: list[Point] = []
