@@ -34,7 +34,7 @@ import numpy as np
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from operators.messages import ClusterNew, Point, RunStarted, RunStopped
+from operators.messages import ClusterNew, ClusterUpdate, Point, RunStarted, RunStopped
 
 from . import wire
 from .wire import ModelInfo, RunContext, WireFormat
@@ -48,7 +48,7 @@ DROP_REASONS: tuple[str, ...] = (
     "store_full",  # a point evicted from the run's in-memory store (backfill lost its oldest point)
     "stale_run",  # a point or event for a run that is no longer current
     "non_finite_point",  # a point whose x or y is NaN or infinite (JSON cannot carry it, plots cannot place it)
-    "unsupported_message",  # publish() got something that is not RunStarted/Point/ClusterNew/RunStopped
+    "unsupported_message",  # publish() got something that is not a pipeline message
     # A run's start metadata sent to clients as {} (its run_start says why in `metadata_omitted`):
     "metadata_too_deep",  # nested deeper than max_metadata_depth
     "metadata_too_large",  # more than max_metadata_bytes packed
@@ -129,6 +129,20 @@ class PointStore:
         for a, b in self._spans(start, stop):
             out.extend(zip(self._rows[a:b].tolist(), self._urls[a:b], strict=True))
         return out
+
+    def set_clusters(self, indices: list[int], clusters: list[int]) -> int:
+        """Give the held points with these frame numbers their corrected cluster ids; returns how many."""
+        if not len(self) or not indices:
+            return 0
+        lookup = dict(zip(indices, clusters, strict=True))
+        changed = 0
+        for a, b in self._spans(self.first_seq, self.end_seq):
+            held = self._rows["index"][a:b]
+            hit = np.flatnonzero(np.isin(held, np.fromiter(lookup, np.int64, len(lookup))))
+            for pos in hit:
+                self._rows["cluster"][a + pos] = lookup[int(held[pos])]
+            changed += len(hit)
+        return changed
 
     def _spans(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
         a, n = start % self._capacity, stop - start
@@ -418,7 +432,7 @@ class Hub:
 
     # -- the Publisher side ---------------------------------------------------------------------
 
-    async def publish(self, message: RunStarted | Point | ClusterNew | RunStopped) -> None:
+    async def publish(self, message: RunStarted | Point | ClusterNew | ClusterUpdate | RunStopped) -> None:
         """Take one pipeline message; never waits for a client."""
         if isinstance(message, Point):
             self._on_point(message)
@@ -426,6 +440,8 @@ class Hub:
             self._on_run_started(message)
         elif isinstance(message, ClusterNew):
             self._on_cluster_new(message)
+        elif isinstance(message, ClusterUpdate):
+            self._on_cluster_update(message)
         elif isinstance(message, RunStopped):
             self._on_run_stopped(message)
         else:
@@ -539,6 +555,19 @@ class Hub:
         event = wire.cluster_new_event(msg)
         run.clusters.append(event)
         self._broadcast_event(event, run_id=None)
+
+    def _on_cluster_update(self, msg: ClusterUpdate) -> None:
+        """Corrected ids of points already sent: the store takes them (backfill, REST), /ws clients get one
+        cluster_update; /lse clients keep what they got. A client still backfilling gets it too: it applies it
+        to the points it has, and reads the rest from the store, corrected."""
+        run = self.current
+        if run is None or run.run_key != msg.run_key:
+            self.count_drop("stale_run")
+            logger.warning("dropping cluster_update of run %s: not the current run", msg.run_id)
+            return
+        if run.store is not None:
+            run.store.set_clusters(list(msg.indices), list(msg.clusters))
+        self._broadcast_event(wire.cluster_update_event(msg), run_id=None)
 
     def _on_run_stopped(self, msg: RunStopped) -> None:
         run = self.current

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import orjson
 
-from operators.messages import ClusterNew, Point, RunStarted, RunStopped
+from operators.messages import ClusterNew, ClusterUpdate, Point, RunStarted, RunStopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +162,16 @@ def cluster_new_event(msg: ClusterNew) -> dict[str, Any]:
         "cluster": int(msg.cluster),
         "index": int(msg.index),
         "timestamp": float(msg.timestamp),
+    }
+
+
+def cluster_update_event(msg: ClusterUpdate) -> dict[str, Any]:
+    """Points already sent whose cluster id changed: `clusters[i]` is the id of point `indices[i]` now."""
+    return {
+        "type": "cluster_update",
+        "run_id": msg.run_id,
+        "indices": [int(i) for i in msg.indices],
+        "clusters": [int(c) for c in msg.clusters],
     }
 
 

@@ -332,3 +332,52 @@ async def test_start_metadata_within_the_bounds_reaches_clients_whole() -> None:
         async with connect(f"{srv.ws}/ws?format=msgpack") as ws:
             start = await receive(ws)
     assert (start["metadata"], start["metadata_omitted"]) == (metadata, None)
+
+
+async def test_a_cluster_update_from_the_pipelines_re_clustering_reaches_a_real_ws_client(default_bundle) -> None:
+    """Real pipeline (worker-process re-clustering) -> hub -> uvicorn -> websocket clients, /ws and /lse."""
+    from prometheus_client import CollectorRegistry
+    from ramp_support import ScriptedBundle, ramp_run
+    from test_pipeline_recluster import _frame
+
+    from operators.messages import RunStarted
+    from operators.metrics import PipelineMetrics
+    from operators.pipeline import LivePipeline
+    from stream.synthetic import generate_scan
+
+    state, script, _ = ramp_run()
+    images = [f.image for f in generate_scan("film_formation", 4, seed=3)]
+    pipeline = LivePipeline(ScriptedBundle(default_bundle, state, script), PipelineMetrics(CollectorRegistry()),
+                            tiled_base_url="http://127.0.0.1:8000", recluster="process")
+    async with bridge() as srv, connect(f"{srv.ws}/ws") as ws, connect(f"{srv.ws}/ws?format=msgpack") as mp, \
+            connect(f"{srv.ws}/lse") as lse:
+        pipeline.add_publisher(srv.hub)
+        task = asyncio.create_task(pipeline.run())
+        try:
+            await pipeline.submit(RunStarted("run-r", "ramp", time.time(), run_key="run-r-key"))
+            for i in range(len(script)):
+                await pipeline.submit(_frame("run-r", i, images[i % len(images)]))
+            json_msgs = await receive_until(ws, lambda m: m["type"] == "cluster_update", 90)
+            mp_msgs = await receive_until(mp, lambda m: m["type"] == "cluster_update", 30)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await pipeline.close()
+        lse_msgs = []
+        with pytest.raises(TimeoutError):
+            while True:
+                lse_msgs.append(await receive(lse, 1.0))
+
+    update = json_msgs[-1]
+    assert set(update) == {"type", "run_id", "indices", "clusters"} and update["run_id"] == "run-r"
+    assert len(update["indices"]) == len(update["clusters"]) > 0
+    sent = {m["index"]: m["cluster"] for m in json_msgs if m["type"] == "point"}
+    announced = {m["cluster"] for m in json_msgs if m["type"] == "cluster_new"}
+    for i, c in zip(update["indices"], update["clusters"], strict=True):
+        assert i in sent and sent[i] != c  # corrects a point the client already has
+        assert c in announced  # to an id announced before
+    assert mp_msgs[-1] == update  # msgpack clients get the same message
+    assert lse_msgs and all("type" not in m for m in lse_msgs)  # /lse: points only, as they were sent
+    # the hub's store (backfill, REST) holds the corrected ids
+    rows = {r["index"]: r["cluster"] for r in srv.hub.run_rows("run-r")}
+    assert all(rows[i] == c for i, c in zip(update["indices"], update["clusters"], strict=True))

@@ -197,3 +197,53 @@ async def _memory_held_by_runs(notes_bytes: int, runs: int = 33) -> int:
 async def test_only_the_current_runs_start_metadata_stays_in_memory() -> None:
     metadata_held = await _memory_held_by_runs(60_000) - await _memory_held_by_runs(0)
     assert metadata_held < 500_000  # the current run's 60 kB (within the bound), not 32 past runs' 2 MB
+
+
+def _update(run_id: str, indices: list[int], clusters: list[int]):
+    from operators.messages import ClusterUpdate
+
+    return ClusterUpdate(run_id, indices, clusters, 1.0, run_key=run_id)
+
+
+async def test_a_cluster_update_corrects_the_stored_points_and_reaches_ws_clients_but_not_lse() -> None:
+    hub = Hub(MODEL, max_points=8)
+    await hub.publish(run_started("r"))
+    ws = hub.connect("ws", WireFormat.WS_JSON, backfill=False)
+    lse = hub.connect("lse", WireFormat.LSE_JSON, backfill=False)
+    for i in range(10):  # 0 and 1 are evicted: the update names them too, harmlessly
+        await hub.publish(point("r", i, cluster=1))
+    await hub.publish(cluster_new("r", 7, 6))
+    await hub.publish(_update("r", [0, 6, 7, 8], [7, 7, 7, 7]))
+    got = [json.loads(p) for p in await ws.next_batch()]
+    assert got[-2]["type"] == "cluster_new"
+    assert got[-1] == {"type": "cluster_update", "run_id": "r", "indices": [0, 6, 7, 8], "clusters": [7, 7, 7, 7]}
+    assert all(json.loads(p)["cluster"] == 1 for p in await lse.next_batch())  # points only, as sent
+    assert not lse.queue
+    rows = hub.current.store.rows(0, 100)
+    assert [(r[0][0], r[0][3]) for r in rows] == [(i, 7 if i in (6, 7, 8) else 1) for i in range(2, 10)]
+    # a client joining now gets the corrected ids in its backfill
+    late = hub.connect("ws", WireFormat.WS_JSON, backfill=True)
+    msgs: list[dict] = []
+    while not msgs or msgs[-1]["type"] != "backfill_end":
+        msgs.extend(json.loads(p) for p in await late.next_batch())
+    assert {m["index"]: m["cluster"] for m in msgs if m["type"] == "point"} == {
+        i: 7 if i in (6, 7, 8) else 1 for i in range(2, 10)
+    }
+
+
+async def test_a_cluster_update_for_another_run_is_dropped_and_counted() -> None:
+    hub = Hub(MODEL)
+    await hub.publish(run_started("r"))
+    await hub.publish(point("r", 0))
+    await hub.publish(_update("old", [0], [5]))
+    assert hub.dropped["stale_run"] == 1
+    assert hub.current.store.rows(0, 1)[0][0][3] == 0
+
+
+async def test_the_rest_api_returns_the_corrected_ids_of_a_run_in_memory() -> None:
+    hub = Hub(MODEL)
+    await hub.publish(run_started("r"))
+    for i in range(4):
+        await hub.publish(point("r", i, cluster=0))
+    await hub.publish(_update("r", [2, 3], [4, 4]))
+    assert [row["cluster"] for row in hub.run_rows("r")] == [0, 0, 4, 4]
