@@ -153,7 +153,8 @@ class Service:
         from operators.persist.metrics import WriterCollector
         from operators.persist.writer import TiledWriter
 
-        writer = self._writer = TiledWriter(self.tiled_url, self.tiled_api_key, data_dir=s.data_dir)
+        writer = self._writer = TiledWriter(self.tiled_url, self.tiled_api_key, data_dir=s.data_dir,
+                                            local_frames=s.embedded_tiled)  # fmt: skip
         writer_task = writer.start_soon(tiled_ready)
         self.registry.register(WriterCollector(writer))
         self._on_stop("tiled writer", lambda: writer.stop(drain_timeout=_WRITER_DRAIN_S))

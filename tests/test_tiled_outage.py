@@ -7,6 +7,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from tiled.client import from_uri
 from tiled_support import make_point, tiled_server_fixture
 
@@ -20,15 +21,16 @@ OUTAGE_S = 10.0
 RATE_HZ = 10.0
 
 
+@pytest.mark.parametrize("local_frames", [False, True], ids=["http", "local"])
 async def test_tiled_down_for_ten_seconds_loses_no_frame_and_no_row(
-    tiled_server: EmbeddedTiledServer, tmp_path
+    tiled_server: EmbeddedTiledServer, tmp_path, local_frames: bool
 ) -> None:
     ep = tiled_server.endpoint
     assert ep is not None
     rng = np.random.default_rng(11)
-    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, give_up_after=120)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, give_up_after=120, local_frames=local_frames)
     await writer.start()
-    run_id = "run-outage"
+    run_id = f"run-outage-{local_frames}"
     await writer.publish(RunStarted(run_id, "outage", time.time(), run_key=run_id))
     points, images = [], []
 

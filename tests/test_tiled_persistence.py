@@ -8,6 +8,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,15 +42,21 @@ async def _fetch_all(srv: EmbeddedTiledServer, urls: list[str]) -> list[bytes]:
         return out
 
 
+# Both ways frames reach Tiled: PATCHed over HTTP (a facility Tiled), or written into the embedded server's
+# own storage from the service's process (local_frames.py).
+TRANSPORTS = pytest.mark.parametrize("local_frames", [False, True], ids=["http", "local"])
+
+
+@TRANSPORTS
 async def test_every_point_url_returns_the_exact_frame_bytes_over_plain_http(
-    tiled_server: EmbeddedTiledServer, tmp_path
+    tiled_server: EmbeddedTiledServer, tmp_path, local_frames: bool
 ) -> None:
     ep = tiled_server.endpoint
     assert ep is not None
     rng = np.random.default_rng(1)
-    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, local_frames=local_frames)
     await writer.start()
-    run_id = "run-bytes"
+    run_id = f"run-bytes-{local_frames}"
     await writer.publish(
         RunStarted(run_id, "bytes scan", time.time(), {"sample": "AgBH", "energy_kev": 12.0}, run_key=run_id)
     )
@@ -93,18 +100,20 @@ async def test_every_point_url_returns_the_exact_frame_bytes_over_plain_http(
     np.testing.assert_array_equal(vectors, np.stack([p.latent for p in points]))
 
 
+@TRANSPORTS
 async def test_full_size_pilatus_frames_round_trip_byte_identical(
-    tiled_server: EmbeddedTiledServer, tmp_path
+    tiled_server: EmbeddedTiledServer, tmp_path, local_frames: bool
 ) -> None:
     ep = tiled_server.endpoint
     assert ep is not None
     rng = np.random.default_rng(2)
-    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, local_frames=local_frames)
     await writer.start()
-    await writer.publish(RunStarted("run-pilatus", "full size", time.time(), run_key="run-pilatus"))
+    key = f"run-pilatus-{local_frames}"
+    await writer.publish(RunStarted("run-pilatus", "full size", time.time(), run_key=key))
     points, images = [], []
     for index in range(3):
-        p, img = make_point(ep.url, "run-pilatus", index, rng, shape=(1679, 1475))
+        p, img = make_point(ep.url, key, index, rng, shape=(1679, 1475))
         points.append(p)
         images.append(img)
         await writer.publish(p)

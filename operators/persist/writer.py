@@ -62,6 +62,7 @@ import numpy as np
 
 from operators.messages import ClusterNew, PipelineMessage, Point, RunStarted, RunStopped
 from operators.persist.keys import is_safe_key
+from operators.persist.local_frames import LocalFrameStore
 from operators.persist.wal import RecoveredRun, ResultLog
 from operators.throttled_log import ThrottledLog
 
@@ -93,7 +94,8 @@ def preload_client_modules() -> None:
     `tiled.client.dataframe` (an appendable table) takes ~1.5 s to import; imported lazily at the first
     run's start, it held the GIL while that run's first frames were computed (e2e spikes of 250 ms).
     """
-    for module in ("tiled.client.array", "tiled.client.dataframe", "tiled.structures.array", "tiled.structures.table"):
+    for module in ("tiled.client.array", "tiled.client.dataframe", "tiled.structures.array", "tiled.structures.table",
+                   "zarr"):  # fmt: skip
         importlib.import_module(module)
     point_schema()
 
@@ -224,6 +226,7 @@ class TiledWriter:
         failed_attempts: int = 3,
         max_frame_index: int = 1_000_000,
         request_timeout: float = 30.0,
+        local_frames: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
@@ -237,6 +240,8 @@ class TiledWriter:
         self.failed_attempts = failed_attempts
         self.max_frame_index = max_frame_index
         self.request_timeout = request_timeout
+        self.local_frames = local_frames  # the embedded server: frames go into its storage directly
+        self._local: LocalFrameStore | None = None
         self._log = ResultLog(Path(data_dir) / "results-log")
         # One FIFO of operations keeps the per-run order: start, rows..., stop.
         self._ops: collections.deque[tuple[str, Any]] = collections.deque()
@@ -536,6 +541,8 @@ class TiledWriter:
             headers=headers, timeout=self.request_timeout, trust_env=False,
             limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
         )  # fmt: skip
+        if self.local_frames:
+            self._local = LocalFrameStore(self._http, self.base_url)
 
     async def _loop(self) -> None:
         while True:
@@ -588,6 +595,8 @@ class TiledWriter:
             run_key, stop = item
             failed = await self._with_retry(f"stop of run {run_key}", self._close_run, run_key, stop)
             self._ops.popleft()
+            if self._local is not None:
+                self._local.forget(self._url_path(run_key, "primary", "image"))
             if not failed and not any(
                 k == "row" and it.run_key == run_key for k, it in self._ops
             ):  # everything of this run is in Tiled
@@ -669,7 +678,7 @@ class TiledWriter:
             first, last = group[0][0].index, group[-1][0].index
             what = f"frame {first} of run {run_key}" if first == last else f"frames {first}-{last} of run {run_key}"
             try:
-                failed = await self._with_retry(what, self._patch_frames, run_key, first, [im for _, im in group])
+                failed = await self._with_retry(what, self._store_frames, run_key, first, [im for _, im in group])
             except asyncio.CancelledError:  # stop() gave up draining while these frames were in flight
                 st.frames_not_written["shutdown"] += len(group)
                 raise
@@ -735,8 +744,10 @@ class TiledWriter:
     # ---- raw HTTP (on the event loop) ----------------------------------------------------------
 
     def _url(self, route: str, *parts: str) -> str:
-        path = "/".join(quote(p, safe="") for p in self._path(*parts))
-        return f"{self.base_url}/api/v1/{route}/{path}"
+        return f"{self.base_url}/api/v1/{route}/{self._url_path(*parts)}"
+
+    def _url_path(self, *parts: str) -> str:
+        return "/".join(quote(p, safe="") for p in self._path(*parts))
 
     async def _patch(self, url: str, params: dict[str, str], body: Any, length: int, media_type: str) -> None:
         assert self._http is not None
@@ -745,6 +756,17 @@ class TiledWriter:
             headers={"Content-Type": media_type, "Content-Length": str(length)},
         )  # fmt: skip
         r.raise_for_status()
+
+    async def _store_frames(self, run_key: str, first: int, images: list[np.ndarray], attempt: int = 0) -> None:
+        """Slices first, first + 1, ... of /<run>/primary/image: into the embedded server's storage when it
+        is on this machine (local_frames.py), else one PATCH. Idempotent: safe to retry."""
+        if self._local is None:
+            await self._patch_frames(run_key, first, images)
+            return
+        path = self._url_path(run_key, "primary", "image")
+        if not self._local.knows(path):
+            await self._local.open(path)
+        await self._local.write(path, first, images)
 
     async def _patch_frames(self, run_key: str, first: int, images: list[np.ndarray], attempt: int = 0) -> None:
         """Slices first, first + 1, ... of /<run>/primary/image in one request.
