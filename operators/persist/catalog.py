@@ -6,6 +6,9 @@ worker thread; nothing here is on the per-frame path.
 
 A run is found by its storage key or by the sender's run id (the latest run that came with that id;
 a reused id is stored under one key per run, see keys.py).
+
+A run's points come with the ids re-clustering corrected: the points table keeps each id as it was sent, and
+`latent/cluster_updates` (update, index, cluster) says which frames moved since; they are applied in order.
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ class TiledRunCatalog:
             logger.info("run %r has no readable points yet: %s", run, exc)
             return []
         df = df.sort_values("row") if "row" in df else df
+        moved = _cluster_updates(latent, run)
+        if moved:
+            df = df.assign(cluster=[moved.get(int(i), int(c)) for i, c in zip(df["index"], df["cluster"], strict=True)])
         rows = []
         for rec in df[list(ROW_KEYS)].to_dict("records"):
             rec["index"] = int(rec["index"])
@@ -140,3 +146,18 @@ class TiledRunCatalog:
         if self._client is not None:
             self._client.context.close()
             self._client = None
+
+
+def _cluster_updates(latent: Any, run: str) -> dict[int, int]:
+    """Frame number -> its cluster id after every re-clustering of the run (the last update wins)."""
+    if "cluster_updates" not in latent:
+        return {}
+    try:
+        df = latent["cluster_updates"].read()
+    except Exception as exc:  # noqa: BLE001 - created, nothing appended yet
+        logger.info("run %r has no readable cluster updates yet: %s", run, exc)
+        return {}
+    df = df.reset_index(drop=True)
+    df = df.assign(_pos=range(len(df))).sort_values(["update", "_pos"], kind="stable")
+    return {int(i): int(c) for i, c in zip(df["index"], df["cluster"], strict=True)}
+

@@ -14,6 +14,10 @@ the live path needs too; 0.3 s is small against the 2 s in which a frame must be
                              slice i is the frame whose frame number is i
   /<run_key>/latent/points    appendable table, one row per processed frame (columns in POINT_SCHEMA)
   /<run_key>/latent/vectors   (N, D) float32 latent means; vectors row r <-> points row r ("row" column)
+  /<run_key>/latent/cluster_updates  appendable table (update, index, cluster), created at the run's first
+                             ClusterUpdate: re-clustering moved the point of frame `index` to `cluster`; the
+                             points table keeps the id as sent, catalog.py applies the updates in order when
+                             it reads a run. Updates are not in the result log: a crash loses those not written.
 
 Buffer policy (bounded): frames waiting to be written are bounded by `max_buffer_bytes`; when full,
 the OLDEST waiting frame image is dropped and counted (frames_not_written["buffer_full"]); its row is
@@ -60,7 +64,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from operators.messages import ClusterNew, PipelineMessage, Point, RunStarted, RunStopped
+from operators.messages import ClusterNew, ClusterUpdate, PipelineMessage, Point, RunStarted, RunStopped
 from operators.persist.keys import is_safe_key
 from operators.persist.local_frames import LocalFrameStore
 from operators.persist.wal import RecoveredRun, ResultLog
@@ -86,6 +90,7 @@ POINT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("project_time", "float64"),
     ("tiled_url", "string"),
 )
+UPDATE_COLUMNS: tuple[tuple[str, str], ...] = (("update", "int64"), ("index", "int64"), ("cluster", "int64"))
 
 
 def preload_client_modules() -> None:
@@ -100,11 +105,11 @@ def preload_client_modules() -> None:
     point_schema()
 
 
-def point_schema() -> Any:
+def point_schema(columns: tuple[tuple[str, str], ...] = POINT_COLUMNS) -> Any:
     import pyarrow as pa
 
     return pa.schema(
-        [(name, pa.string() if t == "string" else getattr(pa, t)()) for name, t in POINT_COLUMNS]
+        [(name, pa.string() if t == "string" else getattr(pa, t)()) for name, t in columns]
     )
 
 
@@ -168,6 +173,8 @@ class _RunState:
     image_shape: tuple[int, ...] | None = None  # set once /<run>/primary/image exists (one frame's shape)
     image_dtype: str | None = None
     vectors_dim: int | None = None  # set once /<run>/latent/vectors exists
+    updates: int = 0  # ClusterUpdates enqueued (their sequence number in latent/cluster_updates)
+    updates_created: bool = False  # /<run>/latent/cluster_updates exists
     recovered_open: bool = False
     frame_indices: set[int] = field(default_factory=set)  # of frames taken to store: a repeat is not written
     frames_written: int = 0
@@ -276,6 +283,10 @@ class TiledWriter:
             self._enqueue_start(message)
         elif isinstance(message, RunStopped):
             self._enqueue_stop(message)
+        elif isinstance(message, ClusterUpdate):
+            st = self._run(message.run_key, message.run_id)
+            self._ops.append(("update", (message.run_key, st.updates, list(message.indices), list(message.clusters))))
+            st.updates += 1
         elif isinstance(message, ClusterNew):
             return
         self._wake.set()
@@ -591,6 +602,9 @@ class TiledWriter:
         elif kind == "start":
             await self._with_retry(f"start of run {item}", self._ensure_run, item)
             self._ops.popleft()
+        elif kind == "update":  # after the rows it corrects (one FIFO); appending it twice changes nothing
+            await self._with_retry(f"cluster update of run {item[0]}", self._write_update, *item)
+            self._ops.popleft()
         elif kind == "stop":
             run_key, stop = item
             failed = await self._with_retry(f"stop of run {run_key}", self._close_run, run_key, stop)
@@ -815,7 +829,34 @@ class TiledWriter:
                           len(body), APACHE_ARROW_FILE)  # fmt: skip
         out.rows_done = len(rows)
 
+    async def _write_update(self, run_key: str, seq: int, indices: list[int], clusters: list[int],
+                            attempt: int = 0) -> None:
+        import pyarrow as pa
+
+        st = self._run(run_key)
+        if not st.updates_created:
+            await asyncio.to_thread(self._ensure_updates_table, run_key)
+        table = pa.Table.from_pydict({"update": [seq] * len(indices), "index": indices, "cluster": clusters},
+                                     schema=point_schema(UPDATE_COLUMNS))
+        sink = io.BytesIO()
+        with pa.ipc.new_file(sink, table.schema) as f:
+            f.write_table(table)
+        body = sink.getvalue()
+        await self._patch(self._url("table/partition", run_key, "latent", "cluster_updates"), {"partition": "0"},
+                          body, len(body), APACHE_ARROW_FILE)  # fmt: skip
+
     # ---- Tiled client calls (worker thread): containers, arrays, metadata ---------------------
+
+    def _ensure_updates_table(self, run_key: str) -> None:
+        st = self._run(run_key)
+        if not st.created:
+            self._ensure_run(run_key)
+        try:
+            self._node(run_key, "latent").create_appendable_table(point_schema(UPDATE_COLUMNS), key="cluster_updates")
+        except Exception as exc:
+            if getattr(getattr(exc, "response", None), "status_code", None) != 409:
+                raise
+        st.updates_created = True
 
     def _path(self, *parts: str) -> list[str]:
         return [p for p in (self.root, *parts) if p]
