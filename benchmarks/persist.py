@@ -18,6 +18,10 @@ synthetic PILATUS3 2M frames (1679 x 1475 int32, ~9.9 MB).
 
 The machine's load average is recorded with every figure (the box is shared).
 
+Each measurement runs for both ways frames reach Tiled (`--transport local http`), one after the other,
+against the same server: "local" writes them into the embedded server's own storage (what `serve` does with
+the embedded Tiled), "http" PATCHes them (what it does with a facility Tiled).
+
     python -m benchmarks.persist --frames 100 --rate 10 --burst 40 --json /tmp/persist.json
 """
 
@@ -78,8 +82,8 @@ class BurstResult:
 class PersistReport:
     config: dict[str, Any]
     codecs: dict[str, dict[str, float]] = field(default_factory=dict)
-    rate: RateResult | None = None
-    burst: BurstResult | None = None
+    rate: dict[str, RateResult] = field(default_factory=dict)  # by transport: "local", "http"
+    burst: dict[str, BurstResult] = field(default_factory=dict)
 
 
 def _busy(stop: Any) -> None:
@@ -147,14 +151,15 @@ def _cpu(proc: psutil.Process) -> float:
 
 
 async def run_rate(ep: Any, server_pid: int, data_dir: Path, frames: list[np.ndarray], n: int,
-                   rate_hz: float, window_s: float, probe_every: int) -> RateResult:  # fmt: skip
+                   rate_hz: float, window_s: float, probe_every: int, transport: str) -> RateResult:  # fmt: skip
     from operators.messages import RunStarted, RunStopped
     from operators.persist.writer import TiledWriter
 
     rng = np.random.default_rng(0)
-    run_id = f"bench-rate-{int(time.time())}"
+    run_id = f"bench-rate-{transport}-{int(time.time())}"
     server, me = psutil.Process(server_pid), psutil.Process()
-    writer = TiledWriter(ep.url, ep.api_key, data_dir=data_dir / "writer-rate")
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=data_dir / f"writer-rate-{transport}",
+                         local_frames=transport == "local")  # fmt: skip
     await writer.start()
     await writer.publish(RunStarted(run_id, "persist bench (rate)", time.time(), run_key=run_id))
     assert await writer.flush(30)
@@ -193,17 +198,17 @@ async def run_rate(ep: Any, server_pid: int, data_dir: Path, frames: list[np.nda
 
 
 async def run_burst(
-    ep: Any, server_pid: int, data_dir: Path, frames: list[np.ndarray], n: int
+    ep: Any, server_pid: int, data_dir: Path, frames: list[np.ndarray], n: int, transport: str
 ) -> BurstResult:
     from operators.messages import RunStarted, RunStopped
     from operators.persist.writer import TiledWriter
 
     rng = np.random.default_rng(1)
-    run_id = f"bench-burst-{int(time.time())}"
+    run_id = f"bench-burst-{transport}-{int(time.time())}"
     server, me = psutil.Process(server_pid), psutil.Process()
     # a buffer that holds the whole burst: this measures throughput, not the drop policy
-    writer = TiledWriter(ep.url, ep.api_key, data_dir=data_dir / "writer-burst",
-                         max_buffer_bytes=(n + 1) * frames[0].nbytes)  # fmt: skip
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=data_dir / f"writer-burst-{transport}",
+                         max_buffer_bytes=(n + 1) * frames[0].nbytes, local_frames=transport == "local")  # fmt: skip
     await writer.start()
     await writer.publish(RunStarted(run_id, "persist bench (burst)", time.time(), run_key=run_id))
     assert await writer.flush(30)
@@ -239,12 +244,13 @@ async def main_async(args: argparse.Namespace) -> PersistReport:
         if busy is not None:
             busy.start()
         try:
-            if args.frames:
-                report.rate = await run_rate(
-                    ep, srv._proc.pid, data_dir, frames, args.frames, args.rate, args.window, args.probe_every
-                )
-            if args.burst:
-                report.burst = await run_burst(ep, srv._proc.pid, data_dir, frames, args.burst)
+            for transport in args.transport:
+                if args.frames:
+                    report.rate[transport] = await run_rate(ep, srv._proc.pid, data_dir, frames, args.frames,
+                                                            args.rate, args.window, args.probe_every, transport)
+                if args.burst:
+                    report.burst[transport] = await run_burst(ep, srv._proc.pid, data_dir, frames, args.burst,
+                                                              transport)  # fmt: skip
         finally:
             if busy is not None:
                 stop.set()
@@ -257,11 +263,11 @@ def _print(report: PersistReport) -> None:
     for name, c in report.codecs.items():
         print(f"codec {name:22s} write {c['write_p50_ms']:6.1f} ms  read {c['read_p50_ms']:6.1f} ms  "
               f"{c['mb_per_frame']:5.2f} MB/frame  (load {c['load_1min']:.1f})")  # fmt: skip
-    if (r := report.rate) is not None:
+    for transport, r in report.rate.items():
         wl = r.writer_lag or {}
         late = f", the late at p50 {r.late_lag['p50_ms']:.0f} ms" if r.late_lag else ""
         print(
-            f"rate {r.rate_hz:g} Hz x {r.frames}: written within {r.window_s:g} s {r.acked_within_window}/{r.frames} "
+            f"{transport:5s} rate {r.rate_hz:g} Hz x {r.frames}: written within {r.window_s:g} s {r.acked_within_window}/{r.frames} "
             f"(writer ack lag p50 {wl.get('p50_ms', float('nan')):.0f} ms p99 {wl.get('p99_ms', float('nan')):.0f} ms "
             f"max {wl.get('max_ms', float('nan')):.0f} ms); probed {r.probed}: fetchable within {r.window_s:g} s "
             f"{r.within_window}{late}; identical {r.identical}/{r.frames}; "
@@ -269,9 +275,9 @@ def _print(report: PersistReport) -> None:
             f"CPU server {r.server_cpu_s:.1f} s writer {r.writer_cpu_s:.1f} s; "
             f"load {r.load_before[0]:.1f} -> {r.load_after[0]:.1f}"
         )
-    if (b := report.burst) is not None:
+    for transport, b in report.burst.items():
         print(
-            f"burst {b.frames}: {b.seconds:.1f} s, {b.frames_per_s:.1f} frames/s; CPU server {b.server_cpu_s:.1f} s "
+            f"{transport:5s} burst {b.frames}: {b.seconds:.1f} s, {b.frames_per_s:.1f} frames/s; CPU server {b.server_cpu_s:.1f} s "
             f"({b.server_cpu_s / b.frames * 1e3:.0f} ms/frame) writer {b.writer_cpu_s:.1f} s "
             f"({b.writer_cpu_s / b.frames * 1e3:.0f} ms/frame); load {b.load_before[0]:.1f} -> {b.load_after[0]:.1f}"
         )
@@ -286,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", type=int, default=40, help="frames published at once (0: skip)")
     parser.add_argument("--codecs", action="store_true", help="also time raw zarr codecs")
     parser.add_argument("--busy-core", action="store_true", help="keep one core busy (the service's compute)")
+    parser.add_argument("--transport", nargs="+", choices=("local", "http"), default=["local", "http"],
+                        help="local: frames into the embedded server's storage (serve's embedded mode); "
+                             "http: PATCHed (a facility Tiled)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     report = asyncio.run(main_async(args))
