@@ -7,7 +7,7 @@ import {
   ClusterLegend, FramePanel, HealthPanel, Notices, SelectionPanel, fetchReference, fetchRunPoints, fetchRuns,
 } from './panels.js';
 import { ScatterPlot, TRAJECTORY_LENGTH } from './plot.js';
-import { RunStore, pointFromMessage, pointFromRow } from './store.js';
+import { RunStore, STRIDE, pointFromMessage, pointFromRow } from './store.js';
 
 const $ = (id) => document.querySelector(`[data-testid="${id}"]`);
 
@@ -20,6 +20,7 @@ class LivePage {
     this.inBackfill = false;
     this.backfills = []; // backfill_end events, for the status line and the test hooks
     this.badPoints = 0;
+    this.clusterUpdates = 0; // cluster_update messages applied
     this.uiPending = false;
     this.runs = [];
 
@@ -70,6 +71,7 @@ class LivePage {
       case 'run_start': return this.onRunStart(msg);
       case 'run_stop': return this.onRunStop(msg);
       case 'cluster_new': return this.onClusterNew(msg);
+      case 'cluster_update': return this.onClusterUpdate(msg);
       case 'backfill_start':
         this.inBackfill = true;
         return this.scheduleUi();
@@ -130,6 +132,17 @@ class LivePage {
       this.notices.push(`New cluster ${msg.cluster} appeared at frame #${msg.index}`, 'cluster');
       this.pendingFlash = msg.cluster;
     }
+    this.scheduleUi();
+  }
+
+  /** Re-clustering corrected the ids of points already received: recolour them where they are held. */
+  onClusterUpdate(msg) {
+    if (!Array.isArray(msg.indices) || !Array.isArray(msg.clusters)) return;
+    const s = this.stores.get(msg.run_id);
+    if (!s) return;
+    const first = s.recolour(msg.indices, msg.clusters);
+    this.clusterUpdates += 1;
+    if (first !== Infinity && this.plot.store === s) this.plot.pointsRecoloured(first);
     this.scheduleUi();
   }
 
@@ -308,6 +321,14 @@ class LivePage {
       renderMs: () => ({ ...page.plot.renderMs }),
       fullRedraws: () => page.plot.fullRedraws,
       duplicatesDropped: () => (page.plot.store ? page.plot.store.duplicates : 0),
+      clusterUpdates: () => page.clusterUpdates,
+      /** A frame's cluster id as the shown run holds it now, or null. */
+      pointCluster: (frameIndex) => {
+        const s = page.plot.store;
+        const slot = s ? s.slotByIndex.get(frameIndex) : undefined;
+        return slot === undefined ? null : s.data[slot * STRIDE + 3];
+      },
+      recolourPending: () => page.plot.recolourPending(),
       /** Viewport coordinates of a frame's point in the shown run, or null when it is not drawn. */
       pointClientPosition: (frameIndex) => {
         const s = page.plot.store;

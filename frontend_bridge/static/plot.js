@@ -136,6 +136,7 @@ export class ScatterPlot {
     this.onDrawn = onDrawn; // after a render that drew new points
     this.store = null;
     this.uploaded = 0; // points of this.store already on the GPU
+    this.stale = Infinity; // first slot whose GPU copy is out of date (a cluster_update recoloured it)
     this.gpuCapacity = 0;
     this.refCount = 0;
     this.refBounds = null;
@@ -231,6 +232,7 @@ export class ScatterPlot {
   show(store) {
     this.store = store;
     this.uploaded = 0;
+    this.stale = Infinity;
     this.gpuCapacity = 0;
     this.picked = -1;
     this.selection = null;
@@ -242,6 +244,17 @@ export class ScatterPlot {
   /** New points were added to the shown store. */
   pointsAdded() {
     if (!this.frozen) this.requestRender(true);
+  }
+
+  /** Points from slot `first` on changed cluster: upload them again and redraw in full (colour and shape). */
+  pointsRecoloured(first) {
+    if (first < this.stale) this.stale = first;
+    this.requestRender();
+  }
+
+  /** Whether recoloured points still wait to be uploaded (while paused, or before the next render). */
+  recolourPending() {
+    return this.stale < this.uploaded;
   }
 
   /** Number of points of the shown run drawn on the plot. */
@@ -282,7 +295,15 @@ export class ScatterPlot {
 
   _upload() {
     const { gl, store } = this;
-    if (!store || this.frozen || this.uploaded === store.n) return;
+    if (!store || this.frozen) return;
+    if (this.stale < this.uploaded) {
+      gl.bindBuffer(gl.ARRAY_BUFFER, this.pointBuffer);
+      gl.bufferSubData(gl.ARRAY_BUFFER, this.stale * STRIDE * 4,
+        store.data.subarray(this.stale * STRIDE, this.uploaded * STRIDE));
+      this.drawnKey = ''; // points already on the canvas changed: the next draw is a full one
+    }
+    this.stale = Infinity;
+    if (this.uploaded === store.n) return;
     gl.bindBuffer(gl.ARRAY_BUFFER, this.pointBuffer);
     const capacity = store.data.length / STRIDE;
     if (capacity > this.gpuCapacity) {

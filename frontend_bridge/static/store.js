@@ -49,6 +49,31 @@ export class RunStore {
     return true;
   }
 
+  /**
+   * Re-clustering moved these frames (already held) to other clusters: `clusters[i]` is frame `indices[i]`'s
+   * id now. Frames not held are skipped (a backfill brings them corrected). Returns the lowest slot that
+   * changed, Infinity when none did.
+   */
+  recolour(indices, clusters) {
+    let first = Infinity;
+    const n = Math.min(indices.length, clusters.length);
+    for (let i = 0; i < n; i += 1) {
+      const slot = this.slotByIndex.get(indices[i]);
+      const c = clusters[i];
+      if (slot === undefined || !Number.isInteger(c)) continue;
+      const p = this.meta[slot];
+      if (p.cluster === c) continue;
+      const left = (this.clusterCounts.get(p.cluster) || 1) - 1;
+      if (left) this.clusterCounts.set(p.cluster, left);
+      else this.clusterCounts.delete(p.cluster);
+      this.clusterCounts.set(c, (this.clusterCounts.get(c) || 0) + 1);
+      p.cluster = c;
+      this.data[slot * STRIDE + 3] = c;
+      if (slot < first) first = slot;
+    }
+    return first;
+  }
+
   latest() {
     return this.n ? this.meta[this.n - 1] : null;
   }

@@ -260,3 +260,42 @@ def test_token_from_the_page_url_reaches_the_websocket_and_api(
         page_probe.check_clean(expected=("404", "401"))
     finally:
         bridge.close()
+
+
+def test_a_cluster_update_recolours_the_points_it_names_and_a_late_joiner_gets_them_corrected(
+    page_probe: PageProbe, bridge: LiveBridge
+) -> None:
+    from operators.messages import ClusterNew, ClusterUpdate
+
+    page = open_page(page_probe, bridge)
+    messages = scan("run-recolour", 300, tiled_url=None)
+    stream(bridge, messages, per_batch=50)
+    wait_points(page, 300)
+    page.get_by_test_id("color-by").select_option("cluster")
+    page.wait_for_function("() => !window.latentStream.recolourPending()", timeout=WAIT_MS)
+    redraws = page.evaluate("() => window.latentStream.fullRedraws()")
+    assert page.evaluate("() => window.latentStream.pointCluster(150)") == 1
+
+    # re-clustering: frames 150..199 were a phase of their own; cluster 7 is new
+    moved = list(range(150, 200))
+    bridge.publish(ClusterNew("run-recolour", 7, 150, time.time()),
+                   ClusterUpdate("run-recolour", moved, [7] * len(moved), time.time(), run_key="run-recolour"))
+    page.wait_for_function("() => window.latentStream.clusterUpdates() === 1", timeout=WAIT_MS)
+    page.wait_for_function("() => !window.latentStream.recolourPending()", timeout=WAIT_MS)
+    assert [page.evaluate(f"() => window.latentStream.pointCluster({i})") for i in (149, 150, 199, 200)] == [1, 7, 7, 2]
+    assert page.evaluate("() => window.latentStream.fullRedraws()") > redraws  # drawn again, in the new colours
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=legend] li[data-cluster=\"7\"]') !== null", timeout=WAIT_MS
+    )
+    legend = {
+        int(row.get_attribute("data-cluster")): int(row.locator(".count").inner_text().replace(",", ""))
+        for row in page.get_by_test_id("legend").locator("li[data-cluster]").all()
+    }
+    assert legend == {0: 100, 1: 50, 7: 50, 2: 100}
+    assert page.evaluate("() => window.latentStream.pointCount()") == 300
+    screenshot(page, "cluster_update_recoloured")
+
+    late = open_page(page_probe, bridge)  # the same page, reloaded: its backfill carries the corrected ids
+    wait_points(late, 300)
+    assert [late.evaluate(f"() => window.latentStream.pointCluster({i})") for i in (149, 150, 199, 200)] == [1, 7, 7, 2]
+    page_probe.check_clean()
