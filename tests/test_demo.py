@@ -18,9 +18,9 @@ pytestmark = pytest.mark.e2e
 FRAMES = 60  # ~590 MB of frames: more than the writer may hold (512 MiB) while Tiled is not up
 
 
-def _stored_frames(url: str, key: str, run_id: str) -> int:
+def _stored_frames(url: str, key: str, run_key: str) -> int:
     try:
-        return int(from_uri(url, api_key=key)[run_id]["primary"]["image"].shape[0])
+        return int(from_uri(url, api_key=key)[run_key]["primary"]["image"].shape[0])
     except KeyError:  # the run's frame array is not created yet
         return 0
 
@@ -43,7 +43,7 @@ def test_the_demo_stores_every_frame_of_its_first_scan_even_though_tiled_starts_
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
         runs = httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=10).json()["runs"]
-        first = runs[-1]["run_id"]
+        first = runs[-1]["run_key"]  # where the run is stored
         key = (data_dir / "tiled-api-key").read_text().strip()
         stored, deadline = 0, time.monotonic() + 60
         while stored < FRAMES and time.monotonic() < deadline:  # the writer writes a moment after the points
