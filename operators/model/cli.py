@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -124,18 +125,44 @@ def fit(
     typer.echo(json.dumps({**r.__dict__, "bundle": str(r.bundle)}, indent=2))
 
 
+class Family(StrEnum):
+    scenarios = "scenarios"
+    independent = "independent"
+
+
+class Split(StrEnum):
+    validation = "validation"
+    heldout = "heldout"
+
+
 def evaluate(
     bundle: Annotated[Path | None, typer.Option(help="Bundle directory (default: the shipped one).")] = None,
     frames: Annotated[int, typer.Option(help="Frames per held-out run.")] = 120,
-    seeds: Annotated[list[int] | None, typer.Option(help="Held-out seeds.")] = None,
+    seeds: Annotated[list[int] | None, typer.Option(help="Held-out seeds; independent: of --split.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    family: Annotated[Family, typer.Option(
+        help="scenarios: the training generator's scenarios; independent: stream.independent, a family "
+             "written apart from it (other detectors, beam anywhere, 4 phases in every order, ramps).",
+    )] = Family.scenarios,
+    split: Annotated[Split, typer.Option(
+        help="Independent family: validation seeds (choose settings) or heldout (score once).",
+    )] = Split.validation,
+    runs: Annotated[int, typer.Option(help="Independent family: the split's first N seeds.")] = 8,
 ) -> None:
-    """ARI of online clusters vs ground-truth phases and trajectory continuity on held-out runs."""
+    """ARI of online clusters vs ground-truth phases and trajectory continuity on held-out runs; for the
+    independent family also the onset lag of each phase."""
     _logging()
-    from operators.model.evaluate import HELDOUT_SEEDS
+    from operators.model.evaluate import HELDOUT_SEEDS, evaluate_independent, independent_seeds
     from operators.model.evaluate import evaluate as run
 
-    res = run(bundle, n_frames=frames, seeds=tuple(seeds or HELDOUT_SEEDS))
+    if family is Family.independent:
+        try:
+            chosen = independent_seeds(split.value, tuple(seeds) if seeds else None, runs, frames)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        res = evaluate_independent(bundle, split=split.value, seeds=chosen, n_frames=frames)
+    else:
+        res = run(bundle, n_frames=frames, seeds=tuple(seeds or HELDOUT_SEEDS))
     text = json.dumps(res, indent=2)
     if json_out:
         json_out.write_text(text + "\n")
