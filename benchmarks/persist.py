@@ -181,7 +181,7 @@ async def run_rate(ep: Any, server_pid: int, data_dir: Path, frames: list[np.nda
     await writer.flush(120)
     load_after, cpu_s1, cpu_w1 = os.getloadavg(), _cpu(server), _cpu(me)
     stats = writer.stats()
-    lags = list(writer._lags)  # the writer's own view (unix s ack - point timestamp)
+    lags = list(writer._lag.recent)  # the writer's own view (unix s ack - point timestamp)
     await writer.stop()
     identical = await poller.identical(urls, by_index)
     await poller.aclose()

@@ -138,7 +138,7 @@ class Service:
         s = self.settings
         _check_port_free(s.host, s.port)
         from operators.persist.server import make_private_dir
-        from operators.persist.writer import preload_client_modules
+        from operators.persist.schema import preload_client_modules
 
         try:
             make_private_dir(s.data_dir)  # the key, the catalog, the frames and the result log live there

@@ -47,171 +47,30 @@ writer from starting.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import contextlib
-import importlib
 import inspect
-import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import quote
 
-import httpx
 import numpy as np
 
 from operators.messages import ClusterNew, ClusterUpdate, PipelineMessage, Point, RunStarted, RunStopped
+from operators.persist.errors import TiledFailed, TiledRejected, translate
 from operators.persist.keys import is_safe_key
 from operators.persist.local_frames import LocalFrameStore
+from operators.persist.runs import BatchOutcome, Row, RunState, consecutive, jsonable
+from operators.persist.schema import POINT_COLUMNS, UPDATE_COLUMNS, arrow_file
+from operators.persist.stats import FrameLag, WriterStats
+from operators.persist.tiled_http import TiledHttp
+from operators.persist.tiled_nodes import TiledNodes
 from operators.persist.wal import RecoveredRun, ResultLog
 from operators.throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
-
-# Bounds (s) of the frame lag histogram; 2 s is the embedded mode's "fetchable within" target.
-LAG_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-
-APACHE_ARROW_FILE = "application/vnd.apache.arrow.file"
-
-POINT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("row", "int64"),
-    ("index", "int64"),
-    ("x", "float64"),
-    ("y", "float64"),
-    ("cluster", "int64"),
-    ("novelty", "float64"),
-    ("timestamp", "float64"),  # unix s, when the point was produced (sent to clients)
-    ("processing_time", "float64"),  # arrival -> point ready, s
-    ("encode_time", "float64"),
-    ("project_time", "float64"),
-    ("tiled_url", "string"),
-)
-UPDATE_COLUMNS: tuple[tuple[str, str], ...] = (("update", "int64"), ("index", "int64"), ("cluster", "int64"))
-
-
-def preload_client_modules() -> None:
-    """Import what the writer's first run needs from the Tiled client, ahead of time (call in a thread).
-
-    `tiled.client.dataframe` (an appendable table) takes ~1.5 s to import; imported lazily at the first
-    run's start, it held the GIL while that run's first frames were computed (e2e spikes of 250 ms).
-    """
-    for module in ("tiled.client.array", "tiled.client.dataframe", "tiled.structures.array", "tiled.structures.table",
-                   "zarr"):  # fmt: skip
-        importlib.import_module(module)
-    point_schema()
-
-
-def point_schema(columns: tuple[tuple[str, str], ...] = POINT_COLUMNS) -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [(name, pa.string() if t == "string" else getattr(pa, t)()) for name, t in columns]
-    )
-
-
-class PersistError(Exception):
-    """Base of the persistence errors this package raises."""
-
-
-class TiledUnavailable(PersistError):
-    """Tiled did not answer (connection refused, timeout, 502/503/504 from a proxy): wait for it."""
-
-
-class TiledFailed(PersistError):
-    """Tiled answered but failed this request (500 and the like): worth a few retries, not more.
-
-    Tiled is up and failing on what was sent (e.g. an offset it cannot extend to); waiting for it as
-    for an outage held every later run's writes behind this one for minutes.
-    """
-
-
-class TiledRejected(PersistError):
-    """Tiled refused the request (4xx): retrying will not help."""
-
-
-# Statuses a proxy answers while the server behind it is down or restarting.
-_UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
-
-
-def _translate(exc: BaseException) -> PersistError:
-    """Map httpx / tiled client errors onto our three kinds."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        status = exc.response.status_code
-        if status in _UNAVAILABLE_STATUSES:
-            return TiledUnavailable(f"HTTP {status}")
-        if status >= 500:
-            return TiledFailed(f"HTTP {status}: {exc.response.text[:200]}")
-        return TiledRejected(f"HTTP {status}: {exc.response.text[:200]}")
-    if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, OSError)):
-        return TiledUnavailable(f"{type(exc).__name__}: {exc}")
-    return TiledRejected(f"{type(exc).__name__}: {exc}")
-
-
-@dataclass(slots=True)
-class _Row:
-    run_key: str
-    row: int
-    index: int
-    values: dict[str, Any]
-    latent: np.ndarray
-    image: np.ndarray | None
-    published_at: float  # unix s, the point's timestamp
-    queued_at: float = 0.0  # monotonic s, when publish enqueued it (rows are written in batches by age)
-
-
-@dataclass(slots=True)
-class _RunState:
-    run_key: str  # the node it is stored under
-    run_id: str  # as the sender called it: metadata and log lines only
-    next_row: int = 0
-    start: dict[str, Any] | None = None
-    created: bool = False
-    image_shape: tuple[int, ...] | None = None  # set once /<run>/primary/image exists (one frame's shape)
-    image_dtype: str | None = None
-    vectors_dim: int | None = None  # set once /<run>/latent/vectors exists
-    updates: int = 0  # ClusterUpdates enqueued (their sequence number in latent/cluster_updates)
-    updates_created: bool = False  # /<run>/latent/cluster_updates exists
-    recovered_open: bool = False
-    frame_indices: set[int] = field(default_factory=set)  # of frames taken to store: a repeat is not written
-    frames_written: int = 0
-    rows_written: int = 0
-    frames_not_written: collections.Counter[str] = field(default_factory=collections.Counter)
-    rows_not_written: collections.Counter[str] = field(default_factory=collections.Counter)
-
-
-@dataclass(slots=True)
-class _BatchOutcome:
-    """What a (possibly retried) batch of rows achieved."""
-
-    rows_done: int = 0
-    rows_skipped: int = 0  # already in Tiled from an attempt whose answer was lost
-
-
-@dataclass(slots=True)
-class WriterStats:
-    """Counters for /metrics and for the run report."""
-
-    frames_written: int = 0
-    frame_requests: int = 0  # PATCHes that wrote them (frames that queued up go together)
-    rows_written: int = 0
-    frames_not_written: dict[str, int] = field(default_factory=dict)
-    rows_not_written: dict[str, int] = field(default_factory=dict)
-    retries: int = 0
-    logs_set_aside: int = 0  # crash result logs that could not be replayed (results-log/unreplayable/)
-    buffered_rows: int = 0
-    buffered_bytes: int = 0
-    lag_p50_s: float | None = None  # point sent -> its frame fetchable from Tiled (the last 10,000 frames)
-    lag_p95_s: float | None = None
-    lag_max_s: float | None = None
-    # The same lag over every frame written, as a histogram: frames fetchable within each bound of
-    # LAG_BUCKETS_S (cumulative, Prometheus style; keyed "0.1", "0.25", ... for JSON), their count and sum.
-    lag_within: dict[str, int] = field(default_factory=dict)
-    lag_count: int = 0
-    lag_sum_s: float = 0.0
 
 
 class TiledWriter:
@@ -252,20 +111,17 @@ class TiledWriter:
         self._log = ResultLog(Path(data_dir) / "results-log")
         # One FIFO of operations keeps the per-run order: start, rows..., stop.
         self._ops: collections.deque[tuple[str, Any]] = collections.deque()
-        self._frame_queue: collections.deque[_Row] = (
+        self._frame_queue: collections.deque[Row] = (
             collections.deque()
         )  # rows holding an image, oldest first
         self._buffered_bytes = 0
         self._wake = asyncio.Event()
-        self._runs: dict[str, _RunState] = {}
+        self._runs: dict[str, RunState] = {}
         self._task: asyncio.Task[None] | None = None
-        self._client: Any = None  # tiled container client, created in a worker thread
-        self._http: httpx.AsyncClient | None = None  # frames, vectors and rows (see _connect)
+        self._nodes: TiledNodes | None = None  # containers, arrays, metadata (connected in _connect)
+        self._http: TiledHttp | None = None  # frames, vectors and rows
         self._flushing = 0  # flush() callers waiting: write rows now rather than batch them
-        self._lags: collections.deque[float] = collections.deque(maxlen=10_000)
-        self._lag_within = [0] * len(LAG_BUCKETS_S)  # frames written within each bound, cumulative
-        self._lag_count = 0
-        self._lag_sum = 0.0
+        self._lag = FrameLag()
         self._retries = 0
         self._frame_requests = 0
         self._warn = ThrottledLog(logger)  # drops repeat per frame under overload; the counters stay exact
@@ -291,10 +147,10 @@ class TiledWriter:
             return
         self._wake.set()
 
-    def _run(self, run_key: str, run_id: str | None = None) -> _RunState:
+    def _run(self, run_key: str, run_id: str | None = None) -> RunState:
         st = self._runs.get(run_key)
         if st is None:
-            st = self._runs[run_key] = _RunState(run_key, run_key if run_id is None else run_id)
+            st = self._runs[run_key] = RunState(run_key, run_key if run_id is None else run_id)
         return st
 
     def _enqueue_start(self, m: RunStarted) -> None:
@@ -315,7 +171,7 @@ class TiledWriter:
         self._ops.append(("start", m.run_key))
 
     @staticmethod
-    def _interrupted(st: _RunState) -> RunStopped:
+    def _interrupted(st: RunState) -> RunStopped:
         """The stop of a run recovered open that no source will close."""
         return RunStopped(st.run_id, time.time(), None, st.next_row, reason="interrupted", run_key=st.run_key)
 
@@ -349,7 +205,7 @@ class TiledWriter:
             {"t": "point", "run_key": p.run_key, "run_id": p.run_id, **values, "stored_by_service": image is not None,
              "latent": latent.tobytes()},
         )  # fmt: skip
-        r = _Row(p.run_key, row, int(p.index), values, latent, image, float(p.timestamp), time.monotonic())
+        r = Row(p.run_key, row, int(p.index), values, latent, image, float(p.timestamp), time.monotonic())
         self._ops.append(("row", r))
         if image is not None:
             self._frame_queue.append(r)
@@ -357,7 +213,7 @@ class TiledWriter:
             while self._buffered_bytes > self.max_buffer_bytes and self._frame_queue:
                 self._drop_image(self._frame_queue.popleft(), "buffer_full")
 
-    def _refuse_frame(self, st: _RunState, index: int) -> str | None:
+    def _refuse_frame(self, st: RunState, index: int) -> str | None:
         """Why a frame must not be stored, if it must not.
 
         A resent frame number would overwrite the frame stored first. Tiled describes the frame stack
@@ -371,7 +227,7 @@ class TiledWriter:
             return "index_out_of_range"
         return None
 
-    def _drop_image(self, r: _Row, reason: str) -> None:
+    def _drop_image(self, r: Row, reason: str) -> None:
         if r.image is None:
             return
         self._buffered_bytes -= r.image.nbytes
@@ -460,9 +316,9 @@ class TiledWriter:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
-        if self._client is not None:
-            await asyncio.to_thread(self._client.context.close)
-            self._client = None
+        if self._nodes is not None:
+            await asyncio.to_thread(self._nodes.close)
+            self._nodes = None
 
     async def flush(self, timeout: float = 60.0) -> bool:
         """Wait until everything enqueued so far is written (or given up); False on timeout."""
@@ -486,13 +342,12 @@ class TiledWriter:
         await self.stop()
 
     def stats(self) -> WriterStats:
-        lags = np.array(self._lags) if self._lags else None
         fnw: collections.Counter[str] = collections.Counter()
         rnw: collections.Counter[str] = collections.Counter()
         for st in self._runs.values():
             fnw.update(st.frames_not_written)
             rnw.update(st.rows_not_written)
-        return WriterStats(
+        stats = WriterStats(
             frames_written=sum(st.frames_written for st in self._runs.values()),
             frame_requests=self._frame_requests,
             rows_written=sum(st.rows_written for st in self._runs.values()),
@@ -502,58 +357,37 @@ class TiledWriter:
             logs_set_aside=self._log.logs_set_aside,
             buffered_rows=sum(1 for k, _ in self._ops if k == "row"),
             buffered_bytes=self._buffered_bytes,
-            lag_p50_s=float(np.percentile(lags, 50)) if lags is not None else None,
-            lag_p95_s=float(np.percentile(lags, 95)) if lags is not None else None,
-            lag_max_s=float(lags.max()) if lags is not None else None,
-            lag_within={repr(le): n for le, n in zip(LAG_BUCKETS_S, self._lag_within, strict=True)},
-            lag_count=self._lag_count,
-            lag_sum_s=self._lag_sum,
         )
+        self._lag.fill(stats)
+        return stats
 
     def run_counts(self, run_key: str) -> dict[str, Any]:
         """Per-run persistence counters (for the run report)."""
         st = self._runs.get(run_key)
-        if st is None:
-            return {}
-        return {
-            "rows_written": st.rows_written,
-            "frames_written": st.frames_written,
-            "frames_not_written": dict(st.frames_not_written),
-            "rows_not_written": dict(st.rows_not_written),
-        }
+        return {} if st is None else st.counts()
 
     # ---- the write loop -------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        from tiled.client import from_uri
-
         # No give_up_after here: the live path runs without Tiled (points flow, rows wait in memory and in
         # the result logs), so an unreachable Tiled is waited for; one that refuses us (bad key) is fatal.
         delay = 0.2
         while True:
             try:
-                self._client = await asyncio.to_thread(
-                    from_uri, self.base_url, api_key=self.api_key, timeout=self.request_timeout
+                self._nodes = await asyncio.to_thread(
+                    TiledNodes.connect, self.base_url, self.api_key, root=self.root, timeout=self.request_timeout
                 )
                 break
             except Exception as exc:
-                err = _translate(exc)
+                err = translate(exc)
                 if isinstance(err, TiledRejected):
                     raise err from exc
                 self._warn.warning("connect", "Tiled at %s not reachable yet (%s); retrying", self.base_url, err)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        # Frames, vectors and table rows go as plain async PATCHes on one kept-alive connection: the
-        # Tiled client copies each frame (tobytes), is synchronous (a worker thread per call), and
-        # re-reads node metadata on every lookup; that cost ~110 ms of CPU per 10 MB frame in this
-        # process (benchmarks/persist.py). Containers and arrays are still created with the client.
-        headers = {"Authorization": f"Apikey {self.api_key}"} if self.api_key else {}
-        self._http = httpx.AsyncClient(
-            headers=headers, timeout=self.request_timeout, trust_env=False,
-            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
-        )  # fmt: skip
+        self._http = TiledHttp(self.base_url, self.api_key, root=self.root, timeout=self.request_timeout)
         if self.local_frames:
-            self._local = LocalFrameStore(self._http, self.base_url)
+            self._local = LocalFrameStore(self._http.client, self.base_url)
 
     async def _loop(self) -> None:
         while True:
@@ -571,7 +405,7 @@ class TiledWriter:
         """Write the operation at the head of the queue (and a batch of rows behind it)."""
         kind, item = self._ops[0]
         if kind == "row":
-            batch: list[_Row] = []
+            batch: list[Row] = []
             boundary = False  # the batch ends at another run / a start / a stop: no point waiting
             for k, it in self._ops:
                 if k != "row" or it.run_key != item.run_key:
@@ -610,13 +444,13 @@ class TiledWriter:
             failed = await self._with_retry(f"stop of run {run_key}", self._close_run, run_key, stop)
             self._ops.popleft()
             if self._local is not None:
-                self._local.forget(self._url_path(run_key, "primary", "image"))
+                self._local.forget(self._image_path(run_key))
             if not failed and not any(
                 k == "row" and it.run_key == run_key for k, it in self._ops
             ):  # everything of this run is in Tiled
                 self._log.discard(run_key)
 
-    def _frames_due(self, waiting: list[_Row], now: float) -> bool:
+    def _frames_due(self, waiting: list[Row], now: float) -> bool:
         """Write now: the oldest waiting frame has lingered long enough, or a full PATCH is waiting."""
         return (
             now - waiting[0].queued_at >= self.frames_linger
@@ -647,7 +481,7 @@ class TiledWriter:
                     await asyncio.to_thread(fn, *args, attempt)
                 return None
             except Exception as exc:  # noqa: BLE001 - translated at this boundary
-                err = exc if isinstance(exc, PersistError) else _translate(exc)
+                err = translate(exc)
                 attempt += 1
                 if isinstance(err, TiledRejected):
                     logger.error("Tiled rejected %s: %s", what, err)
@@ -665,7 +499,7 @@ class TiledWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _write_frames(self, batch: list[_Row]) -> None:
+    async def _write_frames(self, batch: list[Row]) -> None:
         """Write the frames still waiting in `batch`, in order; bookkeeping on the loop.
 
         Frames with consecutive indices go in one PATCH (up to `max_patch_bytes`): Tiled's server
@@ -702,23 +536,16 @@ class TiledWriter:
             self._frame_requests += 1
             now = time.time()
             for r, _ in group:
-                self._record_lag(now - r.published_at)
+                self._lag.record(now - r.published_at)
                 st.frames_written += 1
                 self._log.append(run_key, {"t": "frame_ok", "run_key": run_key, "index": r.index})
 
-    def _record_lag(self, lag: float) -> None:
-        self._lags.append(lag)
-        self._lag_count += 1
-        self._lag_sum += lag
-        for i in range(bisect.bisect_left(LAG_BUCKETS_S, lag), len(LAG_BUCKETS_S)):
-            self._lag_within[i] += 1
-
-    def _next_patch(self, batch: list[_Row], st: _RunState) -> list[tuple[_Row, np.ndarray]]:
+    def _next_patch(self, batch: list[Row], st: RunState) -> list[tuple[Row, np.ndarray]]:
         """Take the next frames to write out of the buffer: consecutive indices, up to `max_patch_bytes`.
 
         A frame whose shape or dtype differs from the run's first frame is counted and skipped.
         """
-        group: list[tuple[_Row, np.ndarray]] = []
+        group: list[tuple[Row, np.ndarray]] = []
         size = 0
         for r in batch:
             if r.image is None:
@@ -736,7 +563,7 @@ class TiledWriter:
             size += image.nbytes
         return group
 
-    def _take_image(self, r: _Row) -> np.ndarray:
+    def _take_image(self, r: Row) -> np.ndarray:
         """Out of the droppable buffer: the frame is in flight (or counted) now."""
         image = r.image
         assert image is not None
@@ -745,9 +572,9 @@ class TiledWriter:
         self._frame_queue.remove(r)
         return image
 
-    async def _write_batch(self, batch: list[_Row]) -> None:
+    async def _write_batch(self, batch: list[Row]) -> None:
         """Write one batch of rows (points table + latent vectors); bookkeeping stays on the loop."""
-        out = _BatchOutcome()
+        out = BatchOutcome()
         run_key = batch[0].run_key
         failed = await self._with_retry(f"rows of run {run_key}", self._write_rows, batch, out)
         st = self._run(run_key)
@@ -755,59 +582,33 @@ class TiledWriter:
         if failed:
             st.rows_not_written[failed] += len(batch) - out.rows_done - out.rows_skipped
 
-    # ---- raw HTTP (on the event loop) ----------------------------------------------------------
+    # ---- data: frames, vectors, rows (on the event loop) -----------------------------------------
 
-    def _url(self, route: str, *parts: str) -> str:
-        return f"{self.base_url}/api/v1/{route}/{self._url_path(*parts)}"
-
-    def _url_path(self, *parts: str) -> str:
-        return "/".join(quote(p, safe="") for p in self._path(*parts))
-
-    async def _patch(self, url: str, params: dict[str, str], body: Any, length: int, media_type: str) -> None:
+    def _image_path(self, run_key: str) -> str:
         assert self._http is not None
-        r = await self._http.patch(
-            url, params=params, content=body,
-            headers={"Content-Type": media_type, "Content-Length": str(length)},
-        )  # fmt: skip
-        r.raise_for_status()
+        return self._http.path(run_key, "primary", "image")
 
     async def _store_frames(self, run_key: str, first: int, images: list[np.ndarray], attempt: int = 0) -> None:
         """Slices first, first + 1, ... of /<run>/primary/image: into the embedded server's storage when it
         is on this machine (local_frames.py), else one PATCH. Idempotent: safe to retry."""
+        assert self._http is not None
         if self._local is None:
-            await self._patch_frames(run_key, first, images)
+            await self._http.patch_frames(run_key, first, images)
             return
-        path = self._url_path(run_key, "primary", "image")
+        path = self._image_path(run_key)
         if not self._local.knows(path):
             await self._local.open(path)
         await self._local.write(path, first, images)
 
-    async def _patch_frames(self, run_key: str, first: int, images: list[np.ndarray], attempt: int = 0) -> None:
-        """Slices first, first + 1, ... of /<run>/primary/image in one request.
-
-        Idempotent (same slices, same bytes): safe to retry.
-        """
-        frames = [np.ascontiguousarray(im) for im in images]
-
-        async def body() -> Any:  # the frames' own buffers, one after the other: no copy on this side
-            for f in frames:
-                yield memoryview(f).cast("B")
-
-        params = {"offset": str(first), "shape": ",".join(map(str, (len(frames), *frames[0].shape))),
-                  "extend": "true"}  # fmt: skip
-        await self._patch(self._url("array/full", run_key, "primary", "image"), params, body(),
-                          sum(f.nbytes for f in frames), "application/octet-stream")  # fmt: skip
-
-    async def _write_rows(self, batch: list[_Row], out: _BatchOutcome, attempt: int = 0) -> None:
-        import pyarrow as pa
-
+    async def _write_rows(self, batch: list[Row], out: BatchOutcome, attempt: int = 0) -> None:
+        assert self._http is not None and self._nodes is not None
         run_key = batch[0].run_key
         st = self._run(run_key)
         if not st.created:
             await asyncio.to_thread(self._ensure_run, run_key)
         rows = batch
         if attempt > 0:  # the previous append may have landed: skip rows already there
-            present = await asyncio.to_thread(lambda: self._rows_present(self._node(run_key)))
+            present = await asyncio.to_thread(self._nodes.rows_present, run_key)
             rows = [r for r in batch if r.row not in present]
             out.rows_skipped = len(batch) - len(rows)
         if not rows:
@@ -815,143 +616,61 @@ class TiledWriter:
         dim = rows[0].latent.shape[0]
         if st.vectors_dim is None:
             await asyncio.to_thread(self._ensure_vectors_array, run_key, dim)
-        for group in _consecutive(rows, key=lambda r: r.row):  # idempotent: rewriting the same rows
-            vec = np.stack([r.latent for r in group]).astype(np.float32, copy=False)
-            params = {"offset": str(group[0].row), "shape": f"{len(group)},{dim}", "extend": "true"}
-            await self._patch(self._url("array/full", run_key, "latent", "vectors"), params, vec.tobytes(),
-                              vec.nbytes, "application/octet-stream")  # fmt: skip
-        table = pa.Table.from_pylist([r.values for r in rows], schema=point_schema())
-        sink = io.BytesIO()
-        with pa.ipc.new_file(sink, table.schema) as f:
-            f.write_table(table)
-        body = sink.getvalue()
-        await self._patch(self._url("table/partition", run_key, "latent", "points"), {"partition": "0"}, body,
-                          len(body), APACHE_ARROW_FILE)  # fmt: skip
+        for group in consecutive(rows, key=lambda r: r.row):  # idempotent: rewriting the same rows
+            await self._http.patch_vectors(run_key, group[0].row, np.stack([r.latent for r in group]))
+        await self._http.append_table(run_key, "points", arrow_file([r.values for r in rows], POINT_COLUMNS))
         out.rows_done = len(rows)
 
     async def _write_update(self, run_key: str, seq: int, indices: list[int], clusters: list[int],
-                            attempt: int = 0) -> None:
-        import pyarrow as pa
-
+                            attempt: int = 0) -> None:  # fmt: skip
+        assert self._http is not None
         st = self._run(run_key)
         if not st.updates_created:
             await asyncio.to_thread(self._ensure_updates_table, run_key)
-        table = pa.Table.from_pydict({"update": [seq] * len(indices), "index": indices, "cluster": clusters},
-                                     schema=point_schema(UPDATE_COLUMNS))
-        sink = io.BytesIO()
-        with pa.ipc.new_file(sink, table.schema) as f:
-            f.write_table(table)
-        body = sink.getvalue()
-        await self._patch(self._url("table/partition", run_key, "latent", "cluster_updates"), {"partition": "0"},
-                          body, len(body), APACHE_ARROW_FILE)  # fmt: skip
+        rows = [{"update": seq, "index": i, "cluster": c} for i, c in zip(indices, clusters, strict=True)]
+        await self._http.append_table(run_key, "cluster_updates", arrow_file(rows, UPDATE_COLUMNS))
 
-    # ---- Tiled client calls (worker thread): containers, arrays, metadata ---------------------
-
-    def _ensure_updates_table(self, run_key: str) -> None:
-        st = self._run(run_key)
-        if not st.created:
-            self._ensure_run(run_key)
-        try:
-            self._node(run_key, "latent").create_appendable_table(point_schema(UPDATE_COLUMNS), key="cluster_updates")
-        except Exception as exc:
-            if getattr(getattr(exc, "response", None), "status_code", None) != 409:
-                raise
-        st.updates_created = True
-
-    def _path(self, *parts: str) -> list[str]:
-        return [p for p in (self.root, *parts) if p]
-
-    def _node(self, *parts: str) -> Any:
-        node = self._client
-        for p in self._path(*parts):
-            node = node[p]
-        return node
-
-    # Create first and look up only on 409 (exists: a restart, or an attempt whose answer was lost): a new
-    # run then costs one request per node. Each request costs Tiled's server ~30 ms of CPU, and the
-    # run's first frames are computed while these go out.
-
-    def _ensure_container(self, parent: Any, key: str, metadata: dict[str, Any] | None = None) -> Any:
-        from tiled.client.utils import ClientError
-
-        try:
-            return parent.create_container(key, metadata=metadata or {})
-        except ClientError as exc:
-            if exc.response.status_code == 409:  # created by an earlier attempt whose answer was lost
-                return parent[key]
-            raise
+    # ---- nodes (worker thread): the run's containers, arrays and metadata ----------------------------
 
     def _ensure_run(self, run_key: str, attempt: int = 0) -> None:
+        assert self._nodes is not None
         st = self._run(run_key)
-        parent = self._client
-        for p in self._path():
-            parent = self._ensure_container(parent, p)
         start = st.start or {"run_name": st.run_id, "started_at": time.time(), "metadata": {}}
-        md = {**_jsonable(start.get("metadata") or {}), "run_id": st.run_id, "run_key": run_key,
+        md = {**jsonable(start.get("metadata") or {}), "run_id": st.run_id, "run_key": run_key,
               "run_name": start["run_name"], "started_at": start["started_at"], "status": "open",
               "writer": "latent-stream"}  # fmt: skip
-        run = self._ensure_container(parent, run_key, md)
-        self._ensure_container(run, "primary")
-        latent = self._ensure_container(run, "latent")
-        try:
-            latent.create_appendable_table(point_schema(), key="points")
-        except Exception as exc:
-            if getattr(getattr(exc, "response", None), "status_code", None) != 409:
-                raise
+        self._nodes.ensure_run(run_key, md)
         st.created = True
 
     def _ensure_image_array(self, run_key: str, first: np.ndarray, attempt: int = 0) -> None:
         """Create (or find, after a restart) /<run>/primary/image; remember its frame shape and dtype."""
+        assert self._nodes is not None
         st = self._run(run_key)
         if not st.created:
             self._ensure_run(run_key)
-        img = self._ensure_array(self._node(run_key, "primary"), "image", first.shape, first.dtype)
-        st.image_shape, st.image_dtype = tuple(img.shape[1:]), np.dtype(img.dtype).str
+        st.image_shape, st.image_dtype = self._nodes.ensure_array(run_key, "primary", "image", first.shape,
+                                                                  first.dtype)  # fmt: skip
 
     def _ensure_vectors_array(self, run_key: str, dim: int, attempt: int = 0) -> None:
-        vec = self._ensure_array(self._node(run_key, "latent"), "vectors", (dim,), np.dtype(np.float32))
-        self._run(run_key).vectors_dim = int(vec.shape[1])
+        assert self._nodes is not None
+        (row_dim,), _ = self._nodes.ensure_array(run_key, "latent", "vectors", (dim,), np.dtype(np.float32))
+        self._run(run_key).vectors_dim = row_dim
 
-    def _ensure_array(self, parent: Any, key: str, row_shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        """An appendable array (1, *row_shape) with one chunk per leading index; no data written."""
-        from tiled.client.utils import ClientError
-        from tiled.structures.array import ArrayStructure, BuiltinDtype
-        from tiled.structures.core import StructureFamily
-        from tiled.structures.data_source import DataSource
-
-        structure = ArrayStructure(
-            shape=(1, *row_shape),
-            chunks=((1,), *((n,) for n in row_shape)),
-            data_type=BuiltinDtype.from_numpy_dtype(np.dtype(dtype)),
-        )
-        try:
-            return parent.new(
-                StructureFamily.array,
-                [DataSource(structure=structure, structure_family=StructureFamily.array)],
-                key=key,
-            )
-        except ClientError as exc:
-            if exc.response.status_code == 409:
-                return parent[key]
-            raise
-
-    def _rows_present(self, run: Any) -> set[int]:
-        points = run["latent"]["points"]
-        try:
-            df = points.read(["row"])
-        except Exception as exc:
-            if getattr(getattr(exc, "response", None), "status_code", None) in (404, 500, None):
-                return set()
-            raise
-        return {int(v) for v in df["row"]}
-
-    def _close_run(self, run_key: str, stop: dict[str, Any], attempt: int = 0) -> None:
+    def _ensure_updates_table(self, run_key: str) -> None:
+        assert self._nodes is not None
         st = self._run(run_key)
         if not st.created:
             self._ensure_run(run_key)
-        run = self._node(run_key)
-        md = {"status": "closed", **_jsonable(stop), "rows": st.next_row, "persist": self.run_counts(run_key)}
-        run.update_metadata(metadata=md)
+        self._nodes.ensure_table(run_key, "cluster_updates", UPDATE_COLUMNS)
+        st.updates_created = True
+
+    def _close_run(self, run_key: str, stop: dict[str, Any], attempt: int = 0) -> None:
+        assert self._nodes is not None
+        st = self._run(run_key)
+        if not st.created:
+            self._ensure_run(run_key)
+        md = {"status": "closed", **jsonable(stop), "rows": st.next_row, "persist": st.counts()}
+        self._nodes.update_metadata(run_key, md)
 
     # ---- crash recovery -------------------------------------------------------------------------
 
@@ -1003,11 +722,12 @@ class TiledWriter:
         if failed := await self._with_retry(f"recovery of run {rec.run_key}", self._ensure_run, rec.run_key):
             return failed
         rows = [
-            _Row(rec.run_key, int(p["row"]), int(p["index"]), {name: p[name] for name, _ in POINT_COLUMNS},
+            Row(rec.run_key, int(p["row"]), int(p["index"]), {name: p[name] for name, _ in POINT_COLUMNS},
                  np.frombuffer(p["latent"], dtype=np.float32), None, float(p["timestamp"]))
             for p in rec.points
         ]  # fmt: skip
-        present = await asyncio.to_thread(self._rows_present, self._node(rec.run_key))
+        assert self._nodes is not None
+        present = await asyncio.to_thread(self._nodes.rows_present, rec.run_key)
         missing = [r for r in rows if r.row not in present]
         st.rows_written += len(present)
         for i in range(0, len(missing), 256):
@@ -1029,30 +749,3 @@ class TiledWriter:
         logger.error("result log of run %s (%s) cannot be replayed into Tiled (%s); moved to %s",
                      rec.run_id, rec.run_key, why, path)  # fmt: skip
 
-
-def _consecutive(rows: list[_Row], key: Any) -> list[list[_Row]]:
-    """Split into runs of consecutive keys (each run is one PATCH)."""
-    groups: list[list[_Row]] = []
-    for r in rows:
-        if groups and key(r) == key(groups[-1][-1]) + 1:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-    return groups
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    """Tiled metadata must be JSON: keep basic types, stringify the rest."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out[str(k)] = _jsonable(v)
-        elif isinstance(v, (list, tuple)):
-            out[str(k)] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
-        elif isinstance(v, (str, int, float, bool)) or v is None:
-            out[str(k)] = v
-        elif isinstance(v, np.generic):
-            out[str(k)] = v.item()
-        else:
-            out[str(k)] = str(v)
-    return out
