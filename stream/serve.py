@@ -137,7 +137,7 @@ class Service:
     async def _start(self) -> list[asyncio.Task[Any]]:
         s = self.settings
         _check_port_free(s.host, s.port)
-        from operators.persist.server import make_private_dir
+        from operators.persist.private_files import make_private_dir
         from operators.persist.schema import preload_client_modules
 
         try:

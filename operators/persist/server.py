@@ -31,8 +31,8 @@ the service is SIGKILLed; a pid file in the data directory lets a restarted serv
 survivor (other platforms) before it binds the same port and opens the same SQLite catalog.
 
 Secrets: the data directory (and the directories made in it) is private to its owner (0700), and
-the child creates every file owner-only; a generated API key is kept in `_KEY_FILE` (0600), never
-logged or put on a command line. Every request body must show the key before any of it is read
+the child creates every file owner-only; a generated API key is kept in private_files.KEY_FILE (0600),
+never logged or put on a command line. Every request body must show the key before any of it is read
 (whole_body.py).
 """
 
@@ -44,10 +44,8 @@ import contextlib
 import functools
 import logging
 import os
-import secrets
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -58,6 +56,7 @@ from typing import Any
 
 import httpx
 
+from operators.persist.private_files import KEY_FILE, load_or_create_api_key, make_private_dir
 from operators.persist.whole_body import WholeBodyMiddleware
 from stream.protocol import DEFAULT_MAX_BYTES
 
@@ -65,7 +64,6 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "LATENT_STREAM_TILED_API_KEY"
 _PID_FILE = "tiled-server.pid"
-_KEY_FILE = "tiled-api-key"
 # Codec for arrays created by the embedded server (see the module doc).
 BLOSC_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 # Niceness of the server child once it is up (see _lower_priority).
@@ -97,64 +95,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def make_private_dir(path: Path) -> None:
-    """Create `path` readable by its owner only (0700), or tighten an existing one that others can read.
-
-    The data directory holds the API key, the catalog and every stored frame.
-    """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _tighten(path, 0o700)
-
-
-def _tighten(path: Path, private: int) -> None:
-    """Give `path` mode `private` if other users have any access to it, and say so.
-
-    One we do not own cannot be changed: it is reported and used as it is (the start must not fail on it).
-    """
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if not mode & 0o077:
-        return
-    try:
-        path.chmod(private)
-    except PermissionError:
-        logger.warning(
-            "%s is open to other users (mode %o); not ours to change: make it %o", path, mode, private
-        )
-        return
-    logger.warning(
-        "%s was open to other users (mode %o); made it private to its owner (%o)", path, mode, private
-    )
-
-
-def load_or_create_api_key(data_dir: Path, api_key: str | None = None) -> tuple[str, bool]:
-    """The key to start the server with: the given one, else the one saved in `data_dir`, else a new one.
-
-    Returns (key, generated). A generated key is saved in `data_dir / _KEY_FILE` (mode 0600) so that a
-    restart after a crash keeps the key that clients were given. A saved file that is empty (a crash
-    while it was written by an older version) does not stop the start: a new key replaces it.
-    """
-    key_path = data_dir / _KEY_FILE
-    if api_key:
-        return api_key, False
-    if key_path.exists():
-        _tighten(key_path, 0o600)
-        key = key_path.read_text().strip()
-        if key:
-            return key, False
-        logger.warning("%s is empty; generating a new API key", key_path)
-    key = secrets.token_hex(16)
-    # Written whole under another name, then renamed: a crash never leaves a half-written key file.
-    partial = key_path.with_name(f"{_KEY_FILE}.partial")
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-    partial.replace(key_path)
-    return key, True
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -241,7 +181,7 @@ class EmbeddedTiledServer:
     @property
     def key_file(self) -> Path:
         """Where a generated API key is kept (mode 0600); a restart on this data directory reuses it."""
-        return self.data_dir / _KEY_FILE
+        return self.data_dir / KEY_FILE
 
     async def __aenter__(self) -> TiledEndpoint:
         return await self.start()
