@@ -103,6 +103,8 @@ def codec_floor(frame: np.ndarray, repeats: int = 8) -> dict[str, dict[str, floa
         "zstd (zarr default)": (ZstdCodec(),),
         "blosc-lz4-shuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
         "blosc-lz4-bitshuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),),
+        "blosc-lz4-1-shuffle": (BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),),
+        "blosc-lz4-1-bitshuffle": (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),),
         "none": None,
     }
     out: dict[str, dict[str, float]] = {}

@@ -82,8 +82,9 @@ async def test_every_point_url_returns_the_exact_frame_bytes_over_plain_http(
     assert stats.frames_written == len(points) and stats.rows_written == len(points)
     assert stats.frames_not_written == {} and stats.rows_not_written == {}
     assert stats.lag_p50_s is not None and stats.lag_p50_s > 0
-    # published faster than written: frames with consecutive numbers went several to a request
-    assert 3 <= stats.frame_requests < len(points)
+    # published faster than written: frames with consecutive numbers went several to a request (the gap
+    # at 12 splits them)
+    assert 2 <= stats.frame_requests < len(points)
 
     fetched = await _fetch_all(tiled_server, [p.tiled_url for p in points])
     for p, img, body in zip(points, images, fetched, strict=True):

@@ -39,6 +39,8 @@ from operators.throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
 
+FRAMES_AHEAD = 4  # batches of rows whose frames may be written before the first batch's rows
+
 
 @dataclass(frozen=True, slots=True)
 class WriteSettings:
@@ -68,6 +70,9 @@ class WriteLoop:
         self.frame_requests = 0
         self.busy = False  # an operation is being written (flush() waits for it)
         self._warn = warn
+        # One write per group of consecutive frames: a PATCH body is bounded; a local write has no body, and
+        # each group costs Tiled one structure update, so the group is only bounded by the rows at hand.
+        self._max_group_bytes = settings.max_patch_bytes if local is None else 2**62
 
     async def run(self) -> None:
         backlog = self.backlog
@@ -87,23 +92,26 @@ class WriteLoop:
         ops, s = self.backlog.ops, self.settings
         kind, item = ops[0]
         if kind == "row":
-            batch: list[Row] = []
-            boundary = False  # the batch ends at another run / a start / a stop: no point waiting
+            ahead: list[Row] = []  # this run's rows at the head, up to FRAMES_AHEAD batches
+            boundary = False  # they end at another run / a start / a stop: no point waiting
             for k, it in ops:
                 if k != "row" or it.run_key != item.run_key:
                     boundary = True
                     break
-                if len(batch) >= s.max_batch:
+                if len(ahead) >= s.max_batch * FRAMES_AHEAD:
                     break
-                batch.append(it)
+                ahead.append(it)
+            batch = ahead[: s.max_batch]
             self.backlog.wake.clear()
             now = time.monotonic()
             hurry = boundary or len(batch) >= s.max_batch or self.backlog.closing or self.backlog.flushing > 0
-            waiting = [r for r in batch if r.image is not None]
+            waiting = [r for r in ahead if r.image is not None]
             if waiting and not hurry and not self._frames_due(waiting, now):
                 await self._sleep_until_woken(waiting[0].queued_at + s.frames_linger - now)
                 return
-            await self._write_frames(batch)
+            # Frames do not queue behind rows: a slow table append (Tiled's DuckDB, ~25 ms and more under
+            # load) must not hold the frames of the rows behind it.
+            await self._write_frames(ahead)
             if not (hurry or time.monotonic() - batch[0].queued_at >= s.rows_interval):
                 if len(ops) > len(batch) or any(r.image is not None for r in batch):
                     return  # more arrived while the frames were written
@@ -233,7 +241,7 @@ class WriteLoop:
                 self._warn.warning("shape_mismatch", "run %s frame %d not written: shape/dtype differs from "
                                    "the run's first frame", r.run_key, r.index)  # fmt: skip
                 continue
-            if group and (r.index != group[-1][0].index + 1 or size + image.nbytes > self.settings.max_patch_bytes):
+            if group and (r.index != group[-1][0].index + 1 or size + image.nbytes > self._max_group_bytes):
                 break
             group.append((r, self.backlog.take_image(r)))
             size += image.nbytes
