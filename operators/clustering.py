@@ -77,14 +77,16 @@ class ClusteringSettings:
     step_window: int = 64  # frame-to-frame steps kept for the noise estimate
     known_immediately: bool = True  # a frame inside an unclaimed reference cluster founds its regime at once
     # Re-clustering of the run (HDBSCAN on its reduced latents); 0 turns it off.
-    recluster_every: int = 2  # frames between re-clusterings (sync mode; the pipeline's worker as soon as free)
+    recluster_every: int = 3  # frames between re-clusterings (sync mode; the pipeline's worker as soon as free)
     recluster_min_frames: int = 12  # no re-clustering of a run shorter than this
     recluster_window: int = 2000  # the most recent frames a re-clustering sees (and corrections reach)
     run_min_cluster_size: int = 10  # HDBSCAN min_cluster_size on the run: the frames a phase needs to be a cluster
     run_min_samples: int = 3
+    run_selection: str = "eom"  # HDBSCAN cluster_selection_method: "eom" (excess of mass) or "leaf" (finer)
     # a density cluster splits from the one that owns its id only when their centres lie this many times
-    # their summed RMS spreads apart (two halves of one drifting phase lie about 1 apart)
-    split_separation: float = 2.0
+    # their summed RMS spreads apart (the two halves of a uniform drift lie ~1.7 apart: lower shattered the
+    # drifting phases of the project's scenarios on validation seeds; see operators.model.tune_clustering)
+    split_separation: float = 1.75
     # HDBSCAN cluster_selection_epsilon = this x tau: density clusters closer than that are not split apart,
     # so the noise of a drifting phase does not shatter it
     run_epsilon_factor: float = 1.0
@@ -121,7 +123,8 @@ class Corrections:
         return bool(self.new_clusters or self.indices)
 
 
-def density_labels(z: np.ndarray, min_cluster_size: int, min_samples: int, epsilon: float) -> np.ndarray:
+def density_labels(z: np.ndarray, min_cluster_size: int, min_samples: int, epsilon: float,
+                   selection: str = "eom") -> np.ndarray:
     """HDBSCAN labels (-1 noise) of a run's reduced latents; a plain function so a worker process can run it."""
     from sklearn.cluster import HDBSCAN
 
@@ -130,7 +133,7 @@ def density_labels(z: np.ndarray, min_cluster_size: int, min_samples: int, epsil
         return np.full(len(z), -1, np.int64)
     def fit(eps: float) -> np.ndarray:
         hdb = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min(min_samples, len(z) - 1),
-                      cluster_selection_epsilon=eps, copy=True)
+                      cluster_selection_epsilon=eps, cluster_selection_method=selection, copy=True)
         return hdb.fit_predict(z).astype(np.int64)
 
     try:
@@ -251,6 +254,7 @@ class OnlineClusterer:
         self._seen = 0  # frames learned in this run
         self._last_recluster = 0  # self._seen at the last re-clustering
         self._fixes: dict[int, int] = {}  # index -> corrected id, since the last corrections()
+        self._was: dict[int, int] = {}  # index -> its id before those corrections
         self._announce: list[tuple[int, int]] = []
 
     @property
@@ -296,6 +300,7 @@ class OnlineClusterer:
             now = self._ids[-1]
             if now != a.cluster:  # this frame's point is not sent yet: it carries its id now, no correction
                 self._fixes.pop(self._indices[-1], None)
+                self._was.pop(self._indices[-1], None)
                 new = any(c == now for c, _ in self._announce)
                 self._announce = [(c, i) for c, i in self._announce if c != now]
                 a = Assignment(cluster=now, novelty=a.novelty, is_new=new)
@@ -323,10 +328,10 @@ class OnlineClusterer:
         self._last_recluster = self._seen
         return np.stack(self._z[-w:]).astype(np.float32), self._seen, self.settings.run_epsilon_factor * self.tau
 
-    def density_args(self, snapshot: tuple[np.ndarray, int, float]) -> tuple[np.ndarray, int, int, float]:
+    def density_args(self, snapshot: tuple[np.ndarray, int, float]) -> tuple[np.ndarray, int, int, float, str]:
         z, _, eps = snapshot
         s = self.settings
-        return z, s.run_min_cluster_size, s.run_min_samples, eps
+        return z, s.run_min_cluster_size, s.run_min_samples, eps, s.run_selection
 
     def recluster(self) -> None:
         """Re-cluster the run now, in this thread (deterministic)."""
@@ -373,22 +378,24 @@ class OnlineClusterer:
                 self._next_id += 1
                 self._announce.append((cid_of[c], self._indices[start + int(members[c][0])]))
                 log.info("re-clustering founded cluster %d (%d frames)", cid_of[c], len(members[c]))
-        owned = set(owner_of)
+        owned = np.asarray(sorted(owner_of), np.int64)
         for c in clusters:
             cid = cid_of[c]
-            for p in members[c]:
-                old = int(ids[p])
-                if old != cid and (old == PENDING or old in owned):
-                    self._ids[start + p] = cid
-                    self._fixes[self._indices[start + p]] = cid
+            old = ids[members[c]]
+            for p in members[c][(old != cid) & ((old == PENDING) | np.isin(old, owned))]:
+                index = self._indices[start + p]
+                self._was.setdefault(index, int(ids[p]))  # the id its consumer has now
+                self._ids[start + p] = cid
+                self._fixes[index] = cid
+                ids[p] = cid
         # the fast path follows: each cluster's regime centre at its recent members
         recent = max(1, self.settings.new_min_points)
         for c in clusters:
             if owner_of.get(cid_of[c], c) != c:
                 continue  # a drifting part of another cluster's id: that cluster sets the centre
             cid = cid_of[c]
-            mine = [p for p in members[c] if self._ids[start + p] == cid][-recent:]
-            if not mine:
+            mine = members[c][ids[members[c]] == cid][-recent:]
+            if not len(mine):
                 continue
             centre = zs[mine].mean(0).astype(np.float32)
             if cid in self._regime_ids:
@@ -399,8 +406,10 @@ class OnlineClusterer:
 
     def corrections(self) -> Corrections:
         """New ids and corrected (index, id) pairs since the last call (and forget them)."""
-        fixes, announce = self._fixes, self._announce
-        self._fixes, self._announce = {}, []
+        was = self._was
+        fixes = {i: c for i, c in self._fixes.items() if was.get(i) != c}  # moved and moved back: no news
+        announce = self._announce
+        self._fixes, self._was, self._announce = {}, {}, []
         return Corrections(tuple(announce), tuple(fixes), tuple(fixes.values()))
 
     def labels(self) -> np.ndarray:

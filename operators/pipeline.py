@@ -129,12 +129,22 @@ class ClusterStage(BatchStage[Work]):
         self.clusterer: Any = None
         self._pool: ProcessPoolExecutor | None = None
         self._job: tuple[Any, Future[Any], int] | None = None  # (clusterer, labels future, its frame count)
+        self._next_start = 0.0  # no job before this perf_counter: the worker is busy at most WORKER_DUTY
+        self.retry_in: float | None = None  # a re-clustering is due but waits this many seconds (duty cycle)
+        self._stopped = False  # the run stopped: nothing more to re-cluster until the next one
 
     def reset(self) -> None:
         self.clusterer = self.bundle.new_clusterer()
         self._job = None  # a re-clustering of the previous run is of no use any more
+        self._stopped = False
         if self.recluster != "sync":  # the worker re-clusters ("process"), or nothing does ("off")
             self.clusterer.mode = "manual"
+        if self.recluster == "process" and self._pool is None:
+            try:  # start the worker (and its imports) now, before the run's frames need it
+                self._worker().submit(_timed_density_labels, np.zeros((2, 2), np.float32), 2, 1, 0.0)
+            except Exception:
+                log.exception("could not start the re-clustering worker")
+                self._close_pool()
 
     def process_many(self, items: Sequence[Work]) -> None:
         if self.clusterer is None:
@@ -149,24 +159,29 @@ class ClusterStage(BatchStage[Work]):
     def step(self) -> Corrections:
         """Apply a finished re-clustering, start the next if due; what the run's ids changed since last time."""
         cl = self.clusterer
-        if cl is None:
+        if cl is None or self._stopped:
             return Corrections()
         if self.recluster == "process":
             if self._job is not None and self._job[1].done():
                 owner, fut, seen = self._job
                 self._job = None
                 try:
-                    labels = fut.result()
+                    labels, seconds = fut.result()
+                    self._next_start = time.perf_counter() + seconds * (1 / WORKER_DUTY - 1)
                 except Exception:  # a broken worker loses this re-clustering, not the run
                     log.exception("re-clustering failed")
                     self._close_pool()
                 else:
                     if owner is cl:
                         cl.apply_labels(labels, seen)
-            if self._job is None and cl.recluster_due():
+            self.retry_in = None
+            due = self._job is None and cl.recluster_due()
+            if due and time.perf_counter() < self._next_start:
+                self.retry_in = self._next_start - time.perf_counter()
+            elif due:
                 snap = cl.snapshot()
                 try:
-                    fut = self._worker().submit(density_labels, *cl.density_args(snap))
+                    fut = self._worker().submit(_timed_density_labels, *cl.density_args(snap))
                 except Exception:
                     log.exception("could not start a re-clustering")
                     self._close_pool()
@@ -175,12 +190,14 @@ class ClusterStage(BatchStage[Work]):
         return cl.corrections()
 
     def drop_job(self) -> None:
-        self._job = None
+        """The run stopped: a re-clustering running or due is of no use any more."""
+        self._job, self.retry_in, self._stopped = None, None, True
 
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn: the compute thread and the event loop live in this process; a fork would copy their locks
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init)
         return self._pool
 
     def _close_pool(self) -> None:
@@ -191,6 +208,30 @@ class ClusterStage(BatchStage[Work]):
     def close(self) -> None:
         self._job = None
         self._close_pool()
+
+
+WORKER_DUTY = 0.25  # the re-clustering worker is busy at most this fraction of the time (the cores are shared)
+WORKER_NICENESS = 10  # and yields the CPU to the compute thread
+
+
+def _timed_density_labels(*args: Any) -> tuple[np.ndarray, float]:
+    """In the worker: the labels and the seconds HDBSCAN took (not counting the wait for the worker)."""
+    t0 = time.perf_counter()
+    labels = density_labels(*args)
+    return labels, time.perf_counter() - t0
+
+
+def _worker_init() -> None:
+    """In the re-clustering worker: low priority, one BLAS/OpenMP thread."""
+    import os
+
+    from threadpoolctl import threadpool_limits
+
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
+    threadpool_limits(1)
 
 
 @dataclass(slots=True)
@@ -389,17 +430,22 @@ class LivePipeline(QueuedOperator[InMessage]):
                                              [int(c) for c in corr.clusters], now, run_key=run.run_key))
 
     def _watch_recluster(self) -> None:
-        """When a re-clustering is running, apply it as soon as it answers, even if no frame comes meanwhile."""
-        fut = self.cluster_stage.job_running
-        if fut is None or (self._late is not None and not self._late.done()):
+        """When a re-clustering is running, apply it as soon as it answers; when one is due but waits for the
+        worker's duty cycle, start it then: even if no frame comes meanwhile."""
+        if self._late is not None and not self._late.done():
             return
-        self._late = asyncio.get_running_loop().create_task(self._apply_late(fut))
+        fut, wait = self.cluster_stage.job_running, self.cluster_stage.retry_in
+        if fut is not None or wait is not None:
+            self._late = asyncio.get_running_loop().create_task(self._apply_late(fut, wait or 0.0))
 
-    async def _apply_late(self, fut: Future[Any]) -> None:
-        try:
-            await asyncio.wrap_future(fut)
-        except Exception:
-            pass  # reported by ClusterStage.step
+    async def _apply_late(self, fut: Future[Any] | None, wait: float) -> None:
+        if fut is not None:
+            try:
+                await asyncio.wrap_future(fut)
+            except Exception:
+                pass  # reported by ClusterStage.step
+        else:
+            await asyncio.sleep(wait)
         loop = asyncio.get_running_loop()
         async with self._publishing:
             try:

@@ -70,6 +70,50 @@ def encode_runs(bundle: ModelBundle, scenarios: tuple[str, ...], seeds: tuple[in
     return runs
 
 
+def encode_independent_runs(bundle: ModelBundle, seeds: tuple[int, ...], n_frames: int) -> list[EncodedRun]:
+    """Encode runs of the independent family (stream.independent) once; phases: per frame its phase, negative
+    on ramp frames (as `evaluate --family independent` scores them). Only validation seeds are accepted."""
+    from operators.model.evaluate import independent_seeds
+    from stream.independent import Renderer, draw_run
+
+    seeds = independent_seeds("validation", seeds, len(seeds), n_frames)
+    s = bundle.input_size
+    buf = np.empty((1, 1, s, s), np.float32)
+    runs = []
+    for seed in seeds:
+        spec = draw_run(seed, n_frames)
+        lat = []
+        for fr in Renderer(spec):
+            bundle.preprocessor(fr.image, out=buf[0])
+            lat.append(bundle.encoder.encode(buf)[0].copy())
+        runs.append(EncodedRun("independent", seed, np.asarray(lat, np.float32), np.asarray(spec.labels())))
+        log.info("encoded independent seed %d: %d frames", seed, n_frames)
+    return runs
+
+
+def score_independent(state: ClusterState, settings: ClusteringSettings, run: EncodedRun) -> dict:
+    """What `evaluate --family independent` reports for one run: ARI on plateau frames (ids after corrections),
+    live ARI, and the onset lag of each phase (None: never got an id of its own)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from operators.model.evaluate import onset_lags
+
+    clusterer = OnlineClusterer(state, settings)
+    live, corrections = [], []
+    for f, z in enumerate(run.latents):
+        live.append(clusterer.learn_predict_one(z).cluster)
+        fixes = clusterer.corrections()
+        corrections += [(f, int(i), int(c)) for i, c in zip(fixes.indices, fixes.clusters, strict=True)]
+    live_a = np.asarray(live)
+    final = live_a.copy()
+    for _, frame, cid in corrections:
+        final[frame] = cid
+    plateau = run.phases >= 0
+    return {"ari": float(adjusted_rand_score(run.phases[plateau], final[plateau])),
+            "ari_live": float(adjusted_rand_score(run.phases[plateau], live_a[plateau])),
+            "lags": onset_lags(run.phases, live_a, corrections)}
+
+
 def replay(state: ClusteringSettings | ClusterState, settings: ClusteringSettings, latents: np.ndarray,
            *, corrected: bool = False) -> np.ndarray:
     """Cluster ids a fresh per-run clusterer gives these latents, in order: as each point was sent, or
