@@ -82,6 +82,8 @@ async def run_mode(bundle: ModelBundle, images: list[np.ndarray], hz: float, rec
         "recluster": recluster,
         "frames": len(points),
         "cluster_stage": _pct([p.timings.cluster for p in points]),
+        "queue": _pct([p.timings.queue for p in points]),
+        "encode": _pct([p.timings.encode for p in points]),
         "total": _pct([p.timings.total for p in points]),
         "cluster_new": sum(isinstance(m, ClusterNew) for m in rec.messages),
         "cluster_updates": len(updates),
@@ -134,12 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=600)
     p.add_argument("--hz", type=float, default=10.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--modes", nargs="+", default=["off", "process"], choices=["off", "process", "sync"])
     a = p.parse_args(argv)
     bundle = ModelBundle.load()
     bundle.warmup()
     images = _images(a.frames)
     result: dict[str, Any] = {"frames": len(images), "hz": a.hz, "modes": []}
-    for mode in ("off", "process"):
+    for mode in a.modes:
         result["modes"].append(asyncio.run(run_mode(bundle, images, a.hz, mode)))
     result.update(density_cost(bundle))
     result.update(thread_stall(bundle))
