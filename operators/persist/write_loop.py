@@ -70,9 +70,6 @@ class WriteLoop:
         self.frame_requests = 0
         self.busy = False  # an operation is being written (flush() waits for it)
         self._warn = warn
-        # One write per group of consecutive frames: a PATCH body is bounded; a local write has no body, and
-        # each group costs Tiled one structure update, so the group is only bounded by the rows at hand.
-        self._max_group_bytes = settings.max_patch_bytes if local is None else 2**62
 
     async def run(self) -> None:
         backlog = self.backlog
@@ -241,7 +238,7 @@ class WriteLoop:
                 self._warn.warning("shape_mismatch", "run %s frame %d not written: shape/dtype differs from "
                                    "the run's first frame", r.run_key, r.index)  # fmt: skip
                 continue
-            if group and (r.index != group[-1][0].index + 1 or size + image.nbytes > self._max_group_bytes):
+            if group and (r.index != group[-1][0].index + 1 or size + image.nbytes > self.settings.max_patch_bytes):
                 break
             group.append((r, self.backlog.take_image(r)))
             size += image.nbytes
