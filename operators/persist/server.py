@@ -56,6 +56,7 @@ from typing import Any
 
 import httpx
 
+from operators.child_process import die_with_parent
 from operators.persist.private_files import KEY_FILE, load_or_create_api_key, make_private_dir
 from operators.persist.whole_body import WholeBodyMiddleware
 from stream.protocol import DEFAULT_MAX_BYTES
@@ -95,22 +96,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """In the child: get SIGTERM when the service dies, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        raise SystemExit("parent exited before the server started")
 
 
 def _reap_stale_server(data_dir: Path, tiled_dir: Path) -> None:
@@ -402,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     args = parser.parse_args(argv)
     if args.parent_pid:
-        _die_with_parent(args.parent_pid)
+        die_with_parent(args.parent_pid)
     from operators.log_safety import line_safe_handler
 
     # sender strings reach this server's logs (in request paths, errors): one record stays one line
