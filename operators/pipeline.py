@@ -139,7 +139,8 @@ class ClusterStage(BatchStage[Work]):
         self._stopped = False
         if self.recluster != "sync":  # the worker re-clusters ("process"), or nothing does ("off")
             self.clusterer.mode = "manual"
-        if self.recluster == "process" and self._pool is None:
+        if (self.recluster == "process" and self._pool is None
+                and getattr(self.clusterer.settings, "recluster_every", 0)):
             try:  # start the worker (and its imports) now, before the run's frames need it
                 self._worker().submit(_timed_density_labels, np.zeros((2, 2), np.float32), 2, 1, 0.0)
             except Exception:
@@ -154,7 +155,8 @@ class ClusterStage(BatchStage[Work]):
 
     @property
     def job_running(self) -> Future[Any] | None:
-        return self._job[1] if self._job is not None and not self._job[1].done() else None
+        """The re-clustering sent and not applied yet (it may have finished already)."""
+        return self._job[1] if self._job is not None else None
 
     def step(self) -> Corrections:
         """Apply a finished re-clustering, start the next if due; what the run's ids changed since last time."""

@@ -15,7 +15,7 @@ import numpy as np
 from operators.clustering import ClusteringSettings, ClusterState, OnlineClusterer, fit_clustering
 
 DIM = 512
-SETTINGS = ClusteringSettings(pca_dims=8)
+SETTINGS = ClusteringSettings(pca_dims=8, recluster_every=3)
 
 
 def ramp_run(n_a: int = 40, ramp: int = 20, n_b: int = 40, seed: int = 0

@@ -125,6 +125,9 @@ def test_fresh_clusterers_do_not_share_state(fitted, regimes) -> None:
     assert OnlineClusterer(state, ClusteringSettings(pca_dims=8)).n_clusters == 3
 
 
+RECLUSTER = ClusteringSettings(pca_dims=8, recluster_every=3)  # re-clustering is off unless a bundle turns it on
+
+
 def _ramp_run(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, n_a: int = 40, ramp: int = 20,
               n_b: int = 40, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Phase a, a linear ramp of `ramp` frames into phase b, phase b; (latents, phase per frame)."""
@@ -139,7 +142,7 @@ def ramp(fitted, regimes):
     rng, centers = regimes
     state, labels = fitted
     # phase b: phase a moved inside the same reference cluster, far beyond the run's noise
-    b = centers[0] + 0.1 * np.linalg.norm(centers[0]) * state.components[1] / np.linalg.norm(state.components[1])
+    b = centers[0] + 0.15 * np.linalg.norm(centers[0]) * state.components[1] / np.linalg.norm(state.components[1])
     return _ramp_run(rng, centers[0], b)
 
 
@@ -152,7 +155,7 @@ def test_a_ramp_between_two_phases_merges_in_the_drifting_centre_but_re_clusteri
     old_ids = [old.learn_predict_one(z).cluster for z in lat]
     assert len(set(old_ids[-30:]) | set(old_ids[:30])) == 1  # the EMA centre followed the ramp: one id
 
-    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8))
+    cl = OnlineClusterer(state, RECLUSTER)
     out = [cl.learn_predict_one(z) for z in lat]
     first_id = out[0].cluster
     assert {a.cluster for a in out[:40]} == {first_id}  # phase a keeps its id: nothing renumbered
@@ -163,8 +166,9 @@ def test_a_ramp_between_two_phases_merges_in_the_drifting_centre_but_re_clusteri
     corr = cl.corrections()
     assert [c for c, _ in corr.new_clusters] + [a.cluster for a in announced] == [b_id]
     final = cl.labels()
-    assert adjusted_rand_score(phase, final) > 0.85  # the ramp frames are ambiguous by nature
-    assert adjusted_rand_score(phase, old_ids) < adjusted_rand_score(phase, final)
+    plateau = np.r_[0:40, 60:100]  # the ramp's frames (40..59) belong to neither phase, as evaluate scores it
+    assert adjusted_rand_score(phase[plateau], final[plateau]) == 1.0
+    assert adjusted_rand_score(phase[plateau], np.asarray(old_ids)[plateau]) == 0.0
     # corrections only moved points between the two phases' ids (or from none yet), and say what they hold now
     for i, c in zip(corr.indices, corr.clusters, strict=True):
         assert c in (first_id, b_id) and c != out[i].cluster and out[i].cluster in (first_id, b_id, PENDING)
@@ -177,7 +181,7 @@ def test_ids_are_never_renumbered_only_moved_to_a_new_or_owning_id(fitted, ramp,
     lat, _ = ramp
     # a, ramp, b, then back to a and on to a known regime
     lat = np.concatenate([lat, _blob(rng, centers[0], 20, 0.01), _blob(rng, centers[2], 20, 0.01)])
-    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8))
+    cl = OnlineClusterer(state, RECLUSTER)
     sent: dict[int, int] = {}
     announced: set[int] = set(range(cl.n_reference))
     for i, z in enumerate(lat):
@@ -206,7 +210,7 @@ def test_sync_re_clustering_is_deterministic(fitted, ramp) -> None:
     lat, _ = ramp
     runs = []
     for _ in range(2):
-        cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8))
+        cl = OnlineClusterer(state, RECLUSTER)
         runs.append(([cl.learn_predict_one(z) for z in lat], cl.corrections()))
     assert runs[0] == runs[1]
 
@@ -216,7 +220,7 @@ def test_manual_mode_re_clusters_only_when_asked_and_applies_late_labels(fitted,
 
     state, _ = fitted
     lat, _ = ramp
-    cl = OnlineClusterer(state, ClusteringSettings(pca_dims=8), mode="manual")
+    cl = OnlineClusterer(state, RECLUSTER, mode="manual")
     for z in lat[:80]:
         cl.learn_predict_one(z, index=1000 + len(cl.labels()))
     assert not cl.corrections() and cl.recluster_due()
