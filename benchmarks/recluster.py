@@ -17,6 +17,7 @@ import asyncio
 import json
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     bundle = ModelBundle.load()
     bundle.warmup()
+    if not bundle.clustering_settings.recluster_every:  # off by default: measure it as a bundle would turn it on
+        bundle.clustering_settings = replace(bundle.clustering_settings, recluster_every=3)
     images = _images(a.frames)
     result: dict[str, Any] = {"frames": len(images), "hz": a.hz, "modes": []}
     for mode in a.modes:
