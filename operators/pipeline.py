@@ -227,12 +227,14 @@ def _worker_init() -> None:
     """In the re-clustering worker: low priority, one BLAS/OpenMP thread."""
     import os
 
-    from threadpoolctl import threadpool_limits
-
     try:
         os.nice(WORKER_NICENESS)
     except OSError:
         pass
+    try:  # scikit-learn's own dependency
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
     threadpool_limits(1)
 
 
