@@ -1,7 +1,12 @@
 """Tune the online clustering of a bundle on validation runs, without re-encoding per setting.
 
     python -m operators.model.tune_clustering [--bundle PATH] [--seeds 7001 7002] [--frames 120]
-        [--drift 0.2 0.1 0.05] [--noise-factor 6 10 14] [--json out.json]
+        [--drift 0.2 0.1 0.05] [--noise-factor 6 10 14] [--recluster-every 0 3] [--run-min-cluster-size 6 10]
+        [--epsilon-factor 1] [--json out.json]
+
+The run's re-clustering (operators.clustering, off by default) is swept with the --recluster-* options;
+`encode_independent_runs` + `score_independent` score settings on the independent family's validation seeds
+(ARI after corrections on plateau frames, onset lags) as `evaluate --family independent` does.
 
 Each validation run (scenario x seed) is encoded once through the serving path (preprocessor -> encoder, batch
 1, exactly as `operators.model.evaluate`); then every setting is replayed on the cached latents with a fresh
