@@ -21,10 +21,11 @@ re-clustering still running when its run stops is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import multiprocessing
 import time
 from collections.abc import Sequence
-import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -444,10 +445,8 @@ class LivePipeline(QueuedOperator[InMessage]):
 
     async def _apply_late(self, fut: Future[Any] | None, wait: float) -> None:
         if fut is not None:
-            try:
+            with contextlib.suppress(Exception):  # a failed job is reported by ClusterStage.step
                 await asyncio.wrap_future(fut)
-            except Exception:
-                pass  # reported by ClusterStage.step
         else:
             await asyncio.sleep(wait)
         loop = asyncio.get_running_loop()

@@ -140,7 +140,7 @@ def _ramp_run(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, n_a: int =
 @pytest.fixture()
 def ramp(fitted, regimes):
     rng, centers = regimes
-    state, labels = fitted
+    state, _ = fitted
     # phase b: phase a moved inside the same reference cluster, far beyond the run's noise
     b = centers[0] + 0.15 * np.linalg.norm(centers[0]) * state.components[1] / np.linalg.norm(state.components[1])
     return _ramp_run(rng, centers[0], b)
@@ -149,7 +149,7 @@ def ramp(fitted, regimes):
 def test_a_ramp_between_two_phases_merges_in_the_drifting_centre_but_re_clustering_splits_it(fitted, ramp) -> None:
     from sklearn.metrics import adjusted_rand_score
 
-    state, labels = fitted
+    state, _ = fitted
     lat, phase = ramp
     old = OnlineClusterer(state, ClusteringSettings(pca_dims=8, recluster_every=0))
     old_ids = [old.learn_predict_one(z).cluster for z in lat]

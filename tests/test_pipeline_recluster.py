@@ -9,14 +9,14 @@ import time
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from ramp_support import ScriptedBundle, ramp_run
+from test_pipeline import Recorder, _until
 
 from operators.bundle import ModelBundle
 from operators.messages import ClusterNew, ClusterUpdate, Frame, Point, RunStarted, RunStopped
 from operators.metrics import PipelineMetrics
 from operators.pipeline import LivePipeline
-from ramp_support import ScriptedBundle, ramp_run
 from stream.synthetic import generate_scan
-from test_pipeline import Recorder, _until
 
 TILED = "http://127.0.0.1:8000"
 
