@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -32,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from operators.base import BatchStage, QueuedOperator, QueuePolicy, describe, run_isolated
+from operators.base import (
+    DEFAULT_QUEUE_BYTES,
+    BatchStage,
+    QueuedOperator,
+    QueuePolicy,
+    describe,
+    run_isolated,
+)
+from operators.child_process import die_with_parent
 from operators.clustering import Corrections, density_labels
 from operators.messages import ClusterNew, ClusterUpdate, Frame, Point, RunStarted, RunStopped, StageTimings
 from operators.metrics import PipelineMetrics
@@ -200,7 +209,7 @@ class ClusterStage(BatchStage[Work]):
         if self._pool is None:
             # spawn: the compute thread and the event loop live in this process; a fork would copy their locks
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_init)
+                                             initializer=_worker_init, initargs=(os.getpid(),))
         return self._pool
 
     def _close_pool(self) -> None:
@@ -224,10 +233,9 @@ def _timed_density_labels(*args: Any) -> tuple[np.ndarray, float]:
     return labels, time.perf_counter() - t0
 
 
-def _worker_init() -> None:
-    """In the re-clustering worker: low priority, one BLAS/OpenMP thread."""
-    import os
-
+def _worker_init(service_pid: int) -> None:
+    """In the re-clustering worker: gone with the service (even SIGKILLed), low priority, one BLAS thread."""
+    die_with_parent(service_pid)
     try:
         os.nice(WORKER_NICENESS)
     except OSError:
@@ -267,11 +275,13 @@ class LivePipeline(QueuedOperator[InMessage]):
         tiled_base_url: str,
         max_batch: int = 4,
         queue_size: int = 32,
+        queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
         policy: QueuePolicy = QueuePolicy.BLOCK,
         publish_timeout: float = 1.0,
         recluster: str = "process",
     ) -> None:
-        super().__init__(metrics, queue_size=queue_size, policy=policy, publish_timeout=publish_timeout)
+        super().__init__(metrics, queue_size=queue_size, queue_bytes=queue_bytes, policy=policy,
+                         publish_timeout=publish_timeout)  # fmt: skip
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.bundle = bundle

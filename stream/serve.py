@@ -188,9 +188,9 @@ class Service:
         assert s.queue_policy is not None  # resolved by the settings validator
         pipeline = LivePipeline(
             bundle, self.metrics, tiled_base_url=self.tiled_url, max_batch=s.max_batch,
-            queue_size=s.queue_size, policy=s.queue_policy, publish_timeout=s.publish_timeout,
+            queue_size=s.queue_size, queue_bytes=s.queue_bytes, policy=s.queue_policy,
+            publish_timeout=s.publish_timeout,
         )
-        pipeline.inbox.max_bytes = s.queue_bytes  # before any frame: LivePipeline does not take it yet
         pipeline.add_publisher(hub)
         pipeline.add_publisher(writer)
 
