@@ -167,7 +167,7 @@ class LivePage {
       $('run-status').textContent = `Loading run ${value}…`;
       try {
         const rows = await fetchRunPoints(value);
-        const run = this.runs.find((r) => r.run_id === value);
+        const run = this.runs.find((r) => runValue(r) === value);
         const loaded = new RunStore(value, { name: run ? run.run_name : '' });
         for (const r of rows) loaded.add(pointFromRow(value, r));
         loaded.stopped = s ? s.stopped : { processed: loaded.n };
@@ -196,7 +196,7 @@ class LivePage {
     for (const r of this.runs) {
       if (r.run_id === this.liveRunId) continue;
       const when = r.started_at ? new Date(r.started_at * 1000).toLocaleString() : '';
-      options.push(new Option(`${r.run_name || r.run_id} · ${r.num_points ?? '?'} pts · ${when}`, r.run_id));
+      options.push(new Option(`${r.run_name || r.run_id} · ${r.num_points ?? '?'} pts · ${when}`, runValue(r)));
     }
     select.replaceChildren(...options);
     select.value = this.viewing;
@@ -354,3 +354,8 @@ class LivePage {
 const page = new LivePage();
 window.latentStream = page.hooks();
 page.start();
+
+/** A past run's choice in the run list: its storage key, which tells two runs with the same run id apart. */
+function runValue(run) {
+  return run.run_key || run.run_id;
+}
