@@ -158,12 +158,13 @@ def test_simulated_run_of_300_frames_on_the_page_then_a_restart(
     finish(sim)
     page.wait_for_function("() => window.latentStream.pointCount() === 60", timeout=WAIT_MS)
 
-    # the first run is persisted: the run selector brings it back from the catalog
-    page.wait_for_function(
-        "() => [...document.querySelector('[data-testid=run-select]').options].some(o => o.value === 'page-e2e-a')",
+    # the first run is persisted: the run selector brings it back from the catalog (listed by its storage key)
+    past = page.wait_for_function(
+        "() => [...document.querySelector('[data-testid=run-select]').options].map(o => o.value)"
+        ".find(v => v.startsWith('page-e2e-a-'))",
         timeout=WAIT_MS,
-    )
-    page.get_by_test_id("run-select").select_option("page-e2e-a")
+    ).json_value()
+    page.get_by_test_id("run-select").select_option(past)
     page.wait_for_function("() => window.latentStream.pointCount() === 300", timeout=WAIT_MS)
     screenshot(page, "e2e_past_run_after_restart")
     page_probe.check_clean(expected=("ERR_CONNECTION_REFUSED",))
