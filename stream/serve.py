@@ -165,7 +165,9 @@ class Service:
         from frontend_bridge.wire import ModelInfo
         from operators.persist.catalog import TiledRunCatalog
 
-        hub = Hub(ModelInfo(bundle.autoencoder_model, bundle.dimred_model), registry=self.registry)
+        # the bridge sends clients the start metadata the ingest accepted: the same bounds
+        hub = Hub(ModelInfo(bundle.autoencoder_model, bundle.dimred_model), registry=self.registry,
+                  max_metadata_depth=s.max_metadata_depth, max_metadata_bytes=s.max_metadata_bytes)  # fmt: skip
         self.metrics.set_clients_source(lambda: float(sum(hub.client_counts().values())))
         app = create_app(
             hub,
