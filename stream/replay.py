@@ -1,11 +1,10 @@
 """``latent-stream replay SOURCE`` and ``latent-stream verify``: recorded scans back over ZeroMQ.
 
-Sources (`open_source`):
-- a directory of TIFF / CBF / EDF frames (tifffile, fabio), sorted by name;
-- an HDF5 / NeXus file (`--dataset`, default /entry/data/data), one frame per leading index;
-- a .npy stack (N, H, W);
-- a Tiled URI of a frame stack (`http://HOST:PORT/api/v1/array/full/<path>` or `/api/v1/metadata/<path>`):
-  replayed events carry each frame's Tiled URI, so the service does not store them again.
+Sources (`open_source`, stream/readers/): a directory of TIFF (multi-page too) / CBF / EDF frames or one such
+file, an HDF5 / NeXus file (`--dataset`, default /entry/data/data; EIGER master files with external links and
+bitshuffle-LZ4 chunks included), a .npy stack (N, H, W), or a Tiled URI of a frame stack (replayed events carry
+each frame's Tiled URI, so the service does not store them again). Per-frame header metadata (a CBF's
+exposure time and date) travels as extra keys of each event.
 
 Recorded cadence: `timestamps.npy` in a frame directory, a `timestamps` dataset beside the HDF5 frames,
 or `<stem>.timestamps.npy` beside a .npy stack (seconds, what `latent-stream record` writes).
@@ -23,156 +22,26 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import typer
 
+from stream.readers import (  # noqa: F401 - re-exported: replay's callers import them from here
+    DEFAULT_DATASET,
+    FRAME_SUFFIXES,
+    FrameSource,
+    RecordedFrame,
+    ReplayError,
+    open_source,
+)
 from stream.record import record  # noqa: F401 - the CLI registers `record` from this module
 
 log = logging.getLogger(__name__)
 
-FRAME_SUFFIXES = (".tif", ".tiff", ".cbf", ".edf")
-DEFAULT_DATASET = "/entry/data/data"
 DEFAULT_REPORT_DIR = Path("replay-reports")
-
-
-class ReplayError(ValueError):
-    """The source cannot be replayed (unknown kind, empty, unreadable, no timestamps for --speed)."""
-
-
-@dataclass(slots=True)
-class RecordedFrame:
-    index: int  # position in the source, 0-based: becomes the event's frame_number
-    image: np.ndarray
-    tiled_url: str = ""
-
-
-@dataclass(slots=True)
-class FrameSource:
-    """A recorded scan: how many frames, their recorded times (if any), and a way to read them in order."""
-
-    name: str
-    kind: str  # "directory" | "hdf5" | "npy" | "tiled"
-    count: int
-    timestamps: np.ndarray | None  # seconds, one per frame, or None
-    read: Any  # (i) -> RecordedFrame
-    metadata: dict[str, Any] = field(default_factory=dict)
-    close: Any = None
-
-    def __iter__(self) -> Iterator[RecordedFrame]:
-        for i in range(self.count):
-            yield self.read(i)
-
-
-def open_source(source: str, *, dataset: str = DEFAULT_DATASET, api_key: str | None = None) -> FrameSource:
-    """Open any supported recorded scan (see module doc)."""
-    if source.startswith(("http://", "https://")):
-        return _tiled_source(source, api_key)
-    path = Path(source)
-    if path.is_dir():
-        return _directory_source(path)
-    if not path.exists():
-        raise ReplayError(f"{source}: no such file or directory")
-    if path.suffix == ".npy":
-        return _npy_source(path)
-    if path.suffix in (".h5", ".hdf5", ".nxs", ".nx5", ".hdf"):
-        return _hdf5_source(path, dataset)
-    raise ReplayError(f"{source}: not a frame directory, HDF5/NeXus file, .npy stack or Tiled URI")
-
-
-def _optional_timestamps(path: Path, count: int) -> np.ndarray | None:
-    if not path.exists():
-        return None
-    ts = np.load(path).astype(np.float64).reshape(-1)
-    if len(ts) != count:
-        raise ReplayError(f"{path}: {len(ts)} timestamps for {count} frames")
-    return ts
-
-
-def _directory_source(path: Path) -> FrameSource:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
-    if not files:
-        raise ReplayError(f"{path}: no {'/'.join(FRAME_SUFFIXES)} frames")
-
-    def read(i: int) -> RecordedFrame:
-        f = files[i]
-        if f.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            image = tifffile.imread(f)
-        else:
-            import fabio
-
-            image = fabio.open(str(f)).data
-        return RecordedFrame(i, np.ascontiguousarray(image))
-
-    ts = _optional_timestamps(path / "timestamps.npy", len(files))
-    return FrameSource(path.name, "directory", len(files), ts, read, {"source": str(path)})
-
-
-def _npy_source(path: Path) -> FrameSource:
-    stack = np.load(path, mmap_mode="r")
-    if stack.ndim != 3:
-        raise ReplayError(f"{path}: expected an (N, H, W) stack, got shape {stack.shape}")
-    ts = _optional_timestamps(path.with_name(path.stem + ".timestamps.npy"), len(stack))
-    return FrameSource(
-        path.stem, "npy", len(stack), ts, lambda i: RecordedFrame(i, np.ascontiguousarray(stack[i])),
-        {"source": str(path)},
-    )  # fmt: skip
-
-
-def _hdf5_source(path: Path, dataset: str) -> FrameSource:
-    import h5py
-
-    f = h5py.File(path, "r")
-    if dataset not in f:
-        f.close()
-        raise ReplayError(f"{path}: no dataset {dataset} (give --dataset)")
-    data = f[dataset]
-    if data.ndim != 3:
-        f.close()
-        raise ReplayError(f"{path}:{dataset}: expected (N, H, W), got shape {data.shape}")
-    ts = None
-    parent = data.parent
-    if "timestamps" in parent and len(parent["timestamps"]) == len(data):
-        ts = np.asarray(parent["timestamps"], dtype=np.float64)
-    return FrameSource(
-        path.stem, "hdf5", len(data), ts, lambda i: RecordedFrame(i, np.ascontiguousarray(data[i])),
-        {"source": str(path), "dataset": dataset}, close=f.close,
-    )  # fmt: skip
-
-
-def _tiled_source(uri: str, api_key: str | None) -> FrameSource:
-    from tiled.client import from_uri
-
-    parsed = urlparse(uri)
-    marker = next((m for m in ("/api/v1/array/full/", "/api/v1/array/block/", "/api/v1/metadata/")
-                   if m in parsed.path), None)  # fmt: skip
-    if marker is None:
-        raise ReplayError(f"{uri}: expected http://HOST/api/v1/array/full/<path> or /api/v1/metadata/<path>")
-    prefix, node_path = parsed.path.split(marker, 1)
-    base = f"{parsed.scheme}://{parsed.netloc}{prefix}"
-    node_path = unquote(node_path.strip("/"))
-    client = from_uri(base, api_key=api_key)
-    node = client
-    for part in node_path.split("/"):
-        node = node[part]
-    if len(node.shape) != 3:
-        raise ReplayError(f"{uri}: expected an (N, H, W) frame stack, got shape {node.shape}")
-    full = f"{base}/api/v1/array/full/{node_path}"
-    md = dict(node.metadata)
-    ts = md.get("timestamps")
-    timestamps = np.asarray(ts, dtype=np.float64) if ts is not None and len(ts) == node.shape[0] else None
-    return FrameSource(
-        node_path.replace("/", "_"), "tiled", int(node.shape[0]), timestamps,
-        lambda i: RecordedFrame(i, np.ascontiguousarray(node[i]), tiled_url=f"{full}?slice={i}"),
-        {"source": uri}, close=client.context.close,
-    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -266,7 +135,7 @@ async def _send_run(
             wait = next_at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await sender.send_event(frame.index, frame.image, tiled_url=frame.tiled_url)
+            await sender.send_event(frame.index, frame.image, tiled_url=frame.tiled_url, **frame.metadata)
             report.sent += 1
             report.first_index = frame.index if report.first_index is None else report.first_index
             report.last_index = frame.index
