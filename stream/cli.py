@@ -136,6 +136,12 @@ def _run_service(coro_factory: Any) -> None:
 def serve(
     zmq: Annotated[str | None, typer.Option(help="Frame source address; the service connects.")] = None,
     zmq_pattern: Annotated[str | None, typer.Option(help="pull (lossless) | sub (PUB sources).")] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(help="Frame source URL: zmq+pull:// | zmq+sub:// | stream2://HOST:PORT[?channel=NAME] | "
+                     "tiled://HOST:PORT/PATH [--zmq with --zmq-pattern]."),
+    ] = None,
+    source_api_key: Annotated[str | None, typer.Option(help="API key for a source that needs one.")] = None,
     host: Annotated[str | None, typer.Option(help="HTTP/websocket bind address [127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP/websocket port [8765].")] = None,
     bundle: Annotated[Path | None, typer.Option(help="Model bundle directory [the shipped one].")] = None,

@@ -30,6 +30,7 @@ from stream.protocol import (
     DEFAULT_MAX_PIXELS,
     Limits,
 )
+from stream.sources.url import SourceSpec, ZmqSource, parse_source
 
 ENV_PREFIX = "LATENT_STREAM_"
 
@@ -41,6 +42,9 @@ class ServeSettings(BaseSettings):
     # ARCHITECTURE.md "Commands": the public serve options.
     zmq: str = Field("tcp://127.0.0.1:5000", description="address of the frame source; the service connects")
     zmq_pattern: Literal["pull", "sub"] = Field("pull", description="pull (lossless) or sub (PUB sources)")
+    # stream/sources/url.py: zmq+pull:// | zmq+sub:// | stream2:// | tiled:// | tiled+https://
+    source: str | None = Field(None, description="frame source URL (default: --zmq with --zmq-pattern)")
+    source_api_key: str | None = Field(None, repr=False, description="API key for a source that needs one")
     host: str = Field("127.0.0.1", description="HTTP/websocket bind address")
     port: int = Field(8765, ge=0, le=65535)
     bundle: Path | None = Field(None, description="model bundle directory (default: the shipped bundle)")
@@ -99,12 +103,25 @@ class ServeSettings(BaseSettings):
             raise ValueError("tiled must be 'embedded' or an http(s):// URL")
         return value.rstrip("/")
 
+    @field_validator("source")
+    @classmethod
+    def _source_is_a_known_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_source(value)  # SourceURLError (a ValueError) says what is wrong, never a credential
+        return value
+
     @model_validator(mode="after")
     def _policy_follows_pattern(self) -> ServeSettings:
         if self.queue_policy is None:
             # PULL is lossless: push back on the sender. SUB cannot push back: stay live, count drops.
-            self.queue_policy = QueuePolicy.BLOCK if self.zmq_pattern == "pull" else QueuePolicy.DROP_OLDEST
+            can_push_back = self.source_spec.can_push_back
+            self.queue_policy = QueuePolicy.BLOCK if can_push_back else QueuePolicy.DROP_OLDEST
         return self
+
+    @property
+    def source_spec(self) -> SourceSpec:
+        """Where frames come from: ``source``, else the msgpack ingest at ``zmq`` with ``zmq_pattern``."""
+        return parse_source(self.source) if self.source else ZmqSource(self.zmq_pattern, self.zmq)
 
     @property
     def limits(self) -> Limits:

@@ -34,7 +34,7 @@ from operators.messages import Frame, RunStarted, RunStopped
 from operators.metrics import PipelineMetrics
 from operators.persist.keys import run_key
 from operators.throttled_log import ThrottledLog
-from stream.protocol import DEFAULT_LIMITS, Event, Limits, ProtocolError, Start, Stop, decode
+from stream.protocol import DEFAULT_LIMITS, Event, Limits, ProtocolError, Start, Stop, WireMessage, decode
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,26 @@ class Submitter(Protocol):
     async def submit(self, message: IngestMessage) -> bool: ...
 
 
+class WireDecoder(Protocol):
+    """One source's wire format: bytes -> `Start | Event | Stop`, raising `ProtocolError` (a counted reason).
+
+    The default is the arroyo msgpack format (`stream.protocol.decode`); DECTRIS stream v2 is
+    `stream.sources.stream2_wire.Stream2Decoder`. Called from one thread at a time.
+    """
+
+    def decode(self, payload: bytes | memoryview) -> WireMessage: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MsgpackWire:
+    """The arroyo msgpack wire format (stream/protocol.py)."""
+
+    limits: Limits = DEFAULT_LIMITS
+
+    def decode(self, payload: bytes | memoryview) -> WireMessage:
+        return decode(payload, self.limits)
+
+
 @dataclass(slots=True)
 class _RunState:
     run_id: str
@@ -71,9 +91,12 @@ class IngestDecoder:
     an event or stop with no open run is rejected (``no_active_run``).
     """
 
-    def __init__(self, metrics: PipelineMetrics, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, metrics: PipelineMetrics, limits: Limits = DEFAULT_LIMITS, wire: WireDecoder | None = None
+    ) -> None:
         self.metrics = metrics
         self.limits = limits
+        self.wire = wire or MsgpackWire(limits)
         self._run: _RunState | None = None
         self._warn = ThrottledLog(log)  # gaps and reordering can happen on every frame of a lossy link
 
@@ -83,7 +106,13 @@ class IngestDecoder:
 
     def accept(self, payload: bytes | memoryview, received_at: float, received_perf: float) -> list[IngestMessage]:
         """Decode one message. Raises `ProtocolError`; the LAST returned message is the received one."""
-        message = decode(payload, self.limits)
+        return self.handle(self.wire.decode(payload), received_at, received_perf)
+
+    def handle(self, message: WireMessage, received_at: float, received_perf: float) -> list[IngestMessage]:
+        """Run state for one decoded message (sources without a byte wire call this directly).
+
+        Raises `ProtocolError` (``no_active_run``); the LAST returned message is the one handled.
+        """
         if isinstance(message, Event):
             return [self._event(message, received_at, received_perf)]
         if isinstance(message, Start):
@@ -150,6 +179,9 @@ class IngestDecoder:
 class ZmqIngest(Listener):
     """Connects to ``address`` and feeds ``operator.submit`` until `stop`.
 
+    ``wire`` is the message format (default: arroyo msgpack); the run state, limits and counters are the same
+    for every format.
+
     ``rcvhwm`` bounds what ZeroMQ itself buffers (default 1000 messages would be ~10 GB of Pilatus frames),
     ``limits.max_message_bytes`` how long each may be.
     """
@@ -164,6 +196,7 @@ class ZmqIngest(Listener):
         limits: Limits = DEFAULT_LIMITS,
         context: zmq.asyncio.Context | None = None,
         rcvhwm: int = 16,
+        wire: WireDecoder | None = None,
     ) -> None:
         super().__init__(operator)
         if pattern not in ("pull", "sub"):
@@ -172,7 +205,7 @@ class ZmqIngest(Listener):
         self.pattern = pattern
         self.metrics = metrics
         self.limits = limits
-        self.decoder = IngestDecoder(metrics, limits)
+        self.decoder = IngestDecoder(metrics, limits, wire)
         self.rcvhwm = rcvhwm
         self._warn = ThrottledLog(log)  # a misbehaving sender must not flood the log (counters stay exact)
         self._context = context or zmq.asyncio.Context.instance()

@@ -95,9 +95,9 @@ class Service:
         try:
             tasks = await self._start()
             self.ready.set()
-            log.info("serving on %s (websockets %s/ws and %s/lse, frames from %s via %s)",
+            log.info("serving on %s (websockets %s/ws and %s/lse, frames from %s)",
                      self.url, self.url.replace("http", "ws", 1), self.url.replace("http", "ws", 1),
-                     self.settings.zmq, self.settings.zmq_pattern)
+                     self.settings.source_spec.describe())
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
@@ -203,12 +203,15 @@ class Service:
         self._on_stop("pipeline", lambda: self._stop_pipeline(pipeline, pipeline_task))
 
         # -- frames in (last to start, first to stop) ------------------------------------------------
-        from stream.ingest import ZmqIngest
+        from stream.sources import SourceContext, SourceURLError, build_source
 
         context = zmq.asyncio.Context()
         self._on_stop("zmq context", lambda: _term_context(context))
-        ingest = ZmqIngest(pipeline, s.zmq, self.metrics, pattern=s.zmq_pattern, limits=s.limits,
-                           context=context, rcvhwm=s.rcvhwm)
+        try:  # --source (stream/sources/): every kind is a Listener feeding pipeline.submit
+            ingest = build_source(s.source_spec, SourceContext(pipeline, self.metrics, s.limits, context,
+                                                               rcvhwm=s.rcvhwm, api_key=s.source_api_key))
+        except SourceURLError as exc:
+            raise ServeError(str(exc)) from exc
         ingest_task = asyncio.create_task(ingest.start(), name="ingest")
         self._on_stop("ingest", ingest.stop)
         await ingest.wait_connected()
@@ -300,7 +303,8 @@ class Service:
 
     def _health(self) -> dict[str, Any]:
         writer = self._writer
-        return {"ingest": self.metrics.snapshot(), "zmq": self.settings.zmq,
+        return {"ingest": self.metrics.snapshot(), "source": self.settings.source_spec.describe(),
+                "zmq": self.settings.zmq,
                 "zmq_pattern": self.settings.zmq_pattern, "tiled": self.tiled_url,
                 "tiled_connected": writer is not None and writer.connected,
                 "persist": dataclasses.asdict(writer.stats()) if writer is not None else None}
