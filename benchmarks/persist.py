@@ -134,17 +134,23 @@ def codec_floor(frame: np.ndarray, repeats: int = 8) -> dict[str, dict[str, floa
     return out
 
 
-def _point(base_url: str, run_id: str, index: int, image: np.ndarray, rng: np.random.Generator) -> Any:
-    from operators.messages import Point, StageTimings
+async def _publish_point(
+    writer: Any, base_url: str, run_id: str, index: int, image: np.ndarray, rng: np.random.Generator
+) -> Any:
+    """As the pipeline does: the frame to the writer's frame port, then its point (returned)."""
+    from operators.messages import Frame, Point, StageTimings
     from operators.persist.uris import frame_uri
 
-    return Point(
+    writer.store_frame(Frame(run_id, index, image, "", time.time(), 0.0, run_key=run_id))
+    point = Point(
         run_id=run_id, index=index, x=float(rng.standard_normal()), y=float(rng.standard_normal()),
         cluster=int(rng.integers(0, 4)), novelty=float(rng.random()),
         tiled_url=frame_uri(base_url, run_id, index), timestamp=time.time(),
         timings=StageTimings(total=0.03, encode=0.007, project=0.001),
-        latent=rng.standard_normal(512).astype(np.float32), stored_by_service=True, image=image, run_key=run_id,
+        latent=rng.standard_normal(512).astype(np.float32), stored_by_service=True, run_key=run_id,
     )  # fmt: skip
+    await writer.publish(point)
+    return point
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -173,9 +179,8 @@ async def run_rate(ep: Any, server_pid: int, data_dir: Path, frames: list[np.nda
     for i in range(n):
         await asyncio.sleep(max(0.0, t0 + i / rate_hz - time.perf_counter()))
         image = frames[i % len(frames)]
-        p = _point(ep.url, run_id, i, image, rng)
+        p = await _publish_point(writer, ep.url, run_id, i, image, rng)
         urls[i], by_index[i] = p.tiled_url, image
-        await writer.publish(p)
         if i % probe_every == 0:
             poller.watch(i, p.tiled_url, time.perf_counter())
     await writer.publish(RunStopped(run_id, time.time(), n, n, run_key=run_id))
@@ -217,7 +222,7 @@ async def run_burst(
     load_before, cpu_s0, cpu_w0 = os.getloadavg(), _cpu(server), _cpu(me)
     t0 = time.perf_counter()
     for i in range(n):
-        await writer.publish(_point(ep.url, run_id, i, frames[i % len(frames)], rng))
+        await _publish_point(writer, ep.url, run_id, i, frames[i % len(frames)], rng)
     await writer.publish(RunStopped(run_id, time.time(), n, n, run_key=run_id))
     assert await writer.flush(600), "burst did not drain in 10 min"
     seconds = time.perf_counter() - t0

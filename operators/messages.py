@@ -7,6 +7,7 @@ from these at the edges; nothing here knows about sockets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +70,9 @@ class Point:
     timestamp: float  # unix seconds when the point was produced
     timings: StageTimings
     latent: np.ndarray  # (latent_dim,) float32 latent mean
-    stored_by_service: bool  # True when the frame came without a tiled_url and this service writes it
-    image: np.ndarray | None = None  # the frame, kept only when the service must store it
+    # True when the frame came without a tiled_url and this service stores it: the frame itself travels by
+    # its own path (a `FrameSink`), never inside the point
+    stored_by_service: bool
 
 
 @dataclass(slots=True)
@@ -111,3 +113,8 @@ class RunStopped:
 
 
 PipelineMessage = RunStarted | Point | ClusterNew | ClusterUpdate | RunStopped
+
+FrameSink = Callable[[Frame], None]
+"""Where the pipeline hands each frame this service must store (one that came without a `tiled_url`), right
+before it publishes that frame's `Point` (same `run_key` and `index`). Must not block: the composition root
+connects it to the Tiled writer's `store_frame`."""

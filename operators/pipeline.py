@@ -5,7 +5,8 @@ the pipeline takes what is waiting, up to ``max_batch``, and runs the compute st
 one worker thread (onnxruntime and cv2 release the GIL), so the event loop keeps serving websockets.
 Each stage is isolated per frame: a batch that fails is retried one frame at a time, and only the
 frame that fails is rejected (counted under the stage's reason). Results fan out to every publisher
-concurrently (`QueuedOperator.publish`).
+concurrently (`QueuedOperator.publish`). A frame this service must store (one without a tiled_url) leaves by
+its own port: it is handed to the ``frame_sink`` right before its point is published, never inside the point.
 
 Run control messages (`RunStarted`, `RunStopped`) are never dropped by the overload policy and are
 handled in arrival order between batches: a start gives the run a fresh online clusterer.
@@ -43,7 +44,16 @@ from operators.base import (
 )
 from operators.child_process import die_with_parent
 from operators.clustering import Corrections, density_labels
-from operators.messages import ClusterNew, ClusterUpdate, Frame, Point, RunStarted, RunStopped, StageTimings
+from operators.messages import (
+    ClusterNew,
+    ClusterUpdate,
+    Frame,
+    FrameSink,
+    Point,
+    RunStarted,
+    RunStopped,
+    StageTimings,
+)
 from operators.metrics import PipelineMetrics
 from operators.persist.uris import frame_uri
 
@@ -257,6 +267,7 @@ class _Run:
 @dataclass(slots=True)
 class _BatchResult:
     points: list[Point]
+    frames: list[Frame]  # the frame of each point, in the same order
     new_clusters: dict[int, ClusterNew]  # keyed by the founding frame's index
     corrections: Corrections = field(default_factory=Corrections)  # published after the points
 
@@ -264,7 +275,8 @@ class _BatchResult:
 class LivePipeline(QueuedOperator[InMessage]):
     """The composed per-frame pipeline, as one arroyopy operator.
 
-    ``tiled_base_url`` builds the URI of frames that came without one (this service stores them).
+    ``tiled_base_url`` builds the URI of frames that came without one (this service stores them);
+    ``frame_sink`` receives those frames, each right before its point is published.
     """
 
     def __init__(
@@ -279,6 +291,7 @@ class LivePipeline(QueuedOperator[InMessage]):
         policy: QueuePolicy = QueuePolicy.BLOCK,
         publish_timeout: float = 1.0,
         recluster: str = "process",
+        frame_sink: FrameSink | None = None,
     ) -> None:
         super().__init__(metrics, queue_size=queue_size, queue_bytes=queue_bytes, policy=policy,
                          publish_timeout=publish_timeout)  # fmt: skip
@@ -286,6 +299,7 @@ class LivePipeline(QueuedOperator[InMessage]):
             raise ValueError("max_batch must be >= 1")
         self.bundle = bundle
         self.tiled_base_url = tiled_base_url
+        self.frame_sink = frame_sink
         self.max_batch = max_batch
         self.cluster_stage = ClusterStage(bundle, recluster)
         size = bundle.preprocessor.spec.size
@@ -422,15 +436,24 @@ class LivePipeline(QueuedOperator[InMessage]):
                 self.metrics.rejected.labels("processing_error").inc(len(frames))
                 log.exception("run %s: batch of %d frame(s) failed", frames[0].run_id, len(frames))
                 return
-            for point in result.points:
+            for point, frame in zip(result.points, result.frames, strict=True):
                 founded = result.new_clusters.get(point.index)
                 if founded is not None:
                     await self.publish(founded)
                 t0 = time.perf_counter()
+                if point.stored_by_service and self.frame_sink is not None:
+                    self._hand_frame(self.frame_sink, frame)
                 await self.publish(point)
                 self.metrics.observe("publish", time.perf_counter() - t0)
             await self._publish_corrections(result.corrections)
         self._watch_recluster()
+
+    def _hand_frame(self, sink: FrameSink, frame: Frame) -> None:
+        try:
+            sink(frame)
+        except Exception:  # like a failing publisher: counted, and the point still goes out
+            self.metrics.publisher_errors.labels("frame_sink").inc()
+            log.exception("run %s frame %d: the frame sink failed", frame.run_id, frame.index)
 
     async def _publish_corrections(self, corr: Corrections) -> None:
         run = self._run
@@ -492,13 +515,13 @@ class LivePipeline(QueuedOperator[InMessage]):
 
     def _finish(self, items: list[Work]) -> _BatchResult:
         points: list[Point] = []
+        frames: list[Frame] = []
         new_clusters: dict[int, ClusterNew] = {}
         run = self._run
         for work in items:
             frame, assignment = work.frame, work.assignment
             now_perf, now = time.perf_counter(), time.time()
             work.timings.total = now_perf - frame.received_perf
-            stored = not frame.tiled_url
             points.append(
                 Point(
                     run_id=frame.run_id,
@@ -512,10 +535,10 @@ class LivePipeline(QueuedOperator[InMessage]):
                     timestamp=now,
                     timings=work.timings,
                     latent=work.latent,
-                    stored_by_service=stored,
-                    image=frame.image if stored else None,
+                    stored_by_service=not frame.tiled_url,
                 )
             )
+            frames.append(frame)
             if assignment.is_new:
                 new_clusters[frame.index] = ClusterNew(frame.run_id, int(assignment.cluster), frame.index, now)
                 log.info("run %s: new cluster %d founded by frame %d", frame.run_id, assignment.cluster, frame.index)
@@ -523,7 +546,7 @@ class LivePipeline(QueuedOperator[InMessage]):
             self.metrics.processed.labels("event").inc()
             if run is not None and run.run_key == frame.run_key:
                 run.processed += 1
-        return _BatchResult(points, new_clusters)
+        return _BatchResult(points, frames, new_clusters)
 
     def _reject(self, work: Work, stage: BatchStage[Work], exc: BaseException) -> None:
         reason = "non_finite_output" if isinstance(exc, NonFiniteOutput) else stage.reject_reason

@@ -191,7 +191,7 @@ class Service:
         pipeline = LivePipeline(
             bundle, self.metrics, tiled_base_url=self.tiled_url, max_batch=s.max_batch,
             queue_size=s.queue_size, queue_bytes=s.queue_bytes, policy=s.queue_policy,
-            publish_timeout=s.publish_timeout,
+            publish_timeout=s.publish_timeout, frame_sink=writer.store_frame,  # frames to store: their own path
         )
         pipeline.add_publisher(hub)
         pipeline.add_publisher(writer)

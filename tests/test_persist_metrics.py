@@ -8,7 +8,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from tiled_support import make_point
+from tiled_support import make_point, publish_stored
 
 from operators.messages import RunStarted
 from operators.persist.metrics import WriterCollector
@@ -29,9 +29,9 @@ async def test_frames_dropped_while_tiled_is_away_are_counted_by_reason_on_metri
     registry = CollectorRegistry()
     registry.register(WriterCollector(writer))
     await writer.publish(RunStarted("run-m", "metrics", time.time(), run_key="run-m"))
-    await writer.publish(first)
+    await publish_stored(writer, first, image)
     for i in (1, 2):
-        await writer.publish(make_point("http://127.0.0.1:9", "run-m", i, rng)[0])
+        await publish_stored(writer, *make_point("http://127.0.0.1:9", "run-m", i, rng))
 
     samples = _samples(registry)
     assert samples[("latent_stream_persist_frames_not_written_total", (("reason", "buffer_full"),))] == 1

@@ -89,10 +89,14 @@ async def test_every_frame_becomes_a_finite_point_with_cluster_timings_and_frame
     bundle: ModelBundle, images: list[np.ndarray]
 ) -> None:
     metrics = PipelineMetrics(CollectorRegistry())
-    pipeline = LivePipeline(bundle, metrics, tiled_base_url=TILED, max_batch=4, queue_size=16)
+    handed: list[object] = []
+    pipeline = LivePipeline(bundle, metrics, tiled_base_url=TILED, max_batch=4, queue_size=16,
+                            frame_sink=handed.append)  # fmt: skip
     frames = [_frame("run-a", i, img) for i, img in enumerate(images)]
     messages = [RunStarted("run-a", "scan", time.time(), run_key="run-a"), *frames, RunStopped("run-a", time.time(), 6, 0, run_key="run-a")]
     recorder = await _run_pipeline(pipeline, messages, expect_points=6)
+    # each frame to store leaves by the frame sink, before its point (the writer gives it the point's row)
+    assert handed == frames
 
     assert isinstance(recorder.messages[0], RunStarted)
     points = recorder.points()
@@ -100,7 +104,7 @@ async def test_every_frame_becomes_a_finite_point_with_cluster_timings_and_frame
     for p in points:
         assert math.isfinite(p.x) and math.isfinite(p.y) and isinstance(p.cluster, int)
         assert p.tiled_url == frame_uri(TILED, "run-a", p.index)
-        assert p.stored_by_service and p.image is not None
+        assert p.stored_by_service
         assert p.latent.shape == (bundle.latent_dim,)
         assert p.timings.total >= p.timings.encode > 0 and p.timings.project > 0
     stop = recorder.messages[-1]
@@ -147,12 +151,14 @@ async def test_a_frame_that_breaks_a_stage_is_rejected_alone(bundle: ModelBundle
 async def test_frames_that_arrive_with_a_tiled_url_keep_it_and_are_not_stored_again(
     bundle: ModelBundle, images: list[np.ndarray]
 ) -> None:
-    pipeline = LivePipeline(bundle, PipelineMetrics(CollectorRegistry()), tiled_base_url=TILED)
+    handed: list[Frame] = []
+    pipeline = LivePipeline(bundle, PipelineMetrics(CollectorRegistry()), tiled_base_url=TILED,
+                            frame_sink=handed.append)  # fmt: skip
     url = "https://facility/api/v1/array/full/scan9/primary/data?slice=41"
     messages = [RunStarted("r", "scan", time.time(), run_key="r"), _frame("r", 41, images[0], url),
                 RunStopped("r", time.time(), 1, 0, run_key="r")]
     point = (await _run_pipeline(pipeline, messages, expect_points=1)).points()[0]
-    assert point.tiled_url == url and not point.stored_by_service and point.image is None
+    assert point.tiled_url == url and not point.stored_by_service and handed == []
 
 
 async def test_a_failing_or_hanging_publisher_never_stops_the_others(

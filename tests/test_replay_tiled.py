@@ -11,7 +11,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 from tiled.client import from_uri
-from tiled_support import make_point, tiled_server_fixture
+from tiled_support import make_point, publish_stored, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.catalog import TiledRunCatalog
@@ -76,7 +76,7 @@ async def test_verify_reports_sent_processed_stored_and_lost_per_run(
     for run_id, n_processed in (("complete", 6), ("short", 4)):
         await writer.publish(RunStarted(run_id, run_id, time.time(), run_key=run_id))
         for i in range(n_processed):
-            await writer.publish(make_point(ep.url, run_id, i, rng)[0])
+            await publish_stored(writer, *make_point(ep.url, run_id, i, rng))
         await writer.publish(RunStopped(run_id, time.time(), num_frames=6, processed=n_processed, run_key=run_id))
         (tmp_path / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, "sent": 6}))
     assert await writer.flush(timeout=60)

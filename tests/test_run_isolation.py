@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 from tiled.client import from_uri
-from tiled_support import make_point, tiled_server_fixture
+from tiled_support import make_point, publish_stored, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.keys import SLUG_CHARS, is_safe_key, run_key
@@ -61,7 +61,7 @@ async def test_a_reused_run_id_keeps_both_runs_frames_fetchable_by_their_own_uri
             for i in range(2):
                 point, image = make_point(ep.url, key, i, rng)
                 point.run_id = run_id
-                await writer.publish(point)
+                await publish_stored(writer, point, image)
                 sent[point.tiled_url] = image.tobytes()
             await writer.publish(RunStopped(run_id, time.time(), 2, 2, run_key=key))
         assert await writer.flush(timeout=120)
@@ -87,9 +87,9 @@ async def test_a_frame_number_sent_twice_keeps_the_first_frame_stored(
     async with TiledWriter(ep.url, ep.api_key, data_dir=tmp_path) as writer:
         await writer.publish(RunStarted("resend", "resend", time.time(), run_key=key))
         first, image = make_point(ep.url, key, 0, rng)
-        again, _ = make_point(ep.url, key, 0, rng)
-        await writer.publish(first)
-        await writer.publish(again)
+        again, image_again = make_point(ep.url, key, 0, rng)
+        await publish_stored(writer, first, image)
+        await publish_stored(writer, again, image_again)
         assert await writer.flush(timeout=60)
         stats = writer.stats()
     assert stats.frames_not_written == {"duplicate_index": 1} and stats.rows_written == 2
@@ -106,13 +106,13 @@ async def test_a_run_with_an_absurd_frame_number_does_not_delay_the_next_runs_fr
     async with TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, max_frame_index=10**13) as writer:
         bad = run_key("absurd")
         await writer.publish(RunStarted("absurd", "absurd", time.time(), run_key=bad))
-        await writer.publish(make_point(ep.url, bad, 10**12, rng)[0])
+        await publish_stored(writer, *make_point(ep.url, bad, 10**12, rng))
         await writer.publish(RunStopped("absurd", time.time(), None, 1, run_key=bad))
         good = run_key("next")
         await writer.publish(RunStarted("next", "next", time.time(), run_key=good))
         points = [make_point(ep.url, good, i, rng) for i in range(3)]
-        for point, _ in points:
-            await writer.publish(point)
+        for point, image in points:
+            await publish_stored(writer, point, image)
         await writer.publish(RunStopped("next", time.time(), 3, 3, run_key=good))
         # before: the 500 was retried as an outage for give_up_after (300 s) while "next" waited
         assert await writer.flush(timeout=60), "the next run's frames waited behind the failing one"
@@ -127,8 +127,7 @@ def test_frame_numbers_above_the_storage_bound_are_counted_not_stored(tmp_path: 
         writer = TiledWriter("http://127.0.0.1:9", None, data_dir=tmp_path, max_frame_index=1000)
         key = run_key("far")
         await writer.publish(RunStarted("far", "far", time.time(), run_key=key))
-        point, _ = make_point("http://127.0.0.1:9", key, 10**9, np.random.default_rng(0))
-        await writer.publish(point)
+        await publish_stored(writer, *make_point("http://127.0.0.1:9", key, 10**9, np.random.default_rng(0)))
         return writer.run_counts(key)["frames_not_written"]
 
     assert asyncio.run(main()) == {"index_out_of_range": 1}
@@ -176,7 +175,7 @@ async def test_a_writer_restarted_on_logs_it_cannot_replay_sets_them_aside_and_w
         key = run_key("after")
         await writer.publish(RunStarted("after", "after", time.time(), run_key=key))
         point, image = make_point(ep.url, key, 0, np.random.default_rng(1))
-        await writer.publish(point)
+        await publish_stored(writer, point, image)
         await writer.publish(RunStopped("after", time.time(), 1, 1, run_key=key))
         assert await writer.flush(timeout=60)
     assert await _fetch(tiled_server, point.tiled_url) == image.tobytes()

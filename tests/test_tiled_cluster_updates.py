@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 from tiled.client import from_uri
-from tiled_support import make_point, tiled_server_fixture
+from tiled_support import make_point, publish_stored, tiled_server_fixture
 
 from operators.messages import ClusterNew, ClusterUpdate, RunStarted, RunStopped
 from operators.persist.catalog import TiledRunCatalog
@@ -28,15 +28,15 @@ async def test_the_catalog_returns_the_ids_corrected_by_cluster_updates(tiled_se
     await writer.publish(RunStarted(run, "ramp", time.time(), run_key=run))
     sent = {}
     for index in range(12):
-        p, _ = make_point(ep.url, run, index, rng)
+        p, img = make_point(ep.url, run, index, rng)
         p.cluster = 1
         sent[index] = 1
-        await writer.publish(p)
+        await publish_stored(writer, p, img)
     await writer.publish(ClusterNew(run, 5, 6, time.time()))
     await writer.publish(ClusterUpdate(run, [6, 7, 8, 9], [5, 5, 5, 5], time.time(), run_key=run))
-    p, _ = make_point(ep.url, run, 12, rng)
+    p, img = make_point(ep.url, run, 12, rng)
     p.cluster = 5
-    await writer.publish(p)
+    await publish_stored(writer, p, img)
     await writer.publish(ClusterUpdate(run, [9, 12], [1, 1], time.time(), run_key=run))  # a later word wins
     await writer.publish(RunStopped(run, time.time(), 13, 13, run_key=run))
     assert await writer.flush(timeout=120)
@@ -64,13 +64,13 @@ async def test_a_run_without_updates_reads_as_before(tiled_server: EmbeddedTiled
     rng = np.random.default_rng(3)
     async with TiledWriter(ep.url, ep.api_key, data_dir=tmp_path) as writer:
         await writer.publish(RunStarted("run-plain", "plain", time.time(), run_key="run-plain"))
-        points = [make_point(ep.url, "run-plain", i, rng)[0] for i in range(4)]
-        for p in points:
-            await writer.publish(p)
+        points = [make_point(ep.url, "run-plain", i, rng) for i in range(4)]
+        for p, img in points:
+            await publish_stored(writer, p, img)
         assert await writer.flush(timeout=60)
     catalog = TiledRunCatalog(ep.url, ep.api_key)
     try:
         rows = await catalog.run_points("run-plain")
     finally:
         catalog.close()
-    assert [r["cluster"] for r in rows] == [p.cluster for p in points]
+    assert [r["cluster"] for r in rows] == [p.cluster for p, _ in points]

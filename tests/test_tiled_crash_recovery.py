@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 from tiled.client import from_uri
-from tiled_support import make_point, tiled_server_fixture
+from tiled_support import make_point, publish_stored, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.server import EmbeddedTiledServer
@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     import asyncio, sys, time
     import numpy as np
     sys.path.insert(0, sys.argv[4])
-    from tiled_support import make_point
+    from tiled_support import make_point, publish_stored
     from operators.messages import RunStarted
     from operators.persist.writer import TiledWriter
 
@@ -37,8 +37,7 @@ CHILD = textwrap.dedent(
         rng = np.random.default_rng(7)
         await w.publish(RunStarted("run-crash", "crash", time.time(), {"sample": "S1"}, run_key="run-crash"))
         for i in range(30):
-            p, _ = make_point(url, "run-crash", i, rng)
-            await w.publish(p)
+            await publish_stored(w, *make_point(url, "run-crash", i, rng))
             print(f"published {i}", flush=True)  # the row went out to clients: it must survive
         await asyncio.sleep(3600)
 
@@ -87,8 +86,7 @@ async def test_sigkill_mid_run_loses_no_published_row_and_the_run_continues(
     assert sorted(table["index"]) == list(range(published))  # no published row lost, none twice
     assert run.metadata["status"] == "open" and run.metadata["sample"] == "S1"
     for i in range(published, published + 5):
-        p, _ = make_point(ep.url, "run-crash", i, rng)
-        await writer.publish(p)
+        await publish_stored(writer, *make_point(ep.url, "run-crash", i, rng))
     await writer.publish(
         RunStopped("run-crash", time.time(), num_frames=published + 5, processed=published + 5, run_key="run-crash")
     )
@@ -117,7 +115,7 @@ async def test_a_recovered_open_run_is_closed_cleanly_when_the_writer_stops(
     await first.start()
     await first.publish(RunStarted("run-abandoned", "abandoned", time.time(), run_key="run-abandoned"))
     for i in range(4):
-        await first.publish(make_point(ep.url, "run-abandoned", i, rng)[0])
+        await publish_stored(first, *make_point(ep.url, "run-abandoned", i, rng))
     assert await first.flush(timeout=60)
     first._log.close()  # abandoned without stop(), like a killed process; its log stays
     first._task.cancel()

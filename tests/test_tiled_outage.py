@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 from tiled.client import from_uri
-from tiled_support import make_point, tiled_server_fixture
+from tiled_support import make_point, publish_stored, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.server import EmbeddedTiledServer, free_port
@@ -40,7 +40,7 @@ async def test_tiled_down_for_ten_seconds_loses_no_frame_and_no_row(
             p, img = make_point(ep.url, run_id, len(points), rng)
             points.append(p)
             images.append(img)
-            await writer.publish(p)  # the pipeline's view: must return at once, Tiled or not
+            await publish_stored(writer, p, img)  # the pipeline's view: must return at once, Tiled or not
             await asyncio.sleep(1 / RATE_HZ)
 
     await publish_for(1.5)
@@ -88,7 +88,7 @@ async def test_a_tiled_that_comes_up_long_after_the_writer_started_still_gets_ev
     rng = np.random.default_rng(3)
     await writer.publish(RunStarted("run-late", "late", time.time(), run_key="run-late"))
     for i in range(5):
-        await writer.publish(make_point(url, "run-late", i, rng)[0])
+        await publish_stored(writer, *make_point(url, "run-late", i, rng))
     await asyncio.sleep(3.0)  # three times give_up_after, Tiled still down
     assert not task.done() and not writer.connected
     tiled = EmbeddedTiledServer(tmp_path / "tiled", port=port, api_key="latekey0123")

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from tiled.client import from_uri
-from tiled_support import make_point, tiled_server_fixture
+from tiled_support import make_point, publish_stored, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.metrics import WriterCollector
@@ -66,14 +66,14 @@ async def test_every_point_url_returns_the_exact_frame_bytes_over_plain_http(
         p, img = make_point(ep.url, run_id, index, rng)
         points.append(p)
         images.append(img)
-        await writer.publish(p)
+        await publish_stored(writer, p, img)
     # two full-size Pilatus frames where size matters
     for index in (26, 27):
         p, img = make_point(ep.url, run_id, index, rng, shape=(1679, 1475))
-        p.image = img[:48, :64].copy()  # same run, same detector shape as the stack
+        img = img[:48, :64].copy()  # same run, same detector shape as the stack
         points.append(p)
-        images.append(p.image)
-        await writer.publish(p)
+        images.append(img)
+        await publish_stored(writer, p, img)
     await writer.publish(RunStopped(run_id, time.time(), num_frames=len(points), processed=len(points), run_key=run_id))
     assert await writer.flush(timeout=120)
     stats = writer.stats()
@@ -117,7 +117,7 @@ async def test_full_size_pilatus_frames_round_trip_byte_identical(
         p, img = make_point(ep.url, key, index, rng, shape=(1679, 1475))
         points.append(p)
         images.append(img)
-        await writer.publish(p)
+        await publish_stored(writer, p, img)
     assert await writer.flush(timeout=120)
     await writer.stop()
     fetched = await _fetch_all(tiled_server, [p.tiled_url for p in points])
@@ -137,7 +137,7 @@ async def test_frames_that_came_with_a_tiled_url_are_not_rewritten(
     for index in range(5):
         p, _ = make_point(ep.url, "run-facility", index, rng)
         p.tiled_url = f"https://tiled.facility.example/api/v1/array/full/raw/scan9/image?slice={index}"
-        p.stored_by_service, p.image = False, None
+        p.stored_by_service = False
         await writer.publish(p)
     await writer.publish(RunStopped("run-facility", time.time(), 5, 5, run_key="run-facility"))
     assert await writer.flush(timeout=60)
@@ -160,8 +160,8 @@ async def test_a_frame_of_another_shape_is_counted_not_written_with_its_reason(
     await writer.start()
     await writer.publish(RunStarted("run-shapes", "shapes", time.time(), run_key="run-shapes"))
     for index in range(4):
-        p, _ = make_point(ep.url, "run-shapes", index, rng, shape=(48, 64) if index != 2 else (32, 32))
-        await writer.publish(p)
+        await publish_stored(writer, *make_point(ep.url, "run-shapes", index, rng,
+                                                 shape=(48, 64) if index != 2 else (32, 32)))
     assert await writer.flush(timeout=60)
     stats = writer.stats()
     await writer.stop()
@@ -185,8 +185,7 @@ async def test_publish_never_waits_for_tiled_and_the_buffer_drops_oldest_frames_
     try:
         await writer.publish(RunStarted("run-full", "buffer", time.time(), run_key="run-full"))
         for index in range(10):
-            p, _ = make_point(ep.url, "run-full", index, rng)
-            await writer.publish(p)
+            await publish_stored(writer, *make_point(ep.url, "run-full", index, rng))
         stats = writer.stats()
         assert stats.buffered_rows == 10  # every row is kept (and logged)
         assert stats.buffered_bytes <= 4 * frame_bytes
@@ -211,9 +210,9 @@ async def test_a_frame_not_written_yet_answers_404_not_a_dropped_connection(
     await writer.publish(RunStarted("run-early", "polled early", time.time(), run_key="run-early"))
     points = []
     for index in range(2):
-        p, _ = make_point(ep.url, "run-early", index, rng)
+        p, img = make_point(ep.url, "run-early", index, rng)
         points.append(p)
-        await writer.publish(p)
+        await publish_stored(writer, p, img)
     assert await writer.flush(timeout=60)
     await writer.stop()
     headers = {**ep.headers, "Accept": "application/octet-stream"}
@@ -247,7 +246,7 @@ async def test_frames_arriving_at_a_steady_rate_share_requests_and_each_lag_is_o
     await writer.publish(RunStarted(run_id, "steady scan", time.time(), run_key=run_id))
     n, rate_hz = 16, 20.0
     for index in range(n):  # a detector's pace: each frame alone would be written before the next came
-        await writer.publish(make_point(ep.url, run_id, index, rng)[0])
+        await publish_stored(writer, *make_point(ep.url, run_id, index, rng))
         await asyncio.sleep(1 / rate_hz)
     assert await writer.flush(timeout=60)
     stats = writer.stats()

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from operators.messages import Point, StageTimings
+from operators.messages import Frame, Point, StageTimings
 from operators.persist.server import EmbeddedTiledServer
 from operators.persist.uris import frame_uri
+from operators.persist.writer import TiledWriter
 
 SMALL_SHAPE = (48, 64)  # a small test detector: keeps 2 shared cores fast
 
@@ -53,9 +54,15 @@ def make_point(
         timings=StageTimings(total=0.01, encode=0.005, project=0.001),
         latent=rng.standard_normal(512).astype(np.float32),
         stored_by_service=True,
-        image=image,
     )
     return point, image
+
+
+async def publish_stored(writer: TiledWriter, point: Point, image: np.ndarray) -> None:
+    """What the pipeline does with a frame the service stores: the frame to the writer's frame port, then
+    its point."""
+    writer.store_frame(Frame(point.run_id, point.index, image, "", point.timestamp, 0.0, run_key=point.run_key))
+    await writer.publish(point)
 
 
 def data_dir_of(srv: EmbeddedTiledServer) -> Path:

@@ -1,7 +1,9 @@
 """Persist frames and results to Tiled as they happen, off the per-frame path.
 
-`TiledWriter` is a publisher (`async publish(message)`): `publish` only logs the point to the run's result
-log (wal.py) and adds it to the backlog (backlog.py); one background task, the write loop (write_loop.py),
+`TiledWriter` is a publisher (`async publish(message)`) with a second port for frames (`store_frame`, a
+`FrameSink`): the pipeline hands it each frame that came without a tiled_url right before that frame's point,
+and the point gives the frame its row. `publish` only logs the point to the run's result log (wal.py) and adds
+it, with its frame if one came, to the backlog (backlog.py); one background task, the write loop (write_loop.py),
 writes the backlog to Tiled in order. Crash logs left by a killed process are adopted and replayed first
 (recovery.py).
 
@@ -37,7 +39,15 @@ from typing import Any, Self
 
 import numpy as np
 
-from operators.messages import ClusterNew, ClusterUpdate, PipelineMessage, Point, RunStarted, RunStopped
+from operators.messages import (
+    ClusterNew,
+    ClusterUpdate,
+    Frame,
+    PipelineMessage,
+    Point,
+    RunStarted,
+    RunStopped,
+)
 from operators.persist import recovery
 from operators.persist.backlog import Backlog
 from operators.persist.errors import TiledRejected, translate
@@ -90,8 +100,15 @@ class TiledWriter:
         self._loop: WriteLoop | None = None  # once connected
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        # frames handed over by store_frame whose point has not come yet: at most a batch (the pipeline hands
+        # a frame right before publishing its point)
+        self._frames_in: dict[tuple[str, int], np.ndarray] = {}
 
     # ---- publisher side: never blocks -------------------------------------------------------
+
+    def store_frame(self, frame: Frame) -> None:
+        """The frame port (a `messages.FrameSink`): keep a frame to store until its point comes."""
+        self._frames_in[(frame.run_key, frame.index)] = frame.image
 
     async def publish(self, message: PipelineMessage) -> None:
         """Log and enqueue; returns without waiting for Tiled."""
@@ -145,8 +162,12 @@ class TiledWriter:
             "tiled_url": p.tiled_url,
         }
         latent = np.ascontiguousarray(p.latent, dtype=np.float32).reshape(-1)
-        image = p.image if (p.stored_by_service and p.image is not None) else None
-        if image is not None and (refused := self._refuse_frame(st, p.index)):
+        image = self._frames_in.pop((p.run_key, p.index), None) if p.stored_by_service else None
+        if p.stored_by_service and image is None:  # the pipeline's frame sink is not connected to this writer
+            st.frames_not_written["frame_not_received"] += 1
+            self._warn.warning("frame_not_received", "run %s frame %d not stored: its frame never reached the "
+                               "writer", p.run_key, p.index)  # fmt: skip
+        elif image is not None and (refused := self._refuse_frame(st, p.index)):
             image = None
             st.frames_not_written[refused] += 1
             self._warn.warning(refused, "run %s frame %d not stored: %s", p.run_key, p.index, refused)
@@ -178,6 +199,9 @@ class TiledWriter:
     def _enqueue_stop(self, m: RunStopped) -> None:
         st = self._backlog.run(m.run_key, m.run_id)
         st.recovered_open = False
+        for key in [k for k in self._frames_in if k[0] == m.run_key]:  # their points never came (a failed publish)
+            del self._frames_in[key]
+            st.frames_not_written["point_not_received"] += 1
         stop = {"stopped_at": m.stopped_at, "num_frames": m.num_frames, "processed": m.processed,
                 "reason": m.reason}  # fmt: skip
         self._log.append(m.run_key, {"t": "stop", "run_key": m.run_key, "run_id": m.run_id, **stop})

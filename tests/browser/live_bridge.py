@@ -22,7 +22,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from frontend_bridge import Hub, ModelInfo, TiledConfig, create_app
-from operators.messages import ClusterNew, Point, RunStarted, RunStopped, StageTimings
+from operators.messages import ClusterNew, Frame, Point, RunStarted, RunStopped, StageTimings
 from operators.persist.server import TiledEndpoint, free_port
 from operators.persist.uris import frame_uri
 from operators.persist.writer import TiledWriter
@@ -129,11 +129,15 @@ class LiveBridge:
 
     # -- the pipeline side ----------------------------------------------------------------------
 
-    def publish(self, *messages: RunStarted | Point | ClusterNew | RunStopped) -> None:
+    def publish(self, *messages: RunStarted | Frame | Point | ClusterNew | RunStopped) -> None:
         self.call(self._publish(messages))
 
-    async def _publish(self, messages: Iterable[RunStarted | Point | ClusterNew | RunStopped]) -> None:
+    async def _publish(self, messages: Iterable[RunStarted | Frame | Point | ClusterNew | RunStopped]) -> None:
         for message in messages:
+            if isinstance(message, Frame):  # a frame to store: the writer's frame port, as the pipeline hands it
+                if self.writer is not None:
+                    self.writer.store_frame(message)
+                continue
             if self.writer is not None:
                 await self.writer.publish(message)
             await self.hub.publish(message)
@@ -180,14 +184,15 @@ def ring_frame(phase: Phase, index: int, rng: np.random.Generator) -> np.ndarray
 
 def scan(
     run_id: str, n: int, *, tiled_url: str | None, seed: int = 0, phase_len: int = 100
-) -> list[RunStarted | Point | ClusterNew]:
+) -> list[RunStarted | Frame | Point | ClusterNew]:
     """A run of `n` frames moving through the phases in turn (each `phase_len` frames), as pipeline messages.
 
-    With `tiled_url` the frames are attached for the TiledWriter to store; without, the points carry no URI.
+    With `tiled_url` each point is preceded by its frame, for the TiledWriter to store; without, the points
+    carry no URI.
     """
     rng = np.random.default_rng(seed)
     t0 = time.time()
-    out: list[RunStarted | Point | ClusterNew] = [
+    out: list[RunStarted | Frame | Point | ClusterNew] = [
         RunStarted(run_id, f"scan {run_id}", t0, {"experiment_name": "browser test"}, run_key=run_id)
     ]
     for i in range(n):
@@ -199,6 +204,8 @@ def scan(
         x = phase.centre[0] + 0.8 * drift + 0.25 * rng.standard_normal()
         y = phase.centre[1] - 0.5 * drift + 0.25 * rng.standard_normal()
         image = ring_frame(phase, i, rng) if tiled_url else None
+        if image is not None:
+            out.append(Frame(run_id, i, image, "", t0 + i * 0.01, 0.0, run_key=run_id))
         out.append(
             Point(
                 run_id=run_id,
@@ -213,8 +220,7 @@ def scan(
                     queue=0.001, preprocess=0.002, encode=0.021, project=0.004, cluster=0.0005, total=0.031
                 ),
                 latent=np.zeros(8, np.float32),
-                stored_by_service=image is not None,
-                image=image, run_key=run_id,
+                stored_by_service=image is not None, run_key=run_id,
             )
         )
     return out
