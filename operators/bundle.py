@@ -356,6 +356,19 @@ class ModelBundle:
         return int(self.manifest["input_shape"][-1])
 
     @property
+    def reference_sources(self) -> list[dict[str, Any]] | None:
+        """Where each reference point's frame was recorded ({source, index, dataset}; `latent-stream adapt`
+        records it), in reference order; None when the bundle does not say (the shipped one)."""
+        rel = self.manifest.get("reference_sources")
+        if not rel:
+            return None
+        frames = json.loads((self.path / rel).read_text())["frames"]  # listed, so checksummed by load()
+        if len(frames) != len(self.reference_embedding):
+            raise BundleFormatError(f"{self.path / rel}: {len(frames)} sources for "
+                                    f"{len(self.reference_embedding)} reference points")
+        return frames
+
+    @property
     def preprocess_spec(self) -> PreprocessSpec:
         return self.preprocessor.spec
 

@@ -37,6 +37,7 @@ LAZY_COMMANDS: dict[str, _Lazy] = {
     "fit": _Lazy("operators.model.cli", "fit", "Fit the projection and clustering; write a bundle."),
     "evaluate": _Lazy("operators.model.cli", "evaluate", "Evaluate a bundle on labelled synthetic scans."),
     "replay": _Lazy("stream.replay", "replay", "Replay a recorded scan over ZeroMQ."),
+    "adapt": _Lazy("stream.adapt", "adapt", "Fit a map on recorded frames with a bundle's encoder; write a bundle."),
     "record": _Lazy("stream.replay", "record", "Save a synthetic scan to disk, for replay."),
     "verify": _Lazy("stream.replay", "verify", "Report per run frames sent, processed, stored, lost."),
     "bench": _Lazy("benchmarks.cli", "bench", "Run the benchmarks and write JSON results."),

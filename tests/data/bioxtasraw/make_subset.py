@@ -18,17 +18,20 @@ import tifffile
 from fabio.cbfimage import CbfImage
 
 HERE = Path(__file__).resolve().parent
-WINDOW = 192  # px: a square window of the calibrant image
+WINDOW = 224  # px: a square window of the calibrant image
 STEPS = 24  # frames of the sliding-window scan
-BEAM_COLUMN = 267  # the direct beam's column in saxslab_image.tiff
+BEAM = (358, 267)  # the direct beam's (row, column) in saxslab_image.tiff
+TRAVEL = 96  # px the window travels along each axis
 CADENCE_S = 1.0
 
 
 def scan_windows(image: np.ndarray) -> np.ndarray:
-    """A slow detector-translation scan: the window slides down through the beam, 24 overlapping steps."""
-    x0 = BEAM_COLUMN - WINDOW // 2
-    rows = np.linspace(0, image.shape[0] - WINDOW, STEPS).round().astype(int)
-    return np.stack([image[y : y + WINDOW, x0 : x0 + WINDOW] for y in rows])
+    """A slow detector-translation scan: the beam starts at the window's centre and drifts to near its top-left
+    corner in 24 equal diagonal steps (4 px each way), so no two frames mirror each other."""
+    half = WINDOW // 2
+    shifts = np.linspace(0, TRAVEL, STEPS).round().astype(int)
+    return np.stack([image[BEAM[0] - half + s : BEAM[0] + half + s, BEAM[1] - half + s : BEAM[1] + half + s]
+                     for s in shifts])
 
 
 def write_cbf_directory(frames: np.ndarray, header: str, out: Path) -> None:
