@@ -77,11 +77,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# The same import under another distribution name: the `gpu` extra's build of ONNX Runtime.
+_SAME_MODULE = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
+
+
 def installed_version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+    for name in _SAME_MODULE.get(dist, (dist,)):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def library_versions() -> dict[str, dict[str, str]]:
@@ -223,27 +229,111 @@ def default_session_options(intra_op_threads: int | None = None) -> Any:
     return so
 
 
-class OnnxEncoder:
-    """encode((B, 1, S, S) float32) -> (B, latent_dim) float32 latent means, through ONNX Runtime."""
+DEVICES = ("auto", "cpu", "cuda")
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_DEVICE_OF = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+# TensorRT fp16 is kept only where its latents stay this close to fp32's (relative to their largest value).
+TRT_FP16_RTOL = 1e-2
 
-    def __init__(self, path: Path, *, session_options: Any = None, providers: list[str] | None = None) -> None:
+
+def execution_providers(device: str, available: list[str]) -> list[Any]:
+    """The ONNX Runtime providers for ``device`` ("auto" | "cpu" | "cuda"), best first, among ``available``.
+
+    GPU: TensorRT with fp16 (where installed; `OnnxEncoder` drops it unless it matches fp32), then CUDA, then
+    the CPU as the fallback. "auto" and "cuda" choose alike: with no GPU provider installed both run on the CPU.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    chosen: list[Any] = []
+    if device != "cpu":
+        if "TensorrtExecutionProvider" in available:
+            chosen.append(("TensorrtExecutionProvider", {"trt_fp16_enable": True}))
+        if "CUDAExecutionProvider" in available:
+            chosen.append(("CUDAExecutionProvider", {}))
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def _provider_name(provider: Any) -> str:
+    return provider[0] if isinstance(provider, tuple) else str(provider)
+
+
+class OnnxEncoder:
+    """encode((B, 1, S, S) float32) -> (B, latent_dim) float32 latent means, through ONNX Runtime.
+
+    On a GPU provider the batch goes in and the latents come out through IO binding (one copy each way, no
+    per-run allocation of the output on the host by ONNX Runtime's default path); ``io_binding=True`` uses it
+    on the CPU too. When a GPU provider was asked for but the session runs on the CPU (no GPU, driver or CUDA
+    libraries), one warning says so and the encoder serves on the CPU.
+    """
+
+    def __init__(self, path: Path, *, session_options: Any = None, providers: list[Any] | None = None,
+                 device: str = "auto", io_binding: bool | None = None) -> None:
         import onnxruntime as ort
 
-        if providers is None:
-            avail = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
-        try:
-            self._sess = ort.InferenceSession(
-                str(path), session_options or default_session_options(), providers=providers
-            )
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise BundleError(f"{path}: ONNX Runtime cannot load the encoder ({e})") from e
-        self._in = self._sess.get_inputs()[0].name
         self.path = Path(path)
+        if providers is None:
+            providers = execution_providers(device, ort.get_available_providers())
+        wanted_gpu = [p for p in providers if _provider_name(p) in _GPU_PROVIDERS]
+        self._sess = self._session(session_options, providers)
+        if any(_provider_name(p) == "TensorrtExecutionProvider" for p in wanted_gpu) and \
+                self._sess.get_providers()[0] == "TensorrtExecutionProvider" and not self._trt_parity(session_options):
+            rest = [p for p in providers if _provider_name(p) != "TensorrtExecutionProvider"]
+            log.warning("%s: TensorRT fp16 latents differ from fp32 by more than %g: encoding with CUDA fp32",
+                        self.path, TRT_FP16_RTOL)
+            self._sess = self._session(session_options, rest)
+        self.device = _DEVICE_OF.get(self._sess.get_providers()[0], self._sess.get_providers()[0])
+        if wanted_gpu and self.device == "cpu":
+            log.warning("%s: asked for %s but no GPU is usable here: the encoder runs on the CPU", self.path,
+                        ", ".join(_provider_name(p) for p in wanted_gpu))
+        else:
+            log.info("%s: encoder on %s", self.path, self.device)
+        self._in = self._sess.get_inputs()[0].name
+        self._out = self._sess.get_outputs()[0].name
+        self.io_binding = self.device != "cpu" if io_binding is None else io_binding
+
+    def _session(self, session_options: Any, providers: list[Any]) -> Any:
+        import warnings
+
+        import onnxruntime as ort
+
+        try:
+            # A provider ONNX Runtime cannot use is a Python warning from it; the fallback is logged above, once
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return ort.InferenceSession(str(self.path), session_options or default_session_options(),
+                                            providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            if any(_provider_name(p) in _GPU_PROVIDERS for p in providers):
+                log.warning("%s: a GPU session could not be created (%s): trying the CPU", self.path, e)
+                return self._session(session_options, ["CPUExecutionProvider"])
+            raise BundleError(f"{self.path}: ONNX Runtime cannot load the encoder ({e})") from e
+
+    def _trt_parity(self, session_options: Any) -> bool:
+        """Whether this TensorRT fp16 session's latents match a CUDA fp32 session's on a fixed input."""
+        shape = [d if isinstance(d, int) else 1 for d in self._sess.get_inputs()[0].shape]
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        fp16 = self._sess.run(None, {self._sess.get_inputs()[0].name: x})[0]
+        fp32 = self._session(session_options, [("CUDAExecutionProvider", {}), "CPUExecutionProvider"])
+        ref = fp32.run(None, {fp32.get_inputs()[0].name: x})[0]
+        return parity_holds(ref, fp16, TRT_FP16_RTOL)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, np.float32)
-        return self._sess.run(None, {self._in: x})[0]
+        if not self.io_binding:
+            return self._sess.run(None, {self._in: x})[0]
+        binding = self._sess.io_binding()
+        binding.bind_cpu_input(self._in, x)  # copied to the device once (read in place on the CPU)
+        binding.bind_output(self._out, "cuda" if self.device != "cpu" else "cpu")
+        self._sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def parity_holds(reference: np.ndarray, candidate: np.ndarray, rtol: float) -> bool:
+    """Whether ``candidate`` is within ``rtol`` of the largest |value| of ``reference``, everywhere."""
+    if reference.shape != candidate.shape or not np.isfinite(candidate).all():
+        return False
+    scale = float(np.max(np.abs(reference))) or 1.0
+    return float(np.max(np.abs(candidate.astype(np.float64) - reference))) <= rtol * scale
 
 
 class TorchScriptEncoder:
@@ -283,9 +373,11 @@ class ModelBundle:
         projection: str = "approximator",
         session_options: Any = None,
         intra_op_threads: int | None = None,
-        providers: list[str] | None = None,
+        providers: list[Any] | None = None,
+        device: str = "auto",
     ) -> ModelBundle:
-        """Load and verify a bundle. runtime: "onnx" | "torchscript"; projection: "approximator" | "umap"."""
+        """Load and verify a bundle. runtime: "onnx" | "torchscript"; projection: "approximator" | "umap";
+        device: where the ONNX encoder runs, "auto" | "cpu" | "cuda" (`execution_providers`)."""
         bdir = Path(path) if path is not None else DEFAULT_BUNDLE
         manifest = read_manifest(bdir)
         verify_checksums(bdir, manifest)
@@ -302,7 +394,7 @@ class ModelBundle:
             verify_versions(manifest, ("onnxruntime",), str(enc_path))
             so = session_options or default_session_options(intra_op_threads)
             encoder: OnnxEncoder | TorchScriptEncoder = OnnxEncoder(enc_path, session_options=so,
-                                                                    providers=providers)
+                                                                    providers=providers, device=device)
         elif runtime == "torchscript":
             enc_path = need(manifest["encoder"].get("torchscript"), "TorchScript encoder")
             encoder = TorchScriptEncoder(enc_path, threads=intra_op_threads)

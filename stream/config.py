@@ -92,6 +92,13 @@ class ServeSettings(BaseSettings):
     )
     max_metadata_depth: int = Field(DEFAULT_MAX_METADATA_DEPTH, ge=2, description="levels of nested keys")
     runtime: Literal["onnx", "torchscript"] = Field("onnx", description="encoder runtime from the bundle")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the encoder runs: cuda (needs latent-stream[gpu]; else CPU, logged), cpu, auto"
+    )
+    # Scale out (operators/workers/): the per-frame heavy work on Ray actors; 1 stays in-process, without Ray.
+    workers: int = Field(1, ge=1, description="Ray workers for preprocess/encode/project (needs latent-stream[ray])")
+    ray_address: str | None = Field(None, description="an existing Ray cluster (default: start a local one)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each Ray worker reserves")
     publish_timeout: float = Field(1.0, gt=0, description="seconds a publisher may take per message")
     drain_timeout: float = Field(2.0, ge=0, description="seconds to finish queued frames at shutdown")
     log_level: str = Field("INFO")
