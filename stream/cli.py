@@ -193,18 +193,23 @@ def simulate(
     scenario: Annotated[str, typer.Option(help="Synthetic scenario (stream.synthetic.SCENARIOS).")] = "film_formation",
     seed: Annotated[int, typer.Option(help="Random seed of the scan.")] = 0,
     run_id: Annotated[str | None, typer.Option(help="Run id of the start document [generated].")] = None,
+    wire_format: Annotated[
+        str, typer.Option("--format", help="msgpack (arroyo) | stream2 (DECTRIS stream v2, EIGER2 X 4M frames).")
+    ] = "msgpack",
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """A synthetic beamline: streams one scan (start, events, stop) over ZeroMQ."""
     if zmq_pattern not in ("push", "pub"):
         raise typer.BadParameter("zmq-pattern must be push or pub")
+    if wire_format not in ("msgpack", "stream2"):
+        raise typer.BadParameter("format must be msgpack or stream2")
     _setup_logging(log_level)
     from stream.simulate import simulate as run_simulate
 
     try:
         report = asyncio.run(
             run_simulate(zmq, pattern=zmq_pattern, frames=frames, rate=rate, scenario=scenario, seed=seed,
-                         run_id=run_id)  # type: ignore[arg-type]
+                         run_id=run_id, wire_format=wire_format)  # type: ignore[arg-type]
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -223,15 +228,21 @@ def demo(
     tiled_port: Annotated[int, typer.Option(help="Port of the embedded Tiled server.")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="Where embedded Tiled keeps data.")] = Path("data"),
     bundle: Annotated[Path | None, typer.Option(help="Model bundle [the shipped default].")] = None,
+    wire_format: Annotated[
+        str, typer.Option("--format", help="Beamline wire format: msgpack | stream2 (DECTRIS stream v2).")
+    ] = "msgpack",
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Everything on embedded defaults: service, embedded Tiled, live page, simulated beamline."""
+    if wire_format not in ("msgpack", "stream2"):
+        raise typer.BadParameter("format must be msgpack or stream2")
     _setup_logging(log_level)
     from stream.demo import demo as run_demo
     from stream.demo import demo_settings
 
     settings = _settings_or_exit(
-        demo_settings, port=port, tiled_port=tiled_port, data_dir=data_dir, bundle=bundle, log_level=log_level
+        demo_settings, port=port, tiled_port=tiled_port, data_dir=data_dir, bundle=bundle, log_level=log_level,
+        wire_format=wire_format,
     )
     _run_service(lambda: run_demo(settings, frames=frames, rate=rate, seed=seed))
 

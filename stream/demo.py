@@ -13,7 +13,8 @@ import socket
 
 from stream.config import ServeSettings
 from stream.serve import Service
-from stream.simulate import simulate
+from stream.simulate import WireFormat, simulate
+from stream.sources import Stream2Source
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,12 @@ def _free_tcp_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def demo_settings(**overrides: object) -> ServeSettings:
-    """Serve settings for the demo: a private frame address, PUSH/PULL (lossless)."""
-    values: dict[str, object] = {"zmq": f"tcp://127.0.0.1:{_free_tcp_port()}", "zmq_pattern": "pull"}
+def demo_settings(wire_format: WireFormat = "msgpack", **overrides: object) -> ServeSettings:
+    """Serve settings for the demo: a private frame address, PUSH/PULL (lossless), in ``wire_format``."""
+    port = _free_tcp_port()
+    values: dict[str, object] = {"zmq": f"tcp://127.0.0.1:{port}", "zmq_pattern": "pull"}
+    if wire_format == "stream2":
+        values["source"] = f"stream2://127.0.0.1:{port}"
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServeSettings(**values)  # type: ignore[arg-type]
 
@@ -52,7 +56,9 @@ async def demo(
         return
     log.info("demo: open %s/ in a browser; streaming %d scan(s) of %d frames at %g Hz",
              service.url, len(scenarios), frames, rate)
-    beamline = asyncio.create_task(_beamline(settings.zmq, scenarios, frames, rate, seed), name="beamline")
+    wire_format: WireFormat = "stream2" if isinstance(settings.source_spec, Stream2Source) else "msgpack"
+    beamline = asyncio.create_task(_beamline(settings.zmq, scenarios, frames, rate, seed, wire_format),
+                                   name="beamline")  # fmt: skip
     try:
         await serving  # returns once a signal stopped the service
     finally:
@@ -60,11 +66,13 @@ async def demo(
         await asyncio.gather(beamline, return_exceptions=True)
 
 
-async def _beamline(address: str, scenarios: tuple[str, ...], frames: int, rate: float, seed: int) -> None:
+async def _beamline(
+    address: str, scenarios: tuple[str, ...], frames: int, rate: float, seed: int, wire_format: WireFormat
+) -> None:
     try:
         for i, scenario in enumerate(scenarios):
             report = await simulate(address, pattern="push", frames=frames, rate=rate, scenario=scenario,
-                                    seed=seed + i)
+                                    seed=seed + i, wire_format=wire_format)
             log.info("demo: scan %s done (%d frames at %.1f Hz)", report.run_id, report.frames, report.rate)
             await asyncio.sleep(2.0)
     except Exception:  # the service keeps serving what it has; say why the beamline stopped

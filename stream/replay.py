@@ -87,8 +87,12 @@ async def replay_source(
     report_dir: Path = DEFAULT_REPORT_DIR,
     progress: bool = True,
     wait_subscriber: float = 10.0,
+    wire_format: str = "msgpack",
 ) -> list[ReplayReport]:
-    """Send the scan `loops` times (0 = until cancelled), one run per pass; return what was sent."""
+    """Send the scan `loops` times (0 = until cancelled), one run per pass; return what was sent.
+
+    ``wire_format`` "stream2": DECTRIS stream v2 over PUSH, frames as recorded (stream/stream2_sender.py).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from stream.sender import FrameSender
@@ -98,7 +102,14 @@ async def replay_source(
     report_dir.mkdir(parents=True, exist_ok=True)
     reports: list[ReplayReport] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    async with FrameSender(address, pattern) as sender:  # type: ignore[arg-type]
+    sender_cm: Any = FrameSender(address, pattern)  # type: ignore[arg-type]
+    if wire_format == "stream2":
+        from stream.stream2_sender import Stream2FrameSender
+
+        if pattern != "push":
+            raise ReplayError("stream v2 is sent with PUSH only")
+        sender_cm = Stream2FrameSender(address, detector=None, number_of_images=src.count)
+    async with sender_cm as sender:
         if pattern == "pub" and not await sender.wait_for_subscriber(wait_subscriber):
             log.warning("no subscriber on %s after %.0f s: sending anyway", address, wait_subscriber)
         with Progress(*columns, disable=not progress) as bar:
@@ -164,8 +175,13 @@ def replay(
     tiled_api_key: Annotated[str | None, typer.Option(help="API key when SOURCE is a Tiled URI.")] = None,
     report_dir: Annotated[Path, typer.Option(help="Where each run's send report goes.")] = DEFAULT_REPORT_DIR,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    wire_format: Annotated[
+        str, typer.Option("--format", help="msgpack (arroyo) | stream2 (DECTRIS stream v2, PUSH).")
+    ] = "msgpack",
 ) -> None:
     """Replay a recorded scan over ZeroMQ, at --rate HZ or --speed X of its recorded timestamps."""
+    if wire_format not in ("msgpack", "stream2") or (wire_format == "stream2" and zmq_pattern != "push"):
+        raise typer.BadParameter("--format must be msgpack, or stream2 with --zmq-pattern push")
     try:
         src = open_source(source, dataset=dataset, api_key=tiled_api_key or os.environ.get("TILED_API_KEY"))
         _delays(src, rate, speed)  # option errors before binding anything
@@ -183,6 +199,7 @@ def replay(
                 run_id=run_id,
                 report_dir=report_dir,
                 progress=progress,
+                wire_format=wire_format,
             )
         )
     except KeyboardInterrupt:

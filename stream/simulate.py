@@ -12,10 +12,14 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Literal
 
 import zmq.asyncio
 
 from stream.sender import FrameSender, SendPattern
+from stream.stream2_sender import Stream2FrameSender
+
+WireFormat = Literal["msgpack", "stream2"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,12 @@ async def simulate(
     run_id: str | None = None,
     subscriber_timeout: float | None = None,
     context: zmq.asyncio.Context | None = None,
+    wire_format: WireFormat = "msgpack",
 ) -> SimulationReport:
-    """Stream one synthetic scan. ``rate`` <= 0 sends as fast as the receiver takes frames."""
+    """Stream one synthetic scan. ``rate`` <= 0 sends as fast as the receiver takes frames.
+
+    ``wire_format`` "stream2": DECTRIS stream v2 (PUSH only) on an EIGER2 X 4M's grid (stream/stream2_sender.py).
+    """
     from stream.synthetic import SCENARIOS, generate_scan  # numba kernels: imported only when simulating
 
     if scenario not in SCENARIOS:
@@ -57,7 +65,13 @@ async def simulate(
     scan = generate_scan(scenario, frames, seed=seed, frame_period_s=period or 0.1)
     own_context = context is None
     ctx = context or zmq.asyncio.Context()
-    sender = FrameSender(address, pattern, context=ctx)
+    sender: FrameSender | Stream2FrameSender
+    if wire_format == "stream2":
+        if pattern != "push":
+            raise ValueError("stream v2 is sent with PUSH only")
+        sender = Stream2FrameSender(address, number_of_images=frames, context=ctx)
+    else:
+        sender = FrameSender(address, pattern, context=ctx)
     sender.open()
     finished = False
     try:
