@@ -82,6 +82,7 @@ def create_app(
     model_info: ModelInfo | None = None,
     reference_embedding: np.ndarray | None = None,
     reference_clusters: np.ndarray | None = None,
+    reference_frame: Callable[[int], np.ndarray] | None = None,
     tiled: TiledConfig | None = None,
     token: str | None = None,
     allowed_hosts: Collection[str] = (),
@@ -101,6 +102,8 @@ def create_app(
     registry: rendered by GET /metrics (register the hub's and the pipeline's collectors on it).
     model_info: the bundle's model names (default: the hub's).
     reference_embedding / reference_clusters: the bundle's (N, 2) reference map and (N,) labels.
+    reference_frame: reads reference point i's frame from where the bundle recorded it (blocking; raises
+        IndexError / LookupError when it cannot); GET /api/reference/frame/{i} renders it. None: 404.
     tiled: where /api/frame and /api/aggregate read frames; None disables them (503).
     token: when set, every route but the page (`/`, `/static/`) requires it (`?token=` or
         `Authorization: Bearer`), /metrics too unless `metrics_public`.
@@ -114,7 +117,9 @@ def create_app(
     max_aggregate: most frames one POST /api/aggregate may name (413 beyond).
     """
     model = model_info or hub.model_info
-    reference_body = _reference_body(model, reference_embedding, reference_clusters)
+    reference_body = _reference_body(
+        model, reference_embedding, reference_clusters, reference_frame is not None
+    )
     started = time.time()
 
     @contextlib.asynccontextmanager
@@ -261,6 +266,23 @@ def create_app(
             raise HTTPException(status_code=404, detail="the model bundle has no reference embedding")
         return Response(content=reference_body, media_type="application/json")
 
+    @app.get("/api/reference/frame/{index}")
+    async def reference_frame_png(index: int, cmap: frames.Colormap = "gray") -> Response:
+        # Only the frames the bundle itself recorded, by their reference index: the client names no path.
+        if reference_frame is None:
+            raise HTTPException(status_code=404, detail="the model bundle records no reference frames")
+        try:
+            image = await asyncio.to_thread(reference_frame, index)
+        except IndexError as exc:
+            raise HTTPException(status_code=404, detail=f"no reference point {index}") from exc
+        except (LookupError, OSError, ValueError) as exc:
+            logger.warning("reference frame %d unreadable: %s", index, exc)
+            raise HTTPException(status_code=502, detail=f"reference frame {index} is not readable") from exc
+        png = await asyncio.to_thread(frames.render_frame_png, image, cmap)
+        return Response(
+            content=png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+        )
+
     @app.get("/api/frame")
     async def frame(
         request: Request, url: str = Query(..., min_length=1), cmap: frames.Colormap = "gray"
@@ -338,9 +360,9 @@ def _http_error(exc: frames.FrameError, what: str) -> HTTPException:
 
 
 def _reference_body(
-    model: ModelInfo, embedding: np.ndarray | None, clusters: np.ndarray | None
+    model: ModelInfo, embedding: np.ndarray | None, clusters: np.ndarray | None, has_frames: bool = False
 ) -> bytes | None:
-    """The reference map, encoded once: {x: [...], y: [...], cluster: [...]} plus model names."""
+    """The reference map, encoded once: {x: [...], y: [...], cluster: [...], frames: bool} plus model names."""
     if embedding is None:
         return None
     embedding = np.asarray(embedding, dtype=np.float64)
@@ -361,5 +383,6 @@ def _reference_body(
             "x": np.ascontiguousarray(embedding[:, 0]),  # orjson serialises contiguous arrays only
             "y": np.ascontiguousarray(embedding[:, 1]),
             "cluster": labels,
+            "frames": has_frames,  # GET /api/reference/frame/{i} serves reference point i's frame
         }
     )

@@ -174,6 +174,7 @@ class Service:
             registry=self.registry,
             reference_embedding=bundle.reference_embedding,
             reference_clusters=bundle.reference_clusters,
+            reference_frame=_reference_frame_reader(bundle, s.max_frame_pixels),  # frames behind the grey points
             tiled=TiledConfig(self.tiled_url, self.tiled_api_key, max_frame_pixels=s.max_frame_pixels,
                               max_frame_bytes=s.max_frame_bytes),
             token=s.token,
@@ -355,3 +356,11 @@ def _check_port_free(host: str, port: int) -> None:
 async def serve(settings: ServeSettings) -> None:
     """Run the service until SIGINT/SIGTERM."""
     await Service(settings).run()
+
+
+def _reference_frame_reader(bundle: Any, max_pixels: int) -> Any:
+    """What GET /api/reference/frame/{i} reads: the bundle's recorded reference frames (adapt), or None."""
+    from stream.reference_frames import reference_frames_of
+
+    frames = reference_frames_of(bundle, max_pixels=max_pixels)
+    return frames.read if frames is not None else None
