@@ -167,6 +167,10 @@ def serve(
     ] = None,
     max_batch: Annotated[int | None, typer.Option(help="Most frames computed together [4].")] = None,
     runtime: Annotated[str | None, typer.Option(help="Encoder runtime: onnx | torchscript [onnx].")] = None,
+    device: Annotated[str | None, typer.Option(help="Encoder device: auto | cpu | cuda [auto].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray workers computing frames; 1 = in-process [1].")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster [start a local one].")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per Ray worker [0].")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options.")] = None,
     log_level: Annotated[str | None, typer.Option(help="Logging level [INFO].")] = None,
 ) -> None:

@@ -70,6 +70,7 @@ class Service:
         self._stop = asyncio.Event()
         self._cleanups: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
         self._writer: TiledWriter | None = None
+        self._workers: Callable[[], list[dict[str, Any]]] = list  # /api/health's workers
 
     async def wait_persisting(self) -> None:
         """Until the service is ready and writing to Tiled: the embedded server is up ~10 s after the model
@@ -189,11 +190,16 @@ class Service:
         from operators.pipeline import LivePipeline
 
         assert s.queue_policy is not None  # resolved by the settings validator
-        pipeline = LivePipeline(
-            bundle, self.metrics, tiled_base_url=self.tiled_url, max_batch=s.max_batch,
-            queue_size=s.queue_size, queue_bytes=s.queue_bytes, policy=s.queue_policy,
-            publish_timeout=s.publish_timeout, frame_sink=writer.store_frame,  # frames to store: their own path
-        )
+        compute = dict(tiled_base_url=self.tiled_url, max_batch=s.max_batch, queue_size=s.queue_size,
+                       queue_bytes=s.queue_bytes, policy=s.queue_policy, publish_timeout=s.publish_timeout,
+                       frame_sink=writer.store_frame)  # frames to store: their own path
+        if s.workers > 1:  # preprocess/encode/project on Ray workers (operators/workers/)
+            pipeline = await self._pooled_pipeline(bundle, compute)
+        else:  # in-process, without Ray
+            from operators.workers.sequencer import in_process_worker
+
+            pipeline = LivePipeline(bundle, self.metrics, **compute)
+            self._workers = lambda: in_process_worker(bundle, self.metrics)
         pipeline.add_publisher(hub)
         pipeline.add_publisher(writer)
 
@@ -218,11 +224,30 @@ class Service:
         await ingest.wait_connected()
         return [server_task, pipeline_task, ingest_task, writer_task]
 
+    async def _pooled_pipeline(self, bundle: Any, compute: dict[str, Any]) -> Any:
+        """--workers N: preprocess, encode and project on N Ray workers; order, clusters and publishing here."""
+        from operators.workers.pool import PoolSettings, PoolStartError, RayWorkerPool, WorkerLost
+        from operators.workers.sequencer import PooledPipeline
+
+        s = self.settings
+        pool = RayWorkerPool(PoolSettings(s.workers, bundle=s.bundle, runtime=s.runtime, device=s.device,
+                                          max_batch=s.max_batch, gpus_per_worker=s.gpus_per_worker,
+                                          ray_address=s.ray_address))
+        self._on_stop("worker pool", pool.close)  # after the pipeline: it stops first
+        try:
+            await pool.start()
+        except PoolStartError as exc:
+            raise ServeError(str(exc)) from exc
+        self._workers = pool.describe
+        return PooledPipeline(bundle, self.metrics, pool, lost=WorkerLost, **compute)
+
     async def _load_bundle(self) -> Any:
         from operators.bundle import BundleError, ModelBundle
 
+        s = self.settings
+        device = s.device if s.workers == 1 else "cpu"  # with workers, the service's copy only clusters
         try:
-            bundle = await asyncio.to_thread(ModelBundle.load, self.settings.bundle, self.settings.runtime)
+            bundle = await asyncio.to_thread(ModelBundle.load, s.bundle, s.runtime, device=device)
         except (BundleError, FileNotFoundError) as exc:
             raise ServeError(f"cannot load the model bundle: {exc}") from exc
         await asyncio.to_thread(bundle.warmup)  # the first frame must not pay for JIT / session set-up
@@ -304,7 +329,8 @@ class Service:
 
     def _health(self) -> dict[str, Any]:
         writer = self._writer
-        return {"ingest": self.metrics.snapshot(), "source": self.settings.source_spec.describe(),
+        return {"ingest": self.metrics.snapshot(), "workers": self._workers(),
+                "source": self.settings.source_spec.describe(),
                 "zmq": self.settings.zmq,
                 "zmq_pattern": self.settings.zmq_pattern, "tiled": self.tiled_url,
                 "tiled_connected": writer is not None and writer.connected,

@@ -129,7 +129,7 @@ class RayWorkerPool:
         if needed > (os.cpu_count() or 1):
             log.warning("%d worker(s) of %g CPU each on %d core(s): the workers share the cores (and with the "
                         "service)", s.workers, s.cpus_per_worker, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=s.object_store_bytes,
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=s.object_store_bytes,
                  _node_ip_address="127.0.0.1", namespace="latent-stream", log_to_driver=False)
         self._started_ray = True
         log.info("started a local Ray instance (%d CPU, object store %d MiB)", cpus, s.object_store_bytes >> 20)
