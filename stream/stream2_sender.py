@@ -12,6 +12,7 @@ every frame on an EIGER2 X 4M's grid (2162 x 2068 uint32; gaps and bad pixels in
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import struct
@@ -225,10 +226,15 @@ class Stream2FrameSender:
     async def send_event(self, frame_number: int, image: np.ndarray, **extra: Any) -> None:
         if self._series is None:
             raise RuntimeError("send_start first")
+        # Regridding and compressing a 4M frame take tens of ms (cv2, bitshuffle release the GIL): off the loop.
+        payload = await asyncio.to_thread(self._image_message, frame_number, image)
+        await self.send_raw(payload)
+
+    def _image_message(self, frame_number: int, image: np.ndarray) -> bytes:
+        assert self._series is not None
         frame = self._grid(image) if self._grid is not None else _as_wire_dtype(image, self._dtype)
         unique_id, series_id = self._series
-        await self.send_raw(encode_image(unique_id, frame_number, dict.fromkeys(self.channels, frame),
-                                         series_id=series_id))  # fmt: skip
+        return encode_image(unique_id, frame_number, dict.fromkeys(self.channels, frame), series_id=series_id)
 
     async def send_stop(self, num_frames: int | None, **extra: Any) -> None:
         if self._series is None:
