@@ -405,6 +405,7 @@ def _publish_stages(
     models: Models, latents: np.ndarray, budget: Budget, skipped: dict[str, str]
 ) -> list[StageResult]:
     """Point -> the websocket payload (once per point for every client), and the hub's enqueue for N clients."""
+    from operators import point_row
     from operators.messages import Point, StageTimings
 
     try:
@@ -424,7 +425,7 @@ def _publish_stages(
     ]  # fmt: skip
 
     def serialise(i: int) -> object:
-        msg = wire.point_from_message(ctx, points[i % len(points)])
+        msg = wire.point_message(ctx, point_row.values(points[i % len(points)]))  # as Hub.publish does
         return wire.encode(wire.typed_point(msg), wire.WireFormat.WS_JSON), wire.encode(
             msg, wire.WireFormat.LSE_JSON
         )

@@ -29,7 +29,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import frames, wire
 from .access import AccessGuard, AccessPolicy, Refusals
-from .hub import Client, ClientClosed, Hub
+from .clients import Client, ClientClosed
+from .hub import Hub
 from .wire import ModelInfo, WireFormat
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class RunCatalog(Protocol):
 
     list_runs: newest first, each a dict with at least `run_id`, and where known `run_name`,
         `started_at`, `stopped_at` (unix seconds), `num_points`.
-    run_points: the run's points as dicts with keys `wire.ROW_KEYS`
-        (index, x, y, cluster, novelty, timestamp, tiled_url), or None for an unknown run.
+    run_points: the run's points as REST rows (`operators.point_row.rest_row`: the point row's fields under
+        their wire names), or None for an unknown run.
     """
 
     async def list_runs(self, limit: int) -> list[dict[str, Any]]: ...

@@ -19,24 +19,24 @@ store (not queued), and every other message waits in the client's bounded queue.
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import itertools
 import logging
 import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.core import CollectorRegistry
 
+from operators import point_row
 from operators.messages import ClusterNew, ClusterUpdate, Point, RunStarted, RunStopped
 
 from . import wire
+from .clients import WS_CLOSE_GOING_AWAY, Client, ClientState, Payload, SlowClientPolicy
+from .hub_metrics import HubCollector
+from .point_store import PointStore
+from .run_state import RunState
 from .wire import ModelInfo, RunContext, WireFormat
 
 logger = logging.getLogger(__name__)
@@ -55,330 +55,6 @@ DROP_REASONS: tuple[str, ...] = (
     "metadata_unencodable",  # JSON or msgpack cannot carry it
 )
 EXPERIMENT_NAME_CHARS = 256  # experiment_name is repeated in every point message
-
-WS_CLOSE_TRY_AGAIN_LATER = 1013
-WS_CLOSE_GOING_AWAY = 1001
-
-_ROW_DTYPE = np.dtype(
-    [
-        ("index", "<i8"),
-        ("x", "<f8"),
-        ("y", "<f8"),
-        ("cluster", "<i8"),
-        ("novelty", "<f8"),
-        ("timestamp", "<f8"),
-        ("total", "<f8"),
-        ("autoencoder", "<f8"),
-        ("dimred", "<f8"),
-    ]
-)
-
-
-class PointStore:
-    """A run's points in memory, columnar, keeping the newest `max_points` (a ring once full).
-
-    Points are addressed by a sequence number (0 for the run's first point) so a backfilling
-    client can resume where it was even while old points are being evicted.
-    """
-
-    def __init__(self, max_points: int, initial_capacity: int = 1024) -> None:
-        if max_points < 1:
-            raise ValueError(f"max_points must be >= 1, got {max_points}")
-        self.max_points = max_points
-        self._capacity = min(initial_capacity, max_points)
-        self._rows = np.zeros(self._capacity, dtype=_ROW_DTYPE)
-        self._urls: list[str] = [""] * self._capacity
-        self.first_seq = 0  # oldest sequence number still held
-        self.end_seq = 0  # one past the newest
-
-    def __len__(self) -> int:
-        return self.end_seq - self.first_seq
-
-    def append(self, row: tuple[Any, ...], url: str) -> bool:
-        """Store one point; returns True when the oldest point had to be evicted to make room."""
-        evicted = False
-        if len(self) == self._capacity:
-            if self._capacity < self.max_points:
-                self._grow()
-            else:
-                self.first_seq += 1
-                evicted = True
-        # Positions are seq % capacity: before the first eviction every seq < capacity, and the
-        # capacity stops changing once it reaches max_points, so growth never moves a row.
-        pos = self.end_seq % self._capacity
-        self._rows[pos] = row
-        self._urls[pos] = url
-        self.end_seq += 1
-        return evicted
-
-    def _grow(self) -> None:
-        new_capacity = min(self._capacity * 2, self.max_points)
-        rows = np.zeros(new_capacity, dtype=_ROW_DTYPE)
-        rows[: self._capacity] = self._rows
-        self._rows = rows
-        self._urls.extend([""] * (new_capacity - self._capacity))
-        self._capacity = new_capacity
-
-    def rows(self, start: int, stop: int) -> list[tuple[tuple[Any, ...], str]]:
-        """(row, url) pairs for sequence numbers in [start, stop) still held, as Python scalars."""
-        start = max(start, self.first_seq)
-        stop = min(stop, self.end_seq)
-        if stop <= start:
-            return []
-        out: list[tuple[tuple[Any, ...], str]] = []
-        for a, b in self._spans(start, stop):
-            out.extend(zip(self._rows[a:b].tolist(), self._urls[a:b], strict=True))
-        return out
-
-    def set_clusters(self, indices: list[int], clusters: list[int]) -> int:
-        """Give the held points with these frame numbers their corrected cluster ids; returns how many."""
-        if not len(self) or not indices:
-            return 0
-        lookup = dict(zip(indices, clusters, strict=True))
-        changed = 0
-        for a, b in self._spans(self.first_seq, self.end_seq):
-            held = self._rows["index"][a:b]
-            hit = np.flatnonzero(np.isin(held, np.fromiter(lookup, np.int64, len(lookup))))
-            for pos in hit:
-                self._rows["cluster"][a + pos] = lookup[int(held[pos])]
-            changed += len(hit)
-        return changed
-
-    def _spans(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
-        a, n = start % self._capacity, stop - start
-        if a + n <= self._capacity:
-            yield a, a + n
-        else:
-            yield a, self._capacity
-            yield 0, a + n - self._capacity
-
-
-def row_message(ctx: RunContext, row: tuple[Any, ...], url: str) -> dict[str, Any]:
-    """The /lse point message for a stored row."""
-    index, x, y, cluster, novelty, timestamp, total, ae, dr = row
-    return wire.point_message(
-        ctx,
-        index=index,
-        x=x,
-        y=y,
-        cluster=cluster,
-        novelty=novelty,
-        tiled_url=url,
-        timestamp=timestamp,
-        total_time=total,
-        autoencoder_time=ae,
-        dimred_time=dr,
-    )
-
-
-def row_dict(row: tuple[Any, ...], url: str) -> dict[str, Any]:
-    """The compact REST form of a stored row (keys `wire.ROW_KEYS`)."""
-    index, x, y, cluster, novelty, timestamp, *_ = row
-    return {
-        "index": index,
-        "x": x,
-        "y": y,
-        "cluster": cluster,
-        "novelty": novelty,
-        "timestamp": timestamp,
-        "tiled_url": url,
-    }
-
-
-@dataclass(slots=True)
-class RunState:
-    """One run as the hub knows it: its start/stop events, clusters and (while retained) its points."""
-
-    ctx: RunContext
-    run_key: str  # where the run is stored; also what /api/runs/{id} accepts for a past run
-    run_name: str
-    started_at: float
-    start_event: dict[str, Any] | None  # only the current run's: new clients get no other run's start
-    store: PointStore | None
-    points: int = 0  # points published for the run (including evicted ones)
-    clusters: list[dict[str, Any]] = field(default_factory=list)
-    stop_event: dict[str, Any] | None = None
-
-    @property
-    def run_id(self) -> str:
-        return self.ctx.run_id
-
-    def summary(self, *, current: bool) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "run_key": self.run_key,
-            "run_name": self.run_name,
-            "experiment_name": self.ctx.experiment_name,
-            "started_at": self.started_at,
-            "stopped_at": self.stop_event["stopped_at"] if self.stop_event else None,
-            "active": self.stop_event is None,
-            "current": current,
-            "num_points": self.points,
-            "points_in_memory": len(self.store) if self.store is not None else 0,
-            "new_clusters": len(self.clusters),  # founded during the run (cluster_new)
-            "source": "memory",
-        }
-
-
-class SlowClientPolicy(enum.Enum):
-    DROP_OLDEST = "drop_oldest"
-    DISCONNECT = "disconnect"
-
-
-class ClientState(enum.Enum):
-    BACKFILL = "backfill"
-    LIVE = "live"
-    CLOSED = "closed"
-
-
-class ClientClosed(Exception):
-    """The hub closed this client (slow, or shutting down); the endpoint closes the socket with `code`."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"{code} {reason}")
-        self.code = code
-        self.reason = reason
-
-
-Payload = str | bytes
-
-
-class Client:
-    """One websocket connection's view of the hub: its bounded queue and, while joining, its backfill."""
-
-    _ids = itertools.count(1)
-
-    def __init__(
-        self,
-        hub: Hub,
-        endpoint: str,
-        fmt: WireFormat,
-        policy: SlowClientPolicy,
-        max_queue: int,
-        backfill_chunk: int,
-    ) -> None:
-        self.id = next(self._ids)
-        self.endpoint = endpoint
-        self.fmt = fmt
-        self.policy = policy
-        self.max_queue = max_queue
-        self.state = ClientState.LIVE
-        self.queue: deque[Payload] = deque()
-        self.sent = 0
-        self._hub = hub
-        self._wakeup = asyncio.Event()
-        self._closed = asyncio.Event()
-        self._close: ClientClosed | None = None
-        self._backfill_chunk = backfill_chunk
-        self._bf_run: RunState | None = None
-        self._bf_cursor = 0
-        self._bf_sent = 0
-        self._bf_skipped = 0
-
-    def __repr__(self) -> str:
-        return f"Client(id={self.id}, endpoint={self.endpoint}, state={self.state.value})"
-
-    # -- called by the hub (synchronously, on the loop) ---------------------------------------
-
-    def start_backfill(self, run: RunState) -> None:
-        self.state = ClientState.BACKFILL
-        self._bf_run = run
-        self._bf_cursor = run.store.first_seq if run.store is not None else 0
-
-    def backfilling(self, run_id: str) -> bool:
-        return (
-            self.state is ClientState.BACKFILL and self._bf_run is not None and self._bf_run.run_id == run_id
-        )
-
-    def offer(self, payload: Payload) -> None:
-        """Queue one payload without waiting; applies the slow-client policy when the queue is full."""
-        if self.state is ClientState.CLOSED:
-            return
-        if len(self.queue) >= self.max_queue:
-            if self.policy is SlowClientPolicy.DROP_OLDEST:
-                self.queue.popleft()
-                self._hub.count_drop("lse_slow_client")
-            else:
-                self._hub.count_drop("ws_slow_client")
-                logger.warning("closing slow client %r: %d messages queued", self, len(self.queue))
-                self.close(WS_CLOSE_TRY_AGAIN_LATER, "client too slow; reconnect")
-                return
-        self.queue.append(payload)
-        self._wakeup.set()
-
-    def close(self, code: int, reason: str) -> None:
-        if self.state is ClientState.CLOSED:
-            return
-        self.state = ClientState.CLOSED
-        self.queue.clear()
-        self._bf_run = None
-        self._close = ClientClosed(code, reason)
-        self._wakeup.set()
-        self._closed.set()
-
-    @property
-    def close_reason(self) -> ClientClosed | None:
-        """Why the hub closed this client, or None while it is open."""
-        return self._close
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    # -- called by the connection's sender ----------------------------------------------------
-
-    async def next_batch(self, max_items: int = 256) -> list[Payload]:
-        """The next payloads to send, in order; waits while there is nothing.
-
-        Raises `ClientClosed` once the hub closed this client.
-        """
-        while True:
-            if self._close is not None:
-                raise self._close
-            if self.queue:
-                n = min(len(self.queue), max_items)
-                batch = [self.queue.popleft() for _ in range(n)]
-                self.sent += n
-                return batch
-            if self.state is ClientState.BACKFILL:
-                batch = self._backfill_batch()
-                if batch:
-                    self.sent += len(batch)
-                    return batch
-                continue  # caught up: the state is LIVE now and the queue holds the tail events
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    def _backfill_batch(self) -> list[Payload]:
-        run = self._bf_run
-        assert run is not None
-        store = run.store
-        if store is None:  # released while we were sending: the rest is only in the run catalog
-            self._bf_skipped += max(run.points - self._bf_cursor, 0)
-        else:
-            if self._bf_cursor < store.first_seq:  # evicted while we were sending
-                self._bf_skipped += store.first_seq - self._bf_cursor
-                self._bf_cursor = store.first_seq
-            rows = store.rows(self._bf_cursor, self._bf_cursor + self._backfill_chunk)
-            if rows:
-                self._bf_cursor += len(rows)
-                self._bf_sent += len(rows)
-                return [self._hub.encode_point_row(run.ctx, row, url, self.fmt) for row, url in rows]
-        self._finish_backfill(run)
-        return []
-
-    def _finish_backfill(self, run: RunState) -> None:
-        # Synchronous with the last store read, so no point published meanwhile is missed.
-        tail: list[Payload] = []
-        if self.fmt is not WireFormat.LSE_JSON:
-            tail.append(
-                wire.encode(wire.backfill_end_event(run.run_id, self._bf_sent, self._bf_skipped), self.fmt)
-            )
-            if run.stop_event is not None:
-                tail.append(wire.encode(run.stop_event, self.fmt))
-        self.queue.extendleft(reversed(tail))  # before anything queued while backfilling
-        self.state = ClientState.LIVE
-        self._bf_run = None
-        logger.debug("client %r backfilled %d points of run %s", self, self._bf_sent, run.run_id)
 
 
 class Hub:
@@ -515,19 +191,9 @@ class Hub:
             logger.warning("dropping point %d of run %s: non-finite position", point.index, point.run_id)
             return
         t = point.timings
-        row = (
-            int(point.index),
-            float(point.x),
-            float(point.y),
-            int(point.cluster),
-            float(point.novelty),
-            float(point.timestamp),
-            float(t.total),
-            float(t.encode),
-            float(t.project),
-        )
+        row = point_row.values(point)
         assert run.store is not None
-        if run.store.append(row, point.tiled_url):
+        if run.store.append(row):
             self.count_drop("store_full")
         run.points += 1
         self.points_total += 1
@@ -535,7 +201,7 @@ class Hub:
         self._recent_timings.append((t.queue, t.preprocess, t.encode, t.project, t.cluster, t.total))
         if not self._clients:
             return
-        message = row_message(run.ctx, row, point.tiled_url)
+        message = wire.point_message(run.ctx, row)
         encoded: dict[WireFormat, Payload] = {}
         for client in self._clients.values():
             if client.state is ClientState.CLOSED or client.backfilling(run.run_id):
@@ -646,8 +312,8 @@ class Hub:
         for client in list(self._clients.values()):
             client.close(code, reason)
 
-    def encode_point_row(self, ctx: RunContext, row: tuple[Any, ...], url: str, fmt: WireFormat) -> Payload:
-        message = row_message(ctx, row, url)
+    def encode_point_row(self, ctx: RunContext, row: dict[str, Any], fmt: WireFormat) -> Payload:
+        message = wire.point_message(ctx, row)
         return wire.encode(message if fmt is WireFormat.LSE_JSON else wire.typed_point(message), fmt)
 
     def count_drop(self, reason: str) -> None:
@@ -680,7 +346,7 @@ class Hub:
     def _rows_in_memory(run: RunState) -> list[dict[str, Any]] | None:
         if run.store is None or len(run.store) < run.points:
             return None  # unknown, released, or partly evicted: the catalog has the full run
-        return [row_dict(row, url) for row, url in run.store.rows(run.store.first_seq, run.store.end_seq)]
+        return [point_row.rest_row(row) for row in run.store.rows(run.store.first_seq, run.store.end_seq)]
 
     def frames_per_second(self, window_s: float = 5.0) -> float:
         """Points published per second over the last `window_s` seconds."""
@@ -698,37 +364,3 @@ class Hub:
             return dict.fromkeys(names, 0.0)
         medians = np.median(np.asarray(self._recent_timings, dtype=np.float64), axis=0) * 1e3
         return {name: round(float(v), 3) for name, v in zip(names, medians, strict=True)}
-
-
-class HubCollector(Collector):
-    """Exposes the hub's counters on a caller-owned prometheus registry (no global state)."""
-
-    def __init__(self, hub: Hub) -> None:
-        self._hub = hub
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        hub = self._hub
-        clients = GaugeMetricFamily(
-            "latent_stream_bridge_clients", "Connected websocket clients", labels=["endpoint"]
-        )
-        for endpoint, n in hub.client_counts().items():
-            clients.add_metric([endpoint], n)
-        yield clients
-        dropped = CounterMetricFamily(
-            "latent_stream_bridge_dropped",
-            "Messages, points or clients dropped, by reason",
-            labels=["reason"],
-        )
-        for reason, n in hub.dropped.items():
-            dropped.add_metric([reason], n)
-        yield dropped
-        yield CounterMetricFamily(
-            "latent_stream_bridge_points", "Points published to the hub", value=hub.points_total
-        )
-        yield CounterMetricFamily(
-            "latent_stream_bridge_connections", "Websocket connections accepted", value=hub.clients_total
-        )
-        held = len(hub.current.store) if hub.current is not None and hub.current.store is not None else 0
-        yield GaugeMetricFamily(
-            "latent_stream_bridge_backfill_points", "Points of the current run held for backfill", value=held
-        )

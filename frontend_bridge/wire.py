@@ -17,7 +17,8 @@ from typing import Any
 import msgpack
 import orjson
 
-from operators.messages import ClusterNew, ClusterUpdate, Point, RunStarted, RunStopped
+from operators import point_row
+from operators.messages import ClusterNew, ClusterUpdate, RunStarted, RunStopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +55,6 @@ LSE_KEYS: tuple[str, ...] = (
     "dimred_time",
 )
 SERVICE_KEYS: tuple[str, ...] = ("run_id", "cluster", "novelty")
-POINT_KEYS: tuple[str, ...] = LSE_KEYS + SERVICE_KEYS
-
-# Columns of the compact REST point rows (/api/runs/{id}/points); also what a RunCatalog returns.
-ROW_KEYS: tuple[str, ...] = ("index", "x", "y", "cluster", "novelty", "timestamp", "tiled_url")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,57 +66,19 @@ class RunContext:
     model: ModelInfo
 
 
-def point_message(
-    ctx: RunContext,
-    *,
-    index: int,
-    x: float,
-    y: float,
-    cluster: int,
-    novelty: float,
-    tiled_url: str,
-    timestamp: float,
-    total_time: float,
-    autoencoder_time: float,
-    dimred_time: float,
-) -> dict[str, Any]:
-    """One point as the /lse message (the /ws message adds `"type": "point"`).
+def point_message(ctx: RunContext, row: Mapping[str, Any]) -> dict[str, Any]:
+    """One point row (`operators.point_row`, Python scalars) as the /lse message (/ws adds `"type": "point"`).
 
-    Arguments must already be Python scalars (msgpack rejects numpy scalars).
+    The LSE's keys in its order, then this service's, then any other field of the row under its wire name;
+    x and y go out as the LSE's `feature_vector`.
     """
-    return {
-        "tiled_url": tiled_url,
-        "feature_vector": [x, y],
-        "index": index,
-        "autoencoder_model": ctx.model.autoencoder_model,
-        "dimred_model": ctx.model.dimred_model,
-        "experiment_name": ctx.experiment_name,
-        "timestamp": timestamp,
-        "total_processing_time": total_time,
-        "autoencoder_time": autoencoder_time,
-        "dimred_time": dimred_time,
-        "run_id": ctx.run_id,
-        "cluster": cluster,
-        "novelty": novelty,
-    }
-
-
-def point_from_message(ctx: RunContext, point: Point) -> dict[str, Any]:
-    """The /lse message for a freshly published `Point`."""
-    t = point.timings
-    return point_message(
-        ctx,
-        index=int(point.index),
-        x=float(point.x),
-        y=float(point.y),
-        cluster=int(point.cluster),
-        novelty=float(point.novelty),
-        tiled_url=point.tiled_url,
-        timestamp=float(point.timestamp),
-        total_time=float(t.total),
-        autoencoder_time=float(t.encode),
-        dimred_time=float(t.project),
-    )
+    fields = {f.wire: row[f.name] for f in point_row.FIELDS}
+    fields["feature_vector"] = [fields.pop("x"), fields.pop("y")]
+    fields.update(autoencoder_model=ctx.model.autoencoder_model, dimred_model=ctx.model.dimred_model,
+                  experiment_name=ctx.experiment_name, run_id=ctx.run_id)  # fmt: skip
+    message = {key: fields.pop(key) for key in LSE_KEYS + SERVICE_KEYS}
+    message.update(fields)
+    return message
 
 
 def typed_point(message: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 from bridge_support import MODEL, bridge, connect, point, receive_until, run_started, run_stopped
 
 from frontend_bridge import RunCatalog
+from operators import point_row
 
 
 class ListCatalog:
@@ -105,7 +106,7 @@ async def test_runs_list_the_current_run_then_past_runs_then_the_catalog() -> No
     ]
     assert runs["runs"][1]["stopped_at"] is not None and runs["runs"][1]["num_points"] == 3
     assert [p["index"] for p in r1_points] == [0, 1, 2]
-    assert set(r1_points[0]) == {"index", "x", "y", "cluster", "novelty", "timestamp", "tiled_url"}
+    assert list(r1_points[0]) == list(point_row.WIRE_KEYS)  # the point row, under its wire names
     assert r1_points[1]["tiled_url"].endswith("/r1/primary/image?slice=1")
     assert old_points[0]["x"] == 1.0
     assert missing.status_code == 404

@@ -10,22 +10,25 @@ from bridge_support import MODEL, cluster_new, point, run_started, run_stopped
 from prometheus_client import CollectorRegistry, generate_latest
 
 from frontend_bridge import Hub, WireFormat
-from frontend_bridge.hub import ClientClosed, PointStore
+from frontend_bridge.clients import ClientClosed
+from frontend_bridge.point_store import PointStore
+from operators import point_row
 
 
-def _row(i: int) -> tuple:
-    return (i, float(i), -float(i), 0, 0.5, 1000.0 + i, 0.03, 0.02, 0.004)
+def _row(i: int) -> dict:
+    return point_row.values(point("r", i, url=f"u{i}"))
 
 
 def test_the_point_store_keeps_the_newest_points_and_reports_each_eviction() -> None:
     store = PointStore(max_points=5, initial_capacity=2)
-    evictions = [store.append(_row(i), f"u{i}") for i in range(8)]
+    sent = [_row(i) for i in range(8)]
+    evictions = [store.append(row) for row in sent]
     assert evictions == [False] * 5 + [True] * 3
     assert (store.first_seq, store.end_seq, len(store)) == (3, 8, 5)
     rows = store.rows(0, 100)
-    assert [r[0][0] for r in rows] == [3, 4, 5, 6, 7]
-    assert [url for _, url in rows] == ["u3", "u4", "u5", "u6", "u7"]
-    assert [r[0][0] for r in store.rows(6, 7)] == [6]  # a slice across the ring's wrap point
+    assert rows == sent[3:]  # every field of the point row, as it went in
+    assert [r["tiled_url"] for r in rows] == ["u3", "u4", "u5", "u6", "u7"]
+    assert [r["index"] for r in store.rows(6, 7)] == [6]  # a slice across the ring's wrap point
     assert store.rows(8, 9) == []
 
 
@@ -220,7 +223,7 @@ async def test_a_cluster_update_corrects_the_stored_points_and_reaches_ws_client
     assert all(json.loads(p)["cluster"] == 1 for p in await lse.next_batch())  # points only, as sent
     assert not lse.queue
     rows = hub.current.store.rows(0, 100)
-    assert [(r[0][0], r[0][3]) for r in rows] == [(i, 7 if i in (6, 7, 8) else 1) for i in range(2, 10)]
+    assert [(r["index"], r["cluster"]) for r in rows] == [(i, 7 if i in (6, 7, 8) else 1) for i in range(2, 10)]
     # a client joining now gets the corrected ids in its backfill
     late = hub.connect("ws", WireFormat.WS_JSON, backfill=True)
     msgs: list[dict] = []
@@ -237,7 +240,7 @@ async def test_a_cluster_update_for_another_run_is_dropped_and_counted() -> None
     await hub.publish(point("r", 0))
     await hub.publish(_update("old", [0], [5]))
     assert hub.dropped["stale_run"] == 1
-    assert hub.current.store.rows(0, 1)[0][0][3] == 0
+    assert hub.current.store.rows(0, 1)[0]["cluster"] == 0
 
 
 async def test_the_rest_api_returns_the_corrected_ids_of_a_run_in_memory() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 from tiled.client import from_uri
 from tiled_support import make_point, publish_stored, tiled_server_fixture
 
+from operators import point_row
 from operators.messages import ClusterNew, ClusterUpdate, RunStarted, RunStopped
 from operators.persist.catalog import TiledRunCatalog
 from operators.persist.server import EmbeddedTiledServer
@@ -74,3 +75,5 @@ async def test_a_run_without_updates_reads_as_before(tiled_server: EmbeddedTiled
     finally:
         catalog.close()
     assert [r["cluster"] for r in rows] == [p.cluster for p, _ in points]
+    # rows read back from Tiled are the point row (operators.point_row) under its wire names, as sent
+    assert rows == [point_row.rest_row(point_row.values(p)) for p, _ in points]

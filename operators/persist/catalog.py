@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import Any
 
+from operators import point_row
 from operators.persist.keys import is_safe_key
 
 logger = logging.getLogger(__name__)
-
-ROW_KEYS = ("index", "x", "y", "cluster", "novelty", "timestamp", "tiled_url")
 
 
 class TiledRunCatalog:
@@ -84,7 +82,7 @@ class TiledRunCatalog:
         return out[:limit]
 
     async def run_points(self, run: str) -> list[dict[str, Any]] | None:
-        """The run's rows (keys ROW_KEYS) in processing order, or None for an unknown run (key or run id)."""
+        """The run's rows (`point_row.rest_row`) in processing order, or None for an unknown run (key or run id)."""
         return await asyncio.to_thread(self._run_points, run)
 
     def _run_points(self, run: str) -> list[dict[str, Any]] | None:
@@ -103,15 +101,7 @@ class TiledRunCatalog:
         moved = _cluster_updates(latent, run)
         if moved:
             df = df.assign(cluster=[moved.get(int(i), int(c)) for i, c in zip(df["index"], df["cluster"], strict=True)])
-        rows = []
-        for rec in df[list(ROW_KEYS)].to_dict("records"):
-            rec["index"] = int(rec["index"])
-            rec["cluster"] = int(rec["cluster"])
-            for k in ("x", "y", "novelty", "timestamp"):
-                v = float(rec[k])
-                rec[k] = v if math.isfinite(v) else None
-            rows.append(rec)
-        return rows
+        return [point_row.rest_row(rec) for rec in df[list(point_row.NAMES)].to_dict("records")]
 
     async def run_report(self, run: str) -> dict[str, Any] | None:
         """What Tiled holds for a run (key or run id): its metadata counters, rows stored and frames stored."""

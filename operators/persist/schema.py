@@ -1,4 +1,7 @@
-"""The tables the writer keeps per run in Tiled, and their Arrow form (one home for the column lists)."""
+"""The tables the writer keeps per run in Tiled, and their Arrow form (one home for the column lists).
+
+The points table's columns are the point row's (operators.point_row), after the run's row number.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +10,13 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from operators import point_row
+
 APACHE_ARROW_FILE = "application/vnd.apache.arrow.file"
 
-# /<run_key>/latent/points: one row per processed frame.
-POINT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("row", "int64"),
-    ("index", "int64"),
-    ("x", "float64"),
-    ("y", "float64"),
-    ("cluster", "int64"),
-    ("novelty", "float64"),
-    ("timestamp", "float64"),  # unix s, when the point was produced (sent to clients)
-    ("processing_time", "float64"),  # arrival -> point ready, s
-    ("encode_time", "float64"),
-    ("project_time", "float64"),
-    ("tiled_url", "string"),
+# /<run_key>/latent/points: one row per processed frame, numbered in the run ("row"; vectors row r <-> row r).
+POINT_COLUMNS: tuple[tuple[str, str], ...] = (("row", "int64"),) + tuple(
+    (f.name, "string" if f.dtype == "str" else f.dtype) for f in point_row.FIELDS
 )
 # /<run_key>/latent/cluster_updates: re-clustering moved the point of frame `index` to `cluster`.
 UPDATE_COLUMNS: tuple[tuple[str, str], ...] = (("update", "int64"), ("index", "int64"), ("cluster", "int64"))

@@ -39,6 +39,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from operators import point_row
 from operators.messages import (
     ClusterNew,
     ClusterUpdate,
@@ -148,19 +149,7 @@ class TiledWriter:
         st = self._backlog.run(p.run_key, p.run_id)
         row = st.next_row
         st.next_row += 1
-        values = {
-            "row": row,
-            "index": int(p.index),
-            "x": float(p.x),
-            "y": float(p.y),
-            "cluster": int(p.cluster),
-            "novelty": float(p.novelty),
-            "timestamp": float(p.timestamp),
-            "processing_time": float(p.timings.total),
-            "encode_time": float(p.timings.encode),
-            "project_time": float(p.timings.project),
-            "tiled_url": p.tiled_url,
-        }
+        values = {"row": row, **point_row.values(p)}
         latent = np.ascontiguousarray(p.latent, dtype=np.float32).reshape(-1)
         image = self._frames_in.pop((p.run_key, p.index), None) if p.stored_by_service else None
         if p.stored_by_service and image is None:  # the pipeline's frame sink is not connected to this writer
