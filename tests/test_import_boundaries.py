@@ -1,12 +1,23 @@
-"""Imports flow one way: stream -> operators -> frontend_bridge, with the CLI as composition root.
+"""Imports flow one way, as docs/internals.md draws them ("Import direction"), checked over every module.
 
-Each check runs in a fresh interpreter so that modules imported by other tests cannot hide a leak.
+The layer table is read from docs/internals.md itself, so the drawing and this test cannot drift apart. Every
+import of every module of stream/, operators/ and frontend_bridge/ is parsed (top-level, lazy and
+TYPE_CHECKING imports alike) and must be allowed by the table. The heavy-import checks run in a fresh
+interpreter so that modules imported by other tests cannot hide a leak.
 """
 
+from __future__ import annotations
+
+import ast
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("stream", "operators", "frontend_bridge")
 
 HEAVY = ("torch", "onnxruntime", "umap", "numba", "pynndescent")
 
@@ -30,9 +41,79 @@ def test_cli_help_does_not_import_torch() -> None:
     assert "torch" not in _roots(_modules_after_import("import stream.cli"))
 
 
-def test_operators_never_import_the_bridge() -> None:
-    statement = "import operators.pipeline, operators.bundle, operators.clustering"
-    assert "frontend_bridge" not in _roots(_modules_after_import(statement))
+def _layer_table() -> tuple[dict[str, str], dict[str, set[str] | None]]:
+    """(module prefix -> layer, layer -> layers it may import; None: any) from docs/internals.md."""
+    text = (REPO / "docs" / "internals.md").read_text()
+    block = re.search(r"<!-- import-layers:.*?-->\s*```\n(.*?)```", text, re.DOTALL)
+    assert block, "docs/internals.md lost its import-layers table"
+    layer_of: dict[str, str] = {}
+    allowed: dict[str, set[str] | None] = {}
+    for line in block.group(1).splitlines()[1:]:  # the first line names the columns
+        layer, modules, may = (column.split() for column in line.split("|"))
+        [layer] = layer
+        layer_of.update(dict.fromkeys(modules, layer))
+        allowed[layer] = None if may == ["*"] else {layer} | ({*may} - {"-"})
+    return layer_of, allowed
+
+
+def _layer(module: str, layer_of: dict[str, str]) -> str:
+    matches = [p for p in layer_of if module == p or module.startswith(p + ".")]
+    assert matches, f"{module} is in no layer of docs/internals.md"
+    return layer_of[max(matches, key=len)]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every project module `path` imports (`from pkg import submodule` counts as the submodule)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                as_module = REPO.joinpath(*sub.split("."))
+                found.add(sub if as_module.with_suffix(".py").exists() or as_module.is_dir() else target)
+    return {name for name in found if name.split(".")[0] in PACKAGES}
+
+
+def _all_modules() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
+
+
+def test_every_import_of_every_module_follows_the_drawing_in_internals() -> None:
+    layer_of, allowed = _layer_table()
+    modules = _all_modules()
+    assert len(modules) > 50  # the walk found the packages
+    wrong = []
+    for path in modules:
+        layer = _layer(_module_name(path), layer_of)
+        ok = allowed[layer]
+        for target in sorted(_imports(path)):
+            if ok is not None and _layer(target, layer_of) not in ok:
+                wrong.append(f"{_module_name(path)} ({layer}) imports {target} ({_layer(target, layer_of)})")
+    assert not wrong, "imports the drawing in docs/internals.md does not allow:\n" + "\n".join(wrong)
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
+    # the check itself can fail: operators importing the bridge, the bridge importing model code
+    layer_of, allowed = _layer_table()
+    assert _layer("frontend_bridge.app", layer_of) not in allowed[_layer("operators.pipeline", layer_of)]
+    assert _layer("operators.bundle", layer_of) not in allowed[_layer("frontend_bridge.hub", layer_of)]
+    assert _layer("stream.serve", layer_of) not in allowed[_layer("stream.ingest", layer_of)]
+    assert _layer("operators.base", layer_of) not in allowed[_layer("stream.protocol", layer_of)]
+    assert _imports(REPO / "frontend_bridge" / "hub.py") >= {"operators.point_row", "operators.messages"}
 
 
 def test_serving_path_does_not_need_torch() -> None:
