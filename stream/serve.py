@@ -190,9 +190,9 @@ class Service:
         from operators.pipeline import LivePipeline
 
         assert s.queue_policy is not None  # resolved by the settings validator
-        compute = dict(tiled_base_url=self.tiled_url, max_batch=s.max_batch, queue_size=s.queue_size,
-                       queue_bytes=s.queue_bytes, policy=s.queue_policy, publish_timeout=s.publish_timeout,
-                       frame_sink=writer.store_frame)  # frames to store: their own path
+        compute = {"tiled_base_url": self.tiled_url, "max_batch": s.max_batch, "queue_size": s.queue_size,
+                   "queue_bytes": s.queue_bytes, "policy": s.queue_policy, "publish_timeout": s.publish_timeout,
+                   "frame_sink": writer.store_frame}  # frames to store: their own path
         if s.workers > 1:  # preprocess/encode/project on Ray workers (operators/workers/)
             pipeline = await self._pooled_pipeline(bundle, compute)
         else:  # in-process, without Ray

@@ -10,7 +10,6 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest

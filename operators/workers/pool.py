@@ -215,7 +215,7 @@ class RayWorkerPool:
         for w in self.workers:
             try:
                 ray.kill(w.handle, no_restart=True)
-            except Exception:  # already gone with its node
+            except Exception:  # noqa: BLE001 - already gone with its node; the others are still killed
                 log.debug("worker %d already gone", w.id)
         if self._started_ray:
             ray.shutdown()

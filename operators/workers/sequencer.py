@@ -123,7 +123,7 @@ class PooledPipeline(LivePipeline):
         except asyncio.CancelledError:
             self.metrics.dropped.labels("shutdown").inc(len(frames))
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a lost worker or a bug: counted, the pipeline goes on
             if isinstance(exc, self._lost):
                 self.metrics.dropped.labels("worker_lost").inc(len(frames))
                 log.error("run %s: frames %d..%d lost with their worker (%s)", frames[0].run_id, frames[0].index,
