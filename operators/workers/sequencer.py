@@ -112,6 +112,10 @@ class PooledPipeline(LivePipeline):
                 else:
                     assert slot.result is not None
                     await self._finish_batch(slot.frames, slot.result, slot.dispatched)
+            except Exception:  # a bug here must not stop the sequencer: the batch is counted, the next goes on
+                log.exception("sequencing failed")
+                if slot.frames is not None:
+                    self.metrics.rejected.labels("processing_error").inc(len(slot.frames))
             finally:
                 self._pending -= slot.size
                 if slot.frames is not None:
