@@ -35,25 +35,6 @@ from stream.independent import physics
 from stream.independent._kernel import POISSON_TABLE, expected_counts, frame_key, sample_counts
 from stream.independent.detectors import DETECTORS, DetectorGeometry
 
-__all__ = [
-    "HELDOUT_SEEDS",
-    "MAX_RAMP",
-    "MIN_PLATEAU",
-    "MIN_RAMP",
-    "ORDERINGS",
-    "PHASES",
-    "RAMP",
-    "VALIDATION_SEEDS",
-    "Amplitudes",
-    "IndependentFrame",
-    "Material",
-    "Renderer",
-    "RunSpec",
-    "Segment",
-    "Setup",
-    "draw_run",
-]
-
 PHASES = ("disordered", "lamellar", "powder", "textured")
 DISORDERED, LAMELLAR, POWDER, TEXTURED = range(4)
 RAMP = -1

@@ -23,28 +23,13 @@ import numpy as np
 
 from stream.detector import PILATUS3_2M, Detector
 from stream.synthetic._kernels import (
-    GAP_VALUE,
     POISSON_CDF,
     POISSON_GUIDE,
-    SATURATION,
     Z_TABLE,
     draw_counts,
     frame_key,
     render_expected,
 )
-
-__all__ = [
-    "Arc",
-    "Flat",
-    "Peak",
-    "Porod",
-    "Renderer",
-    "Rods",
-    "ScanGeometry",
-    "Scene",
-    "Spot",
-    "q_map",
-]
 
 RADIAL_BINS_PER_PX = 2  # radial table resolution: 0.5 px, finer than any ring we draw
 AZIMUTH_BINS = 720  # 0.5 degree azimuthal table resolution
@@ -449,6 +434,3 @@ def _stack(rows: list[np.ndarray], n: int) -> np.ndarray:
         return np.zeros((0, n), dtype=np.float32)
     return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
 
-
-# Re-exported for callers that post-process frames (e.g. masking before preprocessing).
-__all__ += ["GAP_VALUE", "SATURATION"]
