@@ -28,6 +28,11 @@ class LivePage {
       onPick: (slot) => this.framePanel.show(this.plot.store.meta[slot]),
       onSelect: (slots) => this.selectionPanel.show(slots.map((s) => this.plot.store.meta[s])),
       onDrawn: () => this.scheduleUi(),
+      onPickReference: (i) => {
+        if (this.reference && this.reference.frames) {
+          this.framePanel.showReference(i, this.reference.x[i], this.reference.y[i], this.reference.cluster?.[i]);
+        }
+      },
     });
     this.framePanel = new FramePanel($('frame-panel'));
     this.selectionPanel = new SelectionPanel($('selection-panel'));
@@ -209,6 +214,7 @@ class LivePage {
       const xs = ref.x ?? (ref.points || []).map((p) => p[0]);
       const ys = ref.y ?? (ref.points || []).map((p) => p[1]);
       this.plot.setReference(xs, ys);
+      this.reference = { x: xs, y: ys, cluster: ref.cluster, frames: Boolean(ref.frames) };
       $('reference-note').hidden = !xs.length;
     } catch (err) {
       $('reference-note').hidden = true; // no reference map: the run still plots
@@ -344,6 +350,14 @@ class LivePage {
         const [px, py] = page.plot.dataToScreen(x, y);
         const rect = page.plot.overlay.getBoundingClientRect();
         return { x: rect.left + px, y: rect.top + py };
+      },
+      /** Viewport coordinates of reference point i, or null when there is no such point. */
+      referenceClientPosition: (i) => {
+        const r = page.reference;
+        if (!r || !(i >= 0 && i < r.x.length)) return null;
+        const [x, y] = page.plot.dataToScreen(r.x[i], r.y[i]);
+        const rect = page.plot.overlay.getBoundingClientRect();
+        return { x: rect.left + x, y: rect.top + y };
       },
       dataBounds: () => (page.plot.store ? { ...page.plot.store.bounds } : null),
       selectedCount: () => page.selectionPanel.count,

@@ -96,6 +96,35 @@ export class FramePanel {
       this.status.textContent = `Could not load frame #${p.index}: ${err.message}`;
     }
   }
+
+  /** A grey reference point's frame: the service reads it from where the bundle recorded it. */
+  async showReference(i, x, y, cluster) {
+    if (this.abort) this.abort.abort();
+    const abort = new AbortController();
+    this.abort = abort;
+    this.root.hidden = false;
+    this.info.replaceChildren(
+      ...[
+        ['reference', `#${i}`],
+        ['cluster', cluster === undefined || cluster < 0 ? 'unassigned' : `${clusterGlyph(cluster)} ${cluster}`],
+        ['position', `${x.toFixed(3)}, ${y.toFixed(3)}`],
+      ].flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v, 'data-field': k })]),
+    );
+    this.img.removeAttribute('data-loaded-index');
+    this.img.removeAttribute('data-loaded-reference');
+    this.status.textContent = `Loading reference frame #${i}…`;
+    try {
+      const blob = await getBlob(`api/reference/frame/${i}`, {}, { signal: abort.signal });
+      await setImageBlob(this.img, blob);
+      this.img.alt = `reference frame ${i} (log scale)`;
+      this.img.dataset.loadedReference = String(i);
+      this.status.textContent = `Reference frame #${i}, log-scaled intensity`;
+    } catch (err) {
+      if (err.name === 'AbortError') return;
+      setImageBlob(this.img, null);
+      this.status.textContent = `Could not load reference frame #${i}: ${err.message}`;
+    }
+  }
 }
 
 /** Evenly spaced picks: the selection's extent in time stays represented. */

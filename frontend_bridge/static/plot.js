@@ -127,11 +127,13 @@ export class ScatterPlot {
   /**
    * @param {HTMLElement} container
    * @param {{onPick?: (slot: number) => void, onSelect?: (slots: number[], shape: object) => void,
-   *          onDrawn?: () => void}} handlers
+   *          onDrawn?: () => void, onPickReference?: (i: number) => void}} handlers
    */
-  constructor(container, { onPick = () => {}, onSelect = () => {}, onDrawn = () => {} } = {}) {
+  constructor(container, { onPick = () => {}, onSelect = () => {}, onDrawn = () => {},
+    onPickReference = () => {} } = {}) {
     this.container = container;
     this.onPick = onPick;
+    this.onPickReference = onPickReference; // a click that hits no run point but a grey reference point
     this.onSelect = onSelect;
     this.onDrawn = onDrawn; // after a render that drew new points
     this.store = null;
@@ -140,6 +142,7 @@ export class ScatterPlot {
     this.gpuCapacity = 0;
     this.refCount = 0;
     this.refBounds = null;
+    this.refData = null; // the reference points, kept for picking
     this.colorMode = 'index';
     this.mode = 'pan';
     this.frozen = false; // paused: new points wait in the store and are not drawn
@@ -224,6 +227,7 @@ export class ScatterPlot {
     gl.bufferData(gl.ARRAY_BUFFER, data, gl.STATIC_DRAW);
     this.refCount = n;
     this.refBounds = n ? b : null;
+    this.refData = data;
     this.fitted = false;
     this.requestRender();
   }
@@ -360,6 +364,25 @@ export class ScatterPlot {
       const dy = r.top + r.height - (d[i * STRIDE + 1] - v.y0) * sy - py;
       const dd = dx * dx + dy * dy;
       if (dd <= bestD) { bestD = dd; best = i; }
+    }
+    return best;
+  }
+
+  /** The index of the reference point nearest to (px, py) within PICK_RADIUS_PX, or -1. */
+  pickReference(px, py) {
+    const d = this.refData;
+    if (!d || !this.refCount) return -1;
+    const r = this._plotRect();
+    const v = this.view;
+    const sx = r.width / (v.x1 - v.x0);
+    const sy = r.height / (v.y1 - v.y0);
+    let best = -1;
+    let bestD = PICK_RADIUS_PX * PICK_RADIUS_PX;
+    for (let i = 0; i < this.refCount; i += 1) {
+      const dx = r.left + (d[i * STRIDE] - v.x0) * sx - px;
+      const dy = r.top + r.height - (d[i * STRIDE + 1] - v.y0) * sy - py;
+      const dd = dx * dx + dy * dy;
+      if (dd < bestD) { bestD = dd; best = i; }
     }
     return best;
   }
@@ -670,6 +693,9 @@ export class ScatterPlot {
         if (slot >= 0) {
           this.setPicked(slot);
           this.onPick(slot);
+        } else {
+          const ref = this.pickReference(...local(e)); // run points win: they are drawn on top
+          if (ref >= 0) this.onPickReference(ref);
         }
         return;
       }
