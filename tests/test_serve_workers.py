@@ -60,6 +60,9 @@ async def test_300_full_size_frames_at_20_hz_on_two_workers_give_300_points_in_f
     assert health["ingest"]["processed"]["event"] == 300
     received, handled = _accounted(health)
     assert received == handled
+    # the frames stayed in the service and reached its Tiled writer by their own path
+    await until(lambda: _health(service)["persist"]["frames_written"] >= 300, 60, "300 frames stored")
+    assert _health(service)["persist"]["frames_not_written"] == {}
 
 
 async def test_a_worker_killed_mid_run_comes_back_and_every_frame_is_a_point_or_counted_worker_lost(
@@ -116,9 +119,9 @@ def test_one_worker_stays_in_process_without_importing_ray(tmp_path: Path) -> No
             service.request_stop()
             await task
             print("ray" in sys.modules, health["workers"][0]["node"], flush=True)
+            os._exit(0)  # as the CLI ends: a thread left connecting to the unreachable Tiled must not hold it
 
         asyncio.run(main())
-        os._exit(0)  # as the CLI ends: a Tiled client left retrying the unreachable URL must not hold the exit
     """)
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data")], capture_output=True, text=True,
                          timeout=180, check=False)
