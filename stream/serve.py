@@ -230,7 +230,8 @@ class Service:
         from operators.workers.sequencer import PooledPipeline
 
         s = self.settings
-        pool = RayWorkerPool(PoolSettings(s.workers, bundle=s.bundle, runtime=s.runtime, device=s.device,
+        bundle_path = s.bundle.resolve() if s.bundle is not None else None  # workers start elsewhere
+        pool = RayWorkerPool(PoolSettings(s.workers, bundle=bundle_path, runtime=s.runtime, device=s.device,
                                           max_batch=s.max_batch, gpus_per_worker=s.gpus_per_worker,
                                           ray_address=s.ray_address))
         self._on_stop("worker pool", pool.close)  # after the pipeline: it stops first
