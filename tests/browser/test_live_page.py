@@ -109,6 +109,36 @@ def test_clicking_a_point_shows_its_frame_from_tiled(page_probe: PageProbe, brid
     page_probe.check_clean()
 
 
+def test_a_streamed_run_logs_no_console_error_and_no_request_fails(page_probe: PageProbe, bridge: LiveBridge) -> None:
+    failed: list[str] = []  # any answer >= 400 (the favicon the page used to ask for was a 404 in the console)
+    page_probe.page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+    page = open_page(page_probe, bridge)
+    messages = scan("run-console", 200, tiled_url=bridge.tiled.url)
+    bridge.publish(messages[0])  # the run starts: its notice shows
+    notice = page.get_by_test_id("notices").locator(".notice").first
+    notice.wait_for(timeout=WAIT_MS)
+    box, plot = notice.bounding_box(), page.locator(".plot").bounding_box()
+    # the notice stays clear of the plot's top half (where it hid the newest points) and lets clicks through
+    assert box["y"] >= plot["y"] + plot["height"] / 2, (box, plot)
+    assert notice.evaluate("n => getComputedStyle(n.parentElement).pointerEvents") == "none"
+    stream(bridge, messages[1:])
+    wait_points(page, 200)
+    bridge.flush_frames()
+    target = points_of(messages)[42]  # a click loads a frame from Tiled through the bridge
+    pos = page.evaluate(f"() => window.latentStream.pointClientPosition({target.index})")
+    page.mouse.click(pos["x"], pos["y"])
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=frame-image]').dataset.loadedIndex !== undefined",
+        timeout=WAIT_MS,
+    )
+    page.wait_for_function(  # a health poll came back after the run
+        "() => document.querySelector('[data-testid=health] [data-field=stages]').innerText.includes('encode')",
+        timeout=WAIT_MS,
+    )
+    assert not failed, failed
+    page_probe.check_clean()  # no console error, no page error
+
+
 def test_box_selection_shows_mean_and_std_of_the_selected_frames(
     page_probe: PageProbe, bridge: LiveBridge
 ) -> None:
