@@ -9,7 +9,7 @@ from pathlib import Path
 
 REAL_DATA = Path(__file__).resolve().parent / "data" / "bioxtasraw"
 CBF_SCAN = REAL_DATA / "calibrant_scan_cbf"  # 24 real PILATUS frames, a slow diagonal drift of the beam
-EIGER_SCAN = REAL_DATA / "calibrant_scan_master.h5"  # the same frames, EIGER master + bitshuffle-LZ4 data file
+EIGER_SCAN = REAL_DATA / "calibrant_scan_master.h5"  # the same, EIGER master + bitshuffle-LZ4 file
 EIGER2_VAC = REAL_DATA / "vac_007_master.h5"  # two real EIGER2 XE 9M frames (cropped)
 
 # A meta-path finder that refuses torch (and anything under it), installed before the CLI is imported: the

@@ -16,7 +16,9 @@ from operators.projection import OnnxProjector
 
 def test_the_no_torch_shim_really_blocks_torch() -> None:
     code = NO_TORCH.replace("from stream.cli import app\napp()\n", "import torch\n")
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0 and "torch is not installed" in done.stderr
 
 

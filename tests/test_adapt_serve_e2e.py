@@ -53,9 +53,13 @@ async def test_replaying_the_adapted_frames_puts_each_live_point_on_its_own_refe
     live = np.array([p["feature_vector"] for p in points], dtype=np.float64)
     assert [p["index"] for p in points] == list(range(24))
     off = np.linalg.norm(live - ref, axis=1) / extent
-    assert off.max() <= 0.02, f"live points off their reference point by up to {100 * off.max():.2f}% of the extent"
+    assert off.max() <= 0.02, (
+        f"live points off their reference point by up to {100 * off.max():.2f}% of the extent"
+    )
 
     nearest = [int(np.argsort(np.linalg.norm(live - live[i], axis=1))[1]) for i in range(len(live))]
     local = np.mean([abs(j - i) <= 2 for i, j in enumerate(nearest)])
     rho = spearmanr(pdist(np.arange(len(live), dtype=float)[:, None]), pdist(live))[0]
-    assert local >= 0.9 and rho >= 0.5, f"trajectory not ordered: nearest-in-time {local:.2f}, spearman {rho:.2f}"
+    assert local >= 0.9 and rho >= 0.5, (
+        f"trajectory not ordered: nearest-in-time {local:.2f}, spearman {rho:.2f}"
+    )

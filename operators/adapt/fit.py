@@ -92,7 +92,9 @@ def capped_settings(n_fit: int, n_all: int) -> tuple[dict[str, Any], int | None,
     # to every other and the layout would be noise: keep at most a quarter of the frames as neighbours.
     neighbours = max(2, min(umap_settings["n_neighbors"], n_fit // 4))
     if neighbours != umap_settings["n_neighbors"]:
-        caps.append(f"UMAP n_neighbors {umap_settings['n_neighbors']} -> {neighbours} ({n_fit} frames fitted)")
+        caps.append(
+            f"UMAP n_neighbors {umap_settings['n_neighbors']} -> {neighbours} ({n_fit} frames fitted)"
+        )
         umap_settings["n_neighbors"] = neighbours
     min_cluster_size = None
     if n_all < 500:  # the reference default max(10, n // 50) would leave one cluster or none

@@ -56,7 +56,9 @@ def test_clicking_a_reference_point_shows_the_frame_it_was_fitted_on(
     target = int(gaps.min(1).argmax())
     page = page_probe.page
     page.goto(url)
-    page.wait_for_function(f"() => window.latentStream.referenceClientPosition({target}) !== null", timeout=WAIT_MS)
+    page.wait_for_function(
+        f"() => window.latentStream.referenceClientPosition({target}) !== null", timeout=WAIT_MS
+    )
     page.wait_for_timeout(300)  # the first render fits the view to the reference map
     pos = page.evaluate(f"() => window.latentStream.referenceClientPosition({target})")
     page.mouse.click(pos["x"], pos["y"])
