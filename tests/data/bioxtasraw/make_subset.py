@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import fabio
 import h5py
 import hdf5plugin
 import numpy as np
