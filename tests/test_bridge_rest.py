@@ -138,6 +138,7 @@ async def test_the_reference_embedding_is_served_as_columns() -> None:
         "x": [0.5, 2.0, 4.0],
         "y": [-1.0, 3.25, 5.0],
         "cluster": [0, 1, 1],
+        "frames": False,  # no recorded reference frames: /api/reference/frame/{i} is 404
     }
 
 
