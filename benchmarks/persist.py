@@ -139,7 +139,7 @@ async def _publish_point(
 ) -> Any:
     """As the pipeline does: the frame to the writer's frame port, then its point (returned)."""
     from operators.messages import Frame, Point, StageTimings
-    from operators.persist.uris import frame_uri
+    from operators.tiled_layout import frame_uri
 
     writer.store_frame(Frame(run_id, index, image, "", time.time(), 0.0, run_key=run_id))
     point = Point(

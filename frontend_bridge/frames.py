@@ -26,9 +26,10 @@ from urllib.parse import parse_qs, quote, urlsplit
 import httpx
 import numpy as np
 
+from operators.tiled_layout import ARRAY_PREFIXES, auth_headers
+
 logger = logging.getLogger(__name__)
 
-_ARRAY_PREFIXES = ("api/v1/array/full/", "api/v1/array/block/", "api/v1/metadata/")
 # The ingest's default frame bounds: any frame the service accepts can be shown.
 MAX_FRAME_PIXELS = 4096 * 4096
 MAX_FRAME_BYTES = MAX_FRAME_PIXELS * 8
@@ -60,7 +61,7 @@ class FrameNotFound(FrameError):
     status_code = 404
 
 
-class TiledUnavailable(FrameError):
+class TiledFetchFailed(FrameError):
     """Tiled could not be reached, refused the bridge's key, or answered with an error."""
 
     status_code = 502
@@ -82,19 +83,6 @@ class FrameRef:
 
     path: str  # the array's path inside Tiled, e.g. "run1/primary/image"
     slice_expr: str  # Tiled's slice parameter ("" for the whole array)
-
-    @property
-    def index(self) -> int:
-        """The frame index as the LSE reads it: the first component of ?slice=, 0 when absent."""
-        return lse_index(self.slice_expr)
-
-
-def lse_index(slice_expr: str) -> int:
-    """Index the way the Latent Space Explorer parses it: the first slice component's start."""
-    if not slice_expr:
-        return 0
-    first = slice_expr.split(",")[0].split(":")[0].strip()
-    return int(first) if first else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +144,7 @@ class FrameFetcher:
             parts.port or (443 if parts.scheme == "https" else 80),
         )
         self._prefix = parts.path.rstrip("/") + "/"
-        headers = {"Authorization": f"Apikey {api_key}"} if api_key else {}
+        headers = auth_headers(api_key)
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=timeout_s)
         self._headers = headers
@@ -181,7 +169,7 @@ class FrameFetcher:
         if origin != self._origin or not parts.path.startswith(self._prefix):
             raise FrameURLRejected(f"only frames on {self.base_url} can be fetched")
         rest = parts.path[len(self._prefix) :]
-        for prefix in _ARRAY_PREFIXES:
+        for prefix in ARRAY_PREFIXES:
             if rest.startswith(prefix):
                 path = rest[len(prefix) :].strip("/")
                 break
@@ -251,15 +239,15 @@ class FrameFetcher:
         except httpx.TimeoutException as exc:
             raise TiledTimeout(f"Tiled did not answer in time for {what}") from exc
         except httpx.HTTPError as exc:
-            raise TiledUnavailable(f"cannot reach Tiled at {self.base_url}: {exc}") from exc
+            raise TiledFetchFailed(f"cannot reach Tiled at {self.base_url}: {exc}") from exc
         if response.status_code == 404:
             raise FrameNotFound(f"{what} not found in Tiled")
         if response.status_code in (401, 403):
-            raise TiledUnavailable(f"Tiled refused the bridge's API key ({response.status_code}) for {what}")
+            raise TiledFetchFailed(f"Tiled refused the bridge's API key ({response.status_code}) for {what}")
         if response.status_code == 422 or response.status_code == 400:
             raise BadFrameURL(f"Tiled rejected the request for {what}: {response.text[:200]}")
         if response.status_code >= 400:
-            raise TiledUnavailable(f"Tiled answered {response.status_code} for {what}")
+            raise TiledFetchFailed(f"Tiled answered {response.status_code} for {what}")
         return response
 
 

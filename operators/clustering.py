@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from operators.projection import l2_normalise
+
 log = logging.getLogger(__name__)
 
 PENDING = -1  # cluster id of a frame that fits no cluster yet
@@ -166,9 +168,7 @@ class ClusterState:
     STATE_FILE = "clustering.npz"
 
     def reduce(self, latents: np.ndarray) -> np.ndarray:
-        x = np.asarray(latents, np.float32)
-        x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        return (x - self.mean) @ self.components.T
+        return (l2_normalise(latents) - self.mean) @ self.components.T
 
     def save(self, path: Path) -> Path:
         np.savez(path, mean=self.mean, components=self.components, centers=self.centers,
@@ -196,8 +196,7 @@ def fit_clustering(
     from sklearn.decomposition import PCA
 
     settings = settings or ClusteringSettings()
-    x = np.asarray(latents, np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = l2_normalise(latents)
     d = min(settings.pca_dims, x.shape[0] - 1, x.shape[1])
     pca = PCA(n_components=d, random_state=seed).fit(x)
     mean = pca.mean_.astype(np.float32)

@@ -51,8 +51,8 @@ from operators.messages import (
     RunStopped,
 )
 from operators.metrics import PipelineMetrics
-from operators.persist.uris import frame_uri
 from operators.stages import EncodeStage, NonFiniteOutput, PreprocessStage, ProjectStage, Work
+from operators.tiled_layout import frame_uri
 
 log = logging.getLogger(__name__)
 

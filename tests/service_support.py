@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,9 @@ import httpx
 import pytest
 import websockets
 
+from operators.persist.server import free_port  # the one copy (the service uses it for port 0)
+
 CLI = str(Path(sys.executable).with_name("latent-stream"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

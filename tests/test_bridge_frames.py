@@ -21,7 +21,7 @@ from tiled.config import Authentication
 from tiled.server.app import build_app
 
 from frontend_bridge import TiledConfig
-from frontend_bridge.frames import BadFrameURL, FrameFetcher, FrameTooLarge, log_scale, lse_index, valid_mask
+from frontend_bridge.frames import BadFrameURL, FrameFetcher, FrameTooLarge, log_scale, valid_mask
 
 API_KEY = "bridgetestkey"
 SHAPE = (40, 56)
@@ -102,11 +102,6 @@ def test_log_scaling_ignores_gaps_and_is_not_washed_out_by_a_hot_pixel() -> None
 
 def test_a_frame_with_no_valid_pixel_renders_black() -> None:
     assert (log_scale(np.full((4, 4), -1, dtype=np.int32)) == 0).all()
-
-
-@pytest.mark.parametrize(("slice_expr", "index"), [("5", 5), ("5:6", 5), ("5:6,0:10,0:12", 5), ("", 0)])
-def test_frame_index_is_read_like_the_lse(slice_expr: str, index: int) -> None:
-    assert lse_index(slice_expr) == index
 
 
 # -- /api/frame against Tiled --------------------------------------------------------------------

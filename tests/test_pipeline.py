@@ -16,8 +16,8 @@ from operators.base import Publisher
 from operators.bundle import ModelBundle
 from operators.messages import ClusterNew, Frame, Point, RunStarted, RunStopped
 from operators.metrics import PipelineMetrics
-from operators.persist.uris import frame_uri
 from operators.pipeline import LivePipeline
+from operators.tiled_layout import frame_uri
 from stream.synthetic import generate_scan
 
 TILED = "http://127.0.0.1:8000"

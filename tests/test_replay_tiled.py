@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ from tiled_support import make_point, publish_stored, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.catalog import TiledRunCatalog
-from operators.persist.server import EmbeddedTiledServer
+from operators.persist.server import EmbeddedTiledServer, free_port
 from operators.persist.writer import TiledWriter
 from stream.protocol import Event, Start, Stop, decode
 from stream.replay import open_source, replay_source, verify_runs
@@ -24,9 +23,7 @@ tiled_server = tiled_server_fixture()
 
 
 def _free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 async def test_replay_from_a_tiled_uri_carries_each_frames_tiled_uri(

@@ -13,8 +13,8 @@ import pytest
 
 from operators.messages import Frame, Point, StageTimings
 from operators.persist.server import EmbeddedTiledServer
-from operators.persist.uris import frame_uri
 from operators.persist.writer import TiledWriter
+from operators.tiled_layout import frame_uri
 
 SMALL_SHAPE = (48, 64)  # a small test detector: keeps 2 shared cores fast
 

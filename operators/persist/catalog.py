@@ -19,6 +19,7 @@ from typing import Any
 
 from operators import point_row
 from operators.persist.keys import is_safe_key
+from operators.tiled_layout import CLUSTER_UPDATES, LATENT, POINTS
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +90,11 @@ class TiledRunCatalog:
         node = self._find(run)
         if node is None:
             return None
-        latent = node.get("latent", None)
-        if latent is None or "points" not in latent:
+        latent = node.get(LATENT, None)
+        if latent is None or POINTS not in latent:
             return []
         try:
-            df = latent["points"].read()
+            df = latent[POINTS].read()
         except Exception as exc:  # noqa: BLE001 - an appendable table with no partition written yet
             logger.info("run %r has no readable points yet: %s", run, exc)
             return []
@@ -113,9 +114,9 @@ class TiledRunCatalog:
             return None
         md = dict(run.metadata)
         rows = 0
-        if "latent" in run and "points" in run["latent"]:
+        if LATENT in run and POINTS in run[LATENT]:
             try:
-                rows = len(run["latent"]["points"].read(["row"]))
+                rows = len(run[LATENT][POINTS].read(["row"]))
             except Exception:  # noqa: BLE001 - nothing appended yet
                 rows = 0
         persist = md.get("persist") or {}
@@ -140,10 +141,10 @@ class TiledRunCatalog:
 
 def _cluster_updates(latent: Any, run: str) -> dict[int, int]:
     """Frame number -> its cluster id after every re-clustering of the run (the last update wins)."""
-    if "cluster_updates" not in latent:
+    if CLUSTER_UPDATES not in latent:
         return {}
     try:
-        df = latent["cluster_updates"].read()
+        df = latent[CLUSTER_UPDATES].read()
     except Exception as exc:  # noqa: BLE001 - created, nothing appended yet
         logger.info("run %r has no readable cluster updates yet: %s", run, exc)
         return {}

@@ -59,6 +59,7 @@ import httpx
 from operators.child_process import die_with_parent
 from operators.persist.private_files import KEY_FILE, load_or_create_api_key, make_private_dir
 from operators.persist.whole_body import WholeBodyMiddleware
+from operators.tiled_layout import auth_headers
 from stream.protocol import DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class TiledEndpoint:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Apikey {self.api_key}"}
+        return auth_headers(self.api_key)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 
 from operators.persist.schema import APACHE_ARROW_FILE
+from operators.tiled_layout import auth_headers
 
 
 class TiledHttp:
@@ -24,7 +25,7 @@ class TiledHttp:
     def __init__(self, base_url: str, api_key: str | None, *, root: str = "", timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._root = [p for p in root.strip("/").split("/") if p]
-        headers = {"Authorization": f"Apikey {api_key}"} if api_key else {}
+        headers = auth_headers(api_key)
         self.client = httpx.AsyncClient(
             headers=headers, timeout=timeout, trust_env=False,
             limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),

@@ -16,6 +16,7 @@ from typing import Any, Self
 import numpy as np
 
 from operators.persist.schema import POINT_COLUMNS, point_schema
+from operators.tiled_layout import LATENT, POINTS, PRIMARY
 
 
 class TiledNodes:
@@ -43,9 +44,9 @@ class TiledNodes:
         for p in self._root:
             parent = _ensure_container(parent, p)
         run = _ensure_container(parent, run_key, metadata)
-        _ensure_container(run, "primary")
-        latent = _ensure_container(run, "latent")
-        _ensure_table(latent, "points", POINT_COLUMNS)
+        _ensure_container(run, PRIMARY)
+        latent = _ensure_container(run, LATENT)
+        _ensure_table(latent, POINTS, POINT_COLUMNS)
 
     def ensure_array(
         self, run_key: str, group: str, key: str, row_shape: tuple[int, ...], dtype: np.dtype
@@ -77,11 +78,11 @@ class TiledNodes:
 
     def ensure_table(self, run_key: str, key: str, columns: tuple[tuple[str, str], ...]) -> None:
         """An appendable table /<run_key>/latent/<key>."""
-        _ensure_table(self.node(run_key, "latent"), key, columns)
+        _ensure_table(self.node(run_key, LATENT), key, columns)
 
     def rows_present(self, run_key: str) -> set[int]:
         """The "row" numbers already in the run's points table (after an attempt whose answer was lost)."""
-        points = self.node(run_key, "latent", "points")
+        points = self.node(run_key, LATENT, POINTS)
         try:
             df = points.read(["row"])
         except Exception as exc:

@@ -36,6 +36,7 @@ from operators.persist.tiled_http import TiledHttp
 from operators.persist.tiled_nodes import TiledNodes
 from operators.persist.wal import ResultLog
 from operators.throttled_log import ThrottledLog
+from operators.tiled_layout import CLUSTER_UPDATES, IMAGE, LATENT, POINTS, PRIMARY, VECTORS
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class WriteLoop:
         return group
 
     def _image_path(self, run_key: str) -> str:
-        return self.http.path(run_key, "primary", "image")
+        return self.http.path(run_key, PRIMARY, IMAGE)
 
     async def _store_frames(self, run_key: str, first: int, images: list[np.ndarray], attempt: int = 0) -> None:
         """Slices first, first + 1, ... of /<run>/primary/image: into the embedded server's storage when it
@@ -287,7 +288,7 @@ class WriteLoop:
             await asyncio.to_thread(self._ensure_vectors_array, run_key, dim)
         for group in consecutive(rows, key=lambda r: r.row):  # idempotent: rewriting the same rows
             await self.http.patch_vectors(run_key, group[0].row, np.stack([r.latent for r in group]))
-        await self.http.append_table(run_key, "points", arrow_file([r.values for r in rows], POINT_COLUMNS))
+        await self.http.append_table(run_key, POINTS, arrow_file([r.values for r in rows], POINT_COLUMNS))
         out.rows_done = len(rows)
 
     async def _write_update(self, run_key: str, seq: int, indices: list[int], clusters: list[int],
@@ -296,7 +297,7 @@ class WriteLoop:
         if not st.updates_created:
             await asyncio.to_thread(self._ensure_updates_table, run_key)
         rows = [{"update": seq, "index": i, "cluster": c} for i, c in zip(indices, clusters, strict=True)]
-        await self.http.append_table(run_key, "cluster_updates", arrow_file(rows, UPDATE_COLUMNS))
+        await self.http.append_table(run_key, CLUSTER_UPDATES, arrow_file(rows, UPDATE_COLUMNS))
 
     # ---- nodes (worker thread): the run's containers, arrays and metadata -----------------------
 
@@ -314,18 +315,18 @@ class WriteLoop:
         st = self.backlog.run(run_key)
         if not st.created:
             self.ensure_run(run_key)
-        st.image_shape, st.image_dtype = self.nodes.ensure_array(run_key, "primary", "image", first.shape,
+        st.image_shape, st.image_dtype = self.nodes.ensure_array(run_key, PRIMARY, IMAGE, first.shape,
                                                                  first.dtype)  # fmt: skip
 
     def _ensure_vectors_array(self, run_key: str, dim: int, attempt: int = 0) -> None:
-        (row_dim,), _ = self.nodes.ensure_array(run_key, "latent", "vectors", (dim,), np.dtype(np.float32))
+        (row_dim,), _ = self.nodes.ensure_array(run_key, LATENT, VECTORS, (dim,), np.dtype(np.float32))
         self.backlog.run(run_key).vectors_dim = row_dim
 
     def _ensure_updates_table(self, run_key: str) -> None:
         st = self.backlog.run(run_key)
         if not st.created:
             self.ensure_run(run_key)
-        self.nodes.ensure_table(run_key, "cluster_updates", UPDATE_COLUMNS)
+        self.nodes.ensure_table(run_key, CLUSTER_UPDATES, UPDATE_COLUMNS)
         st.updates_created = True
 
     def close_run(self, run_key: str, stop: dict[str, Any], attempt: int = 0) -> None:

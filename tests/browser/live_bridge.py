@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 from frontend_bridge import Hub, ModelInfo, TiledConfig, create_app
 from operators.messages import ClusterNew, Frame, Point, RunStarted, RunStopped, StageTimings
 from operators.persist.server import TiledEndpoint, free_port
-from operators.persist.uris import frame_uri
 from operators.persist.writer import TiledWriter
+from operators.tiled_layout import frame_uri
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,11 @@ import httpx
 import pytest
 from page_support import PageProbe, screenshot
 
+from operators.persist.server import free_port  # the one copy (the service uses it for port 0)
+
 CLI = str(Path(sys.executable).with_name("latent-stream"))
 pytestmark = pytest.mark.e2e
 WAIT_MS = 180_000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
