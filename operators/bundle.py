@@ -206,12 +206,13 @@ def verify_versions(manifest: dict[str, Any], libraries: tuple[str, ...], file: 
 def compute_threads(requested: int | None = None) -> int:
     """Threads one frame's compute may use (ONNX Runtime intra-op, the preprocessing pass).
 
-    `requested`, else $LATENT_STREAM_ORT_THREADS, else min(2, cores): the stages run one after another,
-    so each may use the same cores in turn. On the 2-core box, 1 thread was tried as the default: it
-    helped embedded mode in paired runs but not facility mode, and the frame path alone is 1.5x slower
-    with it (benchmarks/results/README.md); set the variable to 1 where Tiled shares the 2 cores.
+    `requested` (serve's `ort_threads` setting, also $LATENT_STREAM_ORT_THREADS through ServeSettings), else
+    min(2, cores): the stages run one after another, so each may use the same cores in turn. On the 2-core
+    box, 1 thread was tried as the default: it helped embedded mode in paired runs but not facility mode, and
+    the frame path alone is 1.5x slower with it (benchmarks/results/README.md); set it to 1 where Tiled shares
+    the 2 cores.
     """
-    return requested or int(os.environ.get("LATENT_STREAM_ORT_THREADS", "0")) or min(2, os.cpu_count() or 1)
+    return requested or min(2, os.cpu_count() or 1)
 
 
 def default_session_options(intra_op_threads: int | None = None) -> Any:

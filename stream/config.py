@@ -99,6 +99,10 @@ class ServeSettings(BaseSettings):
     workers: int = Field(1, ge=1, description="Ray workers for preprocess/encode/project (needs latent-stream[ray])")
     ray_address: str | None = Field(None, description="an existing Ray cluster (default: start a local one)")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each Ray worker reserves")
+    # 1 where Tiled shares 2 cores with the service (benchmarks/results/README.md, "One compute thread or two")
+    ort_threads: int | None = Field(
+        None, ge=1, description="threads for one frame's compute (ONNX Runtime, preprocessing); default min(2, cores)"
+    )
     publish_timeout: float = Field(1.0, gt=0, description="seconds a publisher may take per message")
     drain_timeout: float = Field(2.0, ge=0, description="seconds to finish queued frames at shutdown")
     log_level: str = Field("INFO")

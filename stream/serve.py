@@ -248,7 +248,8 @@ class Service:
         s = self.settings
         device = s.device if s.workers == 1 else "cpu"  # with workers, the service's copy only clusters
         try:
-            bundle = await asyncio.to_thread(ModelBundle.load, s.bundle, s.runtime, device=device)
+            bundle = await asyncio.to_thread(ModelBundle.load, s.bundle, s.runtime, device=device,
+                                             intra_op_threads=s.ort_threads)
         except (BundleError, FileNotFoundError) as exc:
             raise ServeError(f"cannot load the model bundle: {exc}") from exc
         await asyncio.to_thread(bundle.warmup)  # the first frame must not pay for JIT / session set-up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from operators.base import QueuePolicy
+from operators.bundle import compute_threads
 from stream.config import load_settings
 
 CLI = str(Path(sys.executable).with_name("latent-stream"))
@@ -38,6 +40,13 @@ def test_flags_beat_environment_beat_yaml(tmp_path: Path, monkeypatch: pytest.Mo
     assert s.max_batch == 16  # flag over environment
     assert s.zmq_pattern == "sub"  # YAML over default
     assert s.tiled_base_url == "http://tiled.facility:8000"
+
+
+def test_compute_threads_are_a_serve_setting_the_bundle_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LATENT_STREAM_ORT_THREADS", "1")
+    assert load_settings().ort_threads == 1  # the variable the benchmarks set, read in one place
+    assert compute_threads(None) == min(2, os.cpu_count() or 1)  # the bundle takes what serve passes
+    assert compute_threads(3) == 3
 
 
 def test_a_config_path_from_the_environment_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
