@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from adapt_support import CBF_SCAN, EIGER2_VAC, EIGER_SCAN, NO_TORCH, run_adapt
 
 from operators.bundle import ModelBundle
@@ -22,6 +23,7 @@ def test_the_no_torch_shim_really_blocks_torch() -> None:
     assert done.returncode != 0 and "torch is not installed" in done.stderr
 
 
+@pytest.mark.e2e  # adapt in a subprocess: imports, numba compilation, UMAP (~20 s)
 def test_adapt_on_real_cbf_frames_writes_a_bundle_serve_can_load_without_torch(adapted_bundle) -> None:
     out, done = adapted_bundle
     bundle = ModelBundle.load(out)  # checksums (reference_sources.json included) and versions verified
@@ -53,6 +55,7 @@ def _cbf(path: str) -> np.ndarray:
         return np.asarray(img.data)
 
 
+@pytest.mark.e2e  # adapt in a subprocess: imports, numba compilation, UMAP (~20 s)
 def test_adapt_refuses_an_approximator_beyond_the_bound_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "refused"
     done = run_adapt(str(EIGER_SCAN), "--out", str(out), "--max-approx-error", "0.000001")
