@@ -12,6 +12,7 @@ import zmq.asyncio
 from tiled.client import from_uri
 from tiled_support import make_point, publish_stored, tiled_server_fixture
 
+from operators import point_row
 from operators.messages import RunStarted, RunStopped
 from operators.persist.catalog import TiledRunCatalog
 from operators.persist.server import EmbeddedTiledServer, free_port
@@ -91,6 +92,6 @@ async def test_verify_reports_sent_processed_stored_and_lost_per_run(
     assert {"complete", "short"} <= {r["run_id"] for r in runs}
     points = await catalog.run_points("complete")
     assert [p["index"] for p in points] == list(range(6))
-    assert set(points[0]) == {"index", "x", "y", "cluster", "novelty", "timestamp", "tiled_url"}
+    assert list(points[0]) == list(point_row.WIRE_KEYS)  # the point row, under its wire names
     assert await catalog.run_points("no-such-run") is None
     await asyncio.to_thread(catalog.close)
