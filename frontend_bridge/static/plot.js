@@ -352,37 +352,29 @@ export class ScatterPlot {
   pick(px, py) {
     const { store } = this;
     if (!store) return -1;
-    const r = this._plotRect();
-    const v = this.view;
-    const sx = r.width / (v.x1 - v.x0);
-    const sy = r.height / (v.y1 - v.y0);
-    let best = -1;
-    let bestD = PICK_RADIUS_PX * PICK_RADIUS_PX;
-    const d = store.data;
-    for (let i = 0; i < this.uploaded; i += 1) {
-      const dx = r.left + (d[i * STRIDE] - v.x0) * sx - px;
-      const dy = r.top + r.height - (d[i * STRIDE + 1] - v.y0) * sy - py;
-      const dd = dx * dx + dy * dy;
-      if (dd <= bestD) { bestD = dd; best = i; }
-    }
-    return best;
+    return this._nearest(store.data, this.uploaded, px, py, true);
   }
 
   /** The index of the reference point nearest to (px, py) within PICK_RADIUS_PX, or -1. */
   pickReference(px, py) {
     const d = this.refData;
     if (!d || !this.refCount) return -1;
+    return this._nearest(d, this.refCount, px, py, false);
+  }
+
+  /** The nearest of `count` points in `d` (STRIDE floats each) within PICK_RADIUS_PX of (px, py), or -1. */
+  _nearest(d, count, px, py, laterWinsTies) {
     const r = this._plotRect();
     const v = this.view;
     const sx = r.width / (v.x1 - v.x0);
     const sy = r.height / (v.y1 - v.y0);
     let best = -1;
     let bestD = PICK_RADIUS_PX * PICK_RADIUS_PX;
-    for (let i = 0; i < this.refCount; i += 1) {
+    for (let i = 0; i < count; i += 1) {
       const dx = r.left + (d[i * STRIDE] - v.x0) * sx - px;
       const dy = r.top + r.height - (d[i * STRIDE + 1] - v.y0) * sy - py;
       const dd = dx * dx + dy * dy;
-      if (dd < bestD) { bestD = dd; best = i; }
+      if (dd < bestD || (laterWinsTies && dd === bestD)) { bestD = dd; best = i; }
     }
     return best;
   }
