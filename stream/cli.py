@@ -1,8 +1,9 @@
 """The ``latent-stream`` command line.
 
-``serve``, ``simulate`` and ``demo`` live here; the model commands (train, export, fit, evaluate),
-replay/record and bench are registered lazily: their modules (torch, tiled, umap...) are imported only
-when that command runs, so ``latent-stream --help`` is fast and never imports torch.
+``simulate`` and ``demo`` live here; ``serve`` (its options generated from the settings: stream/serve_cli.py),
+the model commands (train, export, fit, evaluate), replay/record and bench are registered lazily: their modules
+(torch, tiled, umap...) are imported only when that command runs, so ``latent-stream --help`` is fast and never
+imports torch.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _Lazy:
 
 # name -> where it lives. The attribute is a typer app or a plain typer-style function.
 LAZY_COMMANDS: dict[str, _Lazy] = {
+    "serve": _Lazy("stream.serve_cli", "serve", "The beamtime service: frames in, points and Tiled URIs out."),
     "train": _Lazy("operators.model.cli", "train", "Train the C-VAE on frames."),
     "export": _Lazy("operators.model.cli", "export", "Export the encoder to ONNX / TorchScript."),
     "fit": _Lazy("operators.model.cli", "fit", "Fit the projection and clustering; write a bundle."),
@@ -52,7 +54,7 @@ def _load_command(name: str, spec: _Lazy) -> click.Command:
     if isinstance(obj, typer.Typer):
         command = typer.main.get_command(obj)
     else:
-        single = typer.Typer(add_completion=False)
+        single = typer.Typer(add_completion=False, rich_markup_mode=None)  # plain help, like the group's
         single.command(name, help=None if obj.__doc__ else spec.help)(obj)
         command = typer.main.get_command(single)
     command.name = name
@@ -131,61 +133,6 @@ def _run_service(coro_factory: Any) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-@app.command()
-def serve(
-    zmq: Annotated[str | None, typer.Option(help="Frame source address; the service connects.")] = None,
-    zmq_pattern: Annotated[str | None, typer.Option(help="pull (lossless) | sub (PUB sources).")] = None,
-    source: Annotated[
-        str | None,
-        typer.Option(help="Frame source URL: zmq+pull:// | zmq+sub:// | stream2://HOST:PORT[?channel=NAME] | "
-                     "tiled://HOST:PORT/PATH [--zmq with --zmq-pattern]."),
-    ] = None,
-    source_api_key: Annotated[str | None, typer.Option(help="API key for a source that needs one.")] = None,
-    host: Annotated[str | None, typer.Option(help="HTTP/websocket bind address [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP/websocket port [8765].")] = None,
-    bundle: Annotated[Path | None, typer.Option(help="Model bundle directory [the shipped one].")] = None,
-    tiled: Annotated[str | None, typer.Option(help="'embedded' or a Tiled server URL [embedded].")] = None,
-    tiled_port: Annotated[int | None, typer.Option(help="Port of the embedded Tiled server [8000].")] = None,
-    tiled_api_key: Annotated[str | None, typer.Option(help="Tiled API key (generated when embedded).")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Where embedded Tiled keeps data [./data].")] = None,
-    token: Annotated[str | None, typer.Option(help="Require this token from clients.")] = None,
-    allowed_hosts: Annotated[
-        str | None, typer.Option(help="More host names clients may use, comma-separated; * for any.")
-    ] = None,
-    allowed_origins: Annotated[
-        str | None, typer.Option(help="Web origins whose pages may connect, comma-separated; * for any.")
-    ] = None,
-    metrics_public: Annotated[bool | None, typer.Option(help="Serve /metrics without the token.")] = None,
-    queue_size: Annotated[int | None, typer.Option(help="Frames held between receive and compute [32].")] = None,
-    queue_policy: Annotated[
-        str | None, typer.Option(help="block | drop_oldest | drop_newest [block for pull, drop_oldest for sub].")
-    ] = None,
-    queue_bytes: Annotated[
-        int | None, typer.Option(help="Bytes of frames held between receive and compute [512 MiB].")
-    ] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Most frames computed together [4].")] = None,
-    runtime: Annotated[str | None, typer.Option(help="Encoder runtime: onnx | torchscript [onnx].")] = None,
-    device: Annotated[str | None, typer.Option(help="Encoder device: auto | cpu | cuda [auto].")] = None,
-    workers: Annotated[int | None, typer.Option(help="Ray workers computing frames; 1 = in-process [1].")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster [start a local one].")] = None,
-    gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per Ray worker [0].")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file with any of these options.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="Logging level [INFO].")] = None,
-) -> None:
-    """The beamtime service: frames from ZeroMQ, points and Tiled URIs out over websockets.
-
-    Every option is also settable as LATENT_STREAM_<NAME> or in the --config YAML file.
-    """
-    values = dict(locals())  # exactly the options above (taken before any other local exists)
-    from stream.config import load_settings
-
-    settings = _settings_or_exit(load_settings, **values)
-    _setup_logging(settings.log_level)
-    from stream.serve import serve as run_serve
-
-    _run_service(lambda: run_serve(settings))
 
 
 @app.command()

@@ -46,7 +46,7 @@ class ServeSettings(BaseSettings):
     source: str | None = Field(None, description="frame source URL (default: --zmq with --zmq-pattern)")
     source_api_key: str | None = Field(None, repr=False, description="API key for a source that needs one")
     host: str = Field("127.0.0.1", description="HTTP/websocket bind address")
-    port: int = Field(8765, ge=0, le=65535)
+    port: int = Field(8765, ge=0, le=65535, description="HTTP/websocket port")
     bundle: Path | None = Field(None, description="model bundle directory (default: the shipped bundle)")
     tiled: str = Field("embedded", description="'embedded' or the URL of a facility Tiled server")
     tiled_port: int = Field(8000, ge=0, le=65535, description="port of the embedded Tiled server")
@@ -81,12 +81,14 @@ class ServeSettings(BaseSettings):
     # while a batch of 8 holds its first frame ~55 ms: 4 keeps latency near one frame's.
     max_batch: int = Field(4, ge=1, description="most frames computed together when they queue up")
     rcvhwm: int = Field(16, ge=1, description="ZeroMQ receive high-water mark (messages)")
-    max_frame_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    max_frame_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    max_frame_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="pixels of the largest frame accepted")
+    max_frame_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="bytes of the largest frame accepted")
     # What one sender can make the service hold or pass on: beyond each, a message is rejected (counted by
     # reason); past queue_bytes of waiting frames, the queue policy applies as past queue_size.
     queue_bytes: int = Field(DEFAULT_QUEUE_BYTES, ge=1, description="bytes of frames held before compute")
-    max_frame_number: int = Field(DEFAULT_MAX_FRAME_NUMBER, ge=0, le=2**63 - 1)
+    max_frame_number: int = Field(
+        DEFAULT_MAX_FRAME_NUMBER, ge=0, le=2**63 - 1, description="largest frame number accepted"
+    )
     max_metadata_bytes: int = Field(
         DEFAULT_MAX_METADATA_BYTES, ge=1024, description="bytes of a message besides its pixels"
     )
@@ -104,8 +106,34 @@ class ServeSettings(BaseSettings):
         None, ge=1, description="threads for one frame's compute (ONNX Runtime, preprocessing); default min(2, cores)"
     )
     publish_timeout: float = Field(1.0, gt=0, description="seconds a publisher may take per message")
+    # The live page's side (frontend_bridge/hub.py, app.py): what the service holds for clients.
+    max_points: int = Field(200_000, ge=1, description="points of the current run kept in memory for clients")
+    max_past_points: int | None = Field(
+        None, ge=0, description="points of finished runs kept in memory (default: max_points); older from Tiled"
+    )
+    max_runs: int = Field(32, ge=1, description="finished runs remembered in memory")
+    lse_queue: int = Field(4096, ge=1, description="messages queued per /lse client (oldest dropped beyond)")
+    ws_queue: int = Field(8192, ge=1, description="messages queued per /ws client (closed with 1013 beyond)")
+    max_aggregate: int = Field(200, ge=1, description="most frames one aggregate request may name")
+    # Persistence (operators/persist/writer.py, write_loop.py): the Tiled writer's buffer and batching.
+    persist_buffer_bytes: int = Field(
+        512 * 2**20, ge=1, description="bytes of frames waiting for Tiled (oldest frame dropped beyond)"
+    )
+    persist_max_batch: int = Field(16, ge=1, description="most rows written to Tiled in one request")
+    persist_patch_bytes: int = Field(64 * 2**20, ge=1, description="most frame bytes sent to Tiled in one request")
+    persist_rows_interval: float = Field(1.0, gt=0, description="seconds rows wait to be written as a batch")
+    persist_frames_linger: float = Field(0.3, ge=0, description="seconds a frame waits for others to join its write")
+    persist_give_up_after: float = Field(
+        300.0, gt=0, description="seconds a write is retried while Tiled is unreachable"
+    )
+    persist_failed_attempts: int = Field(3, ge=1, description="tries of a write Tiled fails with a 5xx")
+    persist_request_timeout: float = Field(30.0, gt=0, description="seconds one Tiled request may take")
+    persist_drain_timeout: float = Field(2.0, ge=0, description="seconds the writer may take at shutdown")
+    max_frame_index: int = Field(
+        1_000_000, ge=0, description="largest frame number stored in a run's image array (rows kept beyond)"
+    )
     drain_timeout: float = Field(2.0, ge=0, description="seconds to finish queued frames at shutdown")
-    log_level: str = Field("INFO")
+    log_level: str = Field("INFO", description="logging level")
 
     @field_validator("tiled")
     @classmethod

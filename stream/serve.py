@@ -37,12 +37,13 @@ from stream.config import ServeSettings
 if TYPE_CHECKING:
     import uvicorn
 
+    from frontend_bridge.hub import Hub
+    from frontend_bridge.wire import ModelInfo
     from operators.persist.writer import TiledWriter
 
 log = logging.getLogger(__name__)
 
-# Shutdown budget per step (seconds): the whole stop stays within a few seconds.
-_WRITER_DRAIN_S = 2.0
+# Shutdown budget of the HTTP server (seconds); the pipeline's and the writer's are settings.
 _UVICORN_STOP_S = 3.0
 # Slow websocket clients are the hub's to handle (drop-oldest on /lse, 1013 on /ws). A keepalive pong
 # waits behind everything a slow client has not read yet, so a pong deadline would close it before the
@@ -152,23 +153,18 @@ class Service:
 
         # -- persistence (publisher): frames that came without a tiled_url, points, latents ------------
         from operators.persist.metrics import WriterCollector
-        from operators.persist.writer import TiledWriter
 
-        writer = self._writer = TiledWriter(self.tiled_url, self.tiled_api_key, data_dir=s.data_dir,
-                                            local_frames=s.embedded_tiled)  # fmt: skip
+        writer = self._writer = make_writer(s, self.tiled_url, self.tiled_api_key)
         writer_task = writer.start_soon(tiled_ready)
         self.registry.register(WriterCollector(writer))
-        self._on_stop("tiled writer", lambda: writer.stop(drain_timeout=_WRITER_DRAIN_S))
+        self._on_stop("tiled writer", lambda: writer.stop(drain_timeout=s.persist_drain_timeout))
 
         # -- the bridge (publisher + app) ------------------------------------------------------------
         from frontend_bridge.app import TiledConfig, create_app
-        from frontend_bridge.hub import Hub
         from frontend_bridge.wire import ModelInfo
         from operators.persist.catalog import TiledRunCatalog
 
-        # the bridge sends clients the start metadata the ingest accepted: the same bounds
-        hub = Hub(ModelInfo(bundle.autoencoder_model, bundle.dimred_model), registry=self.registry,
-                  max_metadata_depth=s.max_metadata_depth, max_metadata_bytes=s.max_metadata_bytes)  # fmt: skip
+        hub = make_hub(s, ModelInfo(bundle.autoencoder_model, bundle.dimred_model), self.registry)
         self.metrics.set_clients_source(lambda: float(sum(hub.client_counts().values())))
         app = create_app(
             hub,
@@ -184,6 +180,7 @@ class Service:
             metrics_public=s.metrics_public,
             health_extra=self._health,
             run_catalog=TiledRunCatalog(self.tiled_url, self.tiled_api_key),  # past runs from Tiled
+            max_aggregate=s.max_aggregate,
         )
 
         # -- compute ---------------------------------------------------------------------------------
@@ -337,6 +334,28 @@ class Service:
                 "zmq_pattern": self.settings.zmq_pattern, "tiled": self.tiled_url,
                 "tiled_connected": writer is not None and writer.connected,
                 "persist": dataclasses.asdict(writer.stats()) if writer is not None else None}
+
+
+def make_writer(s: ServeSettings, tiled_url: str, api_key: str | None) -> TiledWriter:
+    """The Tiled writer as the settings ask (not yet connected)."""
+    from operators.persist.writer import TiledWriter
+
+    return TiledWriter(tiled_url, api_key, data_dir=s.data_dir, local_frames=s.embedded_tiled,
+                       max_buffer_bytes=s.persist_buffer_bytes, max_batch=s.persist_max_batch,
+                       max_patch_bytes=s.persist_patch_bytes, rows_interval=s.persist_rows_interval,
+                       frames_linger=s.persist_frames_linger, give_up_after=s.persist_give_up_after,
+                       failed_attempts=s.persist_failed_attempts, max_frame_index=s.max_frame_index,
+                       request_timeout=s.persist_request_timeout)  # fmt: skip
+
+
+def make_hub(s: ServeSettings, model_info: ModelInfo, registry: CollectorRegistry) -> Hub:
+    """The websocket hub as the settings ask; it sends clients the start metadata the ingest accepted, so
+    within the same bounds."""
+    from frontend_bridge.hub import Hub
+
+    return Hub(model_info, registry=registry, max_points=s.max_points, max_past_points=s.max_past_points,
+               max_runs=s.max_runs, lse_queue=s.lse_queue, ws_queue=s.ws_queue,
+               max_metadata_depth=s.max_metadata_depth, max_metadata_bytes=s.max_metadata_bytes)  # fmt: skip
 
 
 def bridge_server_config(app: Any, host: str, port: int) -> uvicorn.Config:

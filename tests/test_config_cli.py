@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 
 from operators.base import QueuePolicy
 from operators.bundle import compute_threads
-from stream.config import load_settings
+from stream.config import ServeSettings, load_settings
 
 CLI = str(Path(sys.executable).with_name("latent-stream"))
 
@@ -82,6 +83,12 @@ def test_a_typo_in_the_yaml_file_is_an_error(tmp_path: Path) -> None:
 def test_the_shipped_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "deploy" / "config.example.yaml"
     assert load_settings(config=example).zmq == "tcp://127.0.0.1:5000"
+
+
+def test_the_shipped_example_config_names_every_setting() -> None:
+    example = (Path(__file__).resolve().parents[1] / "deploy" / "config.example.yaml").read_text()
+    named = set(re.findall(r"^#? ?([a-z_]+):", example, re.MULTILINE))
+    assert set(ServeSettings.model_fields) - {"config"} <= named
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

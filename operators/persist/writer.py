@@ -88,6 +88,7 @@ class TiledWriter:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.root = root.strip("/")
+        self.max_buffer_bytes = max_buffer_bytes  # frames waiting for Tiled, the oldest dropped beyond
         self.max_frame_index = max_frame_index
         self.request_timeout = request_timeout
         self.local_frames = local_frames  # the embedded server: frames go into its storage directly
@@ -96,7 +97,7 @@ class TiledWriter:
                                       give_up_after=give_up_after, failed_attempts=failed_attempts)  # fmt: skip
         self._warn = ThrottledLog(logger)  # drops repeat per frame under overload; the counters stay exact
         self._log = ResultLog(Path(data_dir) / "results-log")
-        self._backlog = Backlog(max_buffer_bytes, self._warn)
+        self._backlog = Backlog(self.max_buffer_bytes, self._warn)
         self._lag = FrameLag()
         self._loop: WriteLoop | None = None  # once connected
         self._task: asyncio.Task[None] | None = None
