@@ -8,7 +8,6 @@ writes the bundle. Runs on a serving install: no torch is imported on this path.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -89,7 +88,9 @@ def adapt(
         Path | None, typer.Option(help="BASE bundle whose encoder is used (default: the shipped one).")
     ] = None,
     dataset: Annotated[str, typer.Option(help="HDF5/NeXus dataset of the frames.")] = DEFAULT_DATASET,
-    tiled_api_key: Annotated[str | None, typer.Option(help="API key when a SOURCE is a Tiled URI.")] = None,
+    tiled_api_key: Annotated[
+        str | None, typer.Option(envvar="TILED_API_KEY", help="API key when a SOURCE is a Tiled URI.")
+    ] = None,
     max_approx_error: Annotated[
         float,
         typer.Option(
@@ -106,10 +107,9 @@ def adapt(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    api_key = tiled_api_key or os.environ.get("TILED_API_KEY")
     try:
         base = ModelBundle.load(bundle)
-        opened = [open_source(s, dataset=dataset, api_key=api_key) for s in sources]
+        opened = [open_source(s, dataset=dataset, api_key=tiled_api_key) for s in sources]
     except (ReplayError, BundleError) as exc:
         raise typer.BadParameter(str(exc)) from None
     try:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -45,6 +45,12 @@ class ServeSettings(BaseSettings):
     # stream/sources/url.py: zmq+pull:// | zmq+sub:// | stream2:// | tiled:// | tiled+https://
     source: str | None = Field(None, description="frame source URL (default: --zmq with --zmq-pattern)")
     source_api_key: str | None = Field(None, repr=False, description="API key for a source that needs one")
+    # The key `latent-stream adapt` read its Tiled sources with (TILED_API_KEY there) reads them again here.
+    reference_api_key: str | None = Field(
+        None, repr=False, validation_alias=AliasChoices("reference_api_key", f"{ENV_PREFIX}REFERENCE_API_KEY",
+                                                        "TILED_API_KEY"),
+        description="API key for reference frames the bundle recorded on a Tiled server (or TILED_API_KEY)",
+    )
     host: str = Field("127.0.0.1", description="HTTP/websocket bind address")
     port: int = Field(8765, ge=0, le=65535, description="HTTP/websocket port")
     bundle: Path | None = Field(None, description="model bundle directory (default: the shipped bundle)")

@@ -7,7 +7,6 @@ entries of the bundle's checksummed `reference_sources` are ever opened, so a cl
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -22,7 +21,7 @@ class ReferenceFrames:
     def __init__(self, origins: list[dict], *, max_pixels: int, api_key: str | None = None) -> None:
         self._origins = [FrameOrigin.from_dict(o) for o in origins]
         self._max_pixels = max_pixels
-        self._api_key = api_key if api_key is not None else os.environ.get("TILED_API_KEY")
+        self._api_key = api_key  # for origins on a Tiled server (serve's reference_api_key)
 
     def __len__(self) -> int:
         return len(self._origins)
@@ -42,10 +41,10 @@ class ReferenceFrames:
         return image
 
 
-def reference_frames_of(bundle: object, *, max_pixels: int) -> ReferenceFrames | None:
+def reference_frames_of(bundle: object, *, max_pixels: int, api_key: str | None = None) -> ReferenceFrames | None:
     """The bundle's reference frames, or None when it does not record where they came from."""
     origins = getattr(bundle, "reference_sources", None)
     if not origins:
         return None
     log.info("reference frames: %d recorded sources in the bundle", len(origins))
-    return ReferenceFrames(origins, max_pixels=max_pixels)
+    return ReferenceFrames(origins, max_pixels=max_pixels, api_key=api_key)

@@ -19,7 +19,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -172,7 +171,9 @@ def replay(
     run_id: Annotated[
         str | None, typer.Option(help="Run id to send (default replay-<name>-<random>).")
     ] = None,
-    tiled_api_key: Annotated[str | None, typer.Option(help="API key when SOURCE is a Tiled URI.")] = None,
+    tiled_api_key: Annotated[
+        str | None, typer.Option(envvar="TILED_API_KEY", help="API key when SOURCE is a Tiled URI.")
+    ] = None,
     report_dir: Annotated[Path, typer.Option(help="Where each run's send report goes.")] = DEFAULT_REPORT_DIR,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     wire_format: Annotated[
@@ -183,7 +184,7 @@ def replay(
     if wire_format not in ("msgpack", "stream2") or (wire_format == "stream2" and zmq_pattern != "push"):
         raise typer.BadParameter("--format must be msgpack, or stream2 with --zmq-pattern push")
     try:
-        src = open_source(source, dataset=dataset, api_key=tiled_api_key or os.environ.get("TILED_API_KEY"))
+        src = open_source(source, dataset=dataset, api_key=tiled_api_key)
         _delays(src, rate, speed)  # option errors before binding anything
     except ReplayError as exc:
         raise typer.BadParameter(str(exc)) from None

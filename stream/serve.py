@@ -171,7 +171,7 @@ class Service:
             registry=self.registry,
             reference_embedding=bundle.reference_embedding,
             reference_clusters=bundle.reference_clusters,
-            reference_frame=_reference_frame_reader(bundle, s.max_frame_pixels),  # frames behind the grey points
+            reference_frame=_reference_frame_reader(bundle, s.max_frame_pixels, s.reference_api_key),  # frames behind the grey points
             tiled=TiledConfig(self.tiled_url, self.tiled_api_key, max_frame_pixels=s.max_frame_pixels,
                               max_frame_bytes=s.max_frame_bytes),
             token=s.token,
@@ -405,9 +405,9 @@ async def serve(settings: ServeSettings) -> None:
     await Service(settings).run()
 
 
-def _reference_frame_reader(bundle: Any, max_pixels: int) -> Any:
+def _reference_frame_reader(bundle: Any, max_pixels: int, api_key: str | None) -> Any:
     """What GET /api/reference/frame/{i} reads: the bundle's recorded reference frames (adapt), or None."""
     from stream.reference_frames import reference_frames_of
 
-    frames = reference_frames_of(bundle, max_pixels=max_pixels)
+    frames = reference_frames_of(bundle, max_pixels=max_pixels, api_key=api_key)
     return frames.read if frames is not None else None

@@ -117,3 +117,28 @@ def test_serve_reports_a_missing_bundle_clearly(tmp_path: Path) -> None:
 def test_simulate_refuses_an_unknown_scenario() -> None:
     done = _cli("simulate", "--scenario", "volcano", "--frames", "1")
     assert done.returncode == 2 and "valid scenarios" in done.stderr
+
+
+def test_the_tiled_key_adapt_read_its_sources_with_reads_reference_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TILED_API_KEY", "adapt-key")  # what `latent-stream adapt` used
+    assert load_settings().reference_api_key == "adapt-key"
+    monkeypatch.setenv("LATENT_STREAM_REFERENCE_API_KEY", "serve-key")
+    assert load_settings().reference_api_key == "serve-key"
+    assert load_settings(reference_api_key="flag-key").reference_api_key == "flag-key"
+
+
+# Where the environment may be read: the settings, torchrun's launcher contract, and the embedded Tiled
+# server's child, which gets its key by environment because argv is visible to every user.
+ENVIRONMENT_READERS = {"stream/config.py", "operators/model/cli.py", "operators/model/train.py",
+                       "operators/persist/server.py"}  # fmt: skip
+
+
+def test_no_module_reads_the_environment_behind_the_settings() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    readers = {
+        str(path.relative_to(repo))
+        for package in ("stream", "operators", "frontend_bridge")
+        for path in (repo / package).rglob("*.py")
+        if re.search(r"os\.environ|os\.getenv", path.read_text())
+    }
+    assert readers <= ENVIRONMENT_READERS

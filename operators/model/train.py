@@ -104,6 +104,7 @@ def _epoch_batches(
 
 
 def _dist_info() -> tuple[int, int, int]:
+    # torchrun's contract: it tells each process its place by these variables, not by arguments.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

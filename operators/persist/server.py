@@ -360,6 +360,7 @@ def _serve(directory: Path, host: str, port: int, max_body_bytes: int) -> None:
     from tiled.config import Authentication
     from tiled.server.app import build_app
 
+    # The parent passed the key by environment on purpose: a child's argv is readable by every user (ps).
     api_key = os.environ.get(API_KEY_ENV)
     if not api_key:
         raise SystemExit(f"{API_KEY_ENV} is not set")
