@@ -99,7 +99,6 @@ class ServeSettings(BaseSettings):
         DEFAULT_MAX_METADATA_BYTES, ge=1024, description="bytes of a message besides its pixels"
     )
     max_metadata_depth: int = Field(DEFAULT_MAX_METADATA_DEPTH, ge=2, description="levels of nested keys")
-    runtime: Literal["onnx", "torchscript"] = Field("onnx", description="encoder runtime from the bundle")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the encoder runs: cuda (needs latent-stream[gpu]; else CPU, logged), cpu, auto"
     )

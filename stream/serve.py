@@ -228,7 +228,7 @@ class Service:
 
         s = self.settings
         bundle_path = s.bundle.resolve() if s.bundle is not None else None  # workers start elsewhere
-        pool = RayWorkerPool(PoolSettings(s.workers, bundle=bundle_path, runtime=s.runtime, device=s.device,
+        pool = RayWorkerPool(PoolSettings(s.workers, bundle=bundle_path, device=s.device,
                                           max_batch=s.max_batch, gpus_per_worker=s.gpus_per_worker,
                                           ray_address=s.ray_address))
         self._on_stop("worker pool", pool.close)  # after the pipeline: it stops first
@@ -245,7 +245,7 @@ class Service:
         s = self.settings
         device = s.device if s.workers == 1 else "cpu"  # with workers, the service's copy only clusters
         try:
-            bundle = await asyncio.to_thread(ModelBundle.load, s.bundle, s.runtime, device=device,
+            bundle = await asyncio.to_thread(ModelBundle.load, s.bundle, device=device,
                                              intra_op_threads=s.ort_threads)
         except (BundleError, FileNotFoundError) as exc:
             raise ServeError(f"cannot load the model bundle: {exc}") from exc
