@@ -71,6 +71,7 @@ async def _throughput(pipeline: LivePipeline, images: list[np.ndarray]) -> dict[
 
 
 async def _overhead(pool: Any, compute: Any, images: list[np.ndarray], repeats: int) -> dict[str, Any]:
+    """``compute`` has the worker's own settings (1 thread, batch 1): the difference is the pool's cost."""
     local, pooled = [], []
     for k in range(repeats):
         image = images[k % len(images)]
@@ -102,7 +103,7 @@ async def main(frames: int, max_workers: int, repeats: int) -> dict[str, Any]:
 
     out["in_process"] = await _throughput(pipeline(LivePipeline), images)
     print("in-process", json.dumps(out["in_process"]), flush=True)
-    compute = FrameCompute(None, device="cpu", max_batch=1)
+    compute = FrameCompute(None, device="cpu", max_batch=1, threads=1)  # as a worker of 1 CPU computes
     for n in range(1, max_workers + 1):
         pool = RayWorkerPool(PoolSettings(n, device="cpu"))
         await pool.start()
@@ -110,6 +111,9 @@ async def main(frames: int, max_workers: int, repeats: int) -> dict[str, Any]:
             if n == 1:
                 out["overhead"] = await _overhead(pool, compute, images, repeats)
                 print("overhead", json.dumps(out["overhead"]), flush=True)
+                small = [img[:256, :256].copy() for img in images[:repeats]]  # transport cost ~ frame size?
+                out["overhead_small_frames"] = await _overhead(pool, compute, small, repeats)
+                print("overhead (256 x 256)", json.dumps(out["overhead_small_frames"]), flush=True)
             out[f"pool_{n}"] = await _throughput(pipeline(PooledPipeline, pool, lost=WorkerLost), images)
             print(f"pool {n}", json.dumps(out[f"pool_{n}"]), flush=True)
         finally:
