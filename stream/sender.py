@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
+from stream.bound_socket import BoundSocket
 from stream.protocol import encode_event, encode_start, encode_stop
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SendPattern = Literal["push", "pub"]
 
 
-class FrameSender:
+class FrameSender(BoundSocket):
     """Async sender of wire messages. Use as ``async with FrameSender(address) as sender: ...``."""
 
     def __init__(
@@ -37,44 +37,8 @@ class FrameSender:
     ) -> None:
         if pattern not in ("push", "pub"):
             raise ValueError(f"zmq pattern must be 'push' or 'pub', got {pattern!r}")
-        self.address = address
+        super().__init__(address, zmq.PUSH if pattern == "push" else zmq.XPUB, sndhwm=sndhwm, context=context)
         self.pattern = pattern
-        self.sndhwm = sndhwm  # ~10 MB per full frame: keep ZeroMQ's own buffer small
-        self._context = context or zmq.asyncio.Context.instance()
-        self._socket: zmq.asyncio.Socket | None = None
-
-    async def __aenter__(self) -> Self:
-        self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def open(self) -> None:
-        sock = self._context.socket(zmq.PUSH if self.pattern == "push" else zmq.XPUB)
-        sock.setsockopt(zmq.SNDHWM, self.sndhwm)
-        sock.setsockopt(zmq.LINGER, 2000)  # let queued frames leave at close, but never hang forever
-        sock.bind(self.address)
-        self._socket = sock
-        log.info("sender bound %s (%s)", self.address, self.pattern)
-
-    def close(self, linger_ms: int | None = None) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=linger_ms)
-            self._socket = None
-
-    @property
-    def endpoint(self) -> str:
-        """The bound address, resolved (``tcp://127.0.0.1:*`` binds a free port)."""
-        return self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
-
-    @property
-    def socket(self) -> zmq.asyncio.Socket:
-        if self._socket is None:
-            raise RuntimeError("sender is not open")
-        return self._socket
 
     async def wait_for_subscriber(self, timeout: float | None = None) -> bool:
         """PUB only: wait until a subscriber joins. True when one did within ``timeout``."""

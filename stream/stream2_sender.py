@@ -16,13 +16,14 @@ import asyncio
 import datetime
 import logging
 import struct
-from typing import Any, Self
+from typing import Any
 
 import cbor2
 import numpy as np
 import zmq
 import zmq.asyncio
 
+from stream.bound_socket import BoundSocket
 from stream.sources.stream2_cbor import TAG_COMPRESSED, TAG_DATETIME, TAG_MULTIDIM_ROW_MAJOR, TYPED_ARRAY_TAGS
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class Eiger2Grid:
         return out
 
 
-class Stream2FrameSender:
+class Stream2FrameSender(BoundSocket):
     """`stream.sender.FrameSender`'s verbs over stream v2 (PUSH only: stream v2 has no PUB)."""
 
     def __init__(
@@ -155,46 +156,13 @@ class Stream2FrameSender:
     ) -> None:
         if detector not in (None, "eiger2_4m"):
             raise ValueError(f"unknown stream v2 detector {detector!r}; known: eiger2_4m")
-        self.address = address
+        super().__init__(address, zmq.PUSH, sndhwm=sndhwm, context=context)
         self.channels = channels
         self.number_of_images = number_of_images  # announced in each start, when known
-        self.sndhwm = sndhwm
         self.pattern = "push"
         self._grid = Eiger2Grid() if detector else None
-        self._context = context or zmq.asyncio.Context.instance()
-        self._socket: zmq.asyncio.Socket | None = None
         self._series: tuple[str, int] | None = None  # (unique id, series id)
         self._dtype = np.dtype(np.uint32)
-
-    async def __aenter__(self) -> Self:
-        self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def open(self) -> None:
-        sock = self._context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.SNDHWM, self.sndhwm)
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.bind(self.address)
-        self._socket = sock
-        log.info("stream v2 sender bound %s", self.address)
-
-    def close(self, linger_ms: int | None = None) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=linger_ms)
-            self._socket = None
-
-    @property
-    def endpoint(self) -> str:
-        return self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
-
-    @property
-    def socket(self) -> zmq.asyncio.Socket:
-        if self._socket is None:
-            raise RuntimeError("sender is not open")
-        return self._socket
 
     async def wait_for_subscriber(self, timeout: float | None = None) -> bool:
         return True  # PUSH: a send waits for the receiver
