@@ -20,6 +20,7 @@ from bridge_support import (
     run_stopped,
 )
 from prometheus_client import generate_latest
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from frontend_bridge import Hub
@@ -43,6 +44,28 @@ async def publish_paced_by(
             while len(received) < start:
                 await asyncio.sleep(0.001)
         await asyncio.sleep(pause)
+
+
+async def publish_read_by(hub: Hub, fast: ClientConnection, n: int, pause: float = 0.0) -> list[int]:
+    """Publish n points paced by `fast` (publish_paced_by), which reads them all; the indexes it read."""
+    received: list[int] = []
+
+    async def read_fast() -> None:
+        while len(received) < n:
+            received.append((await receive(fast))["index"])
+
+    reader = asyncio.create_task(read_fast())
+    await publish_paced_by(hub, received, n, pause=pause)
+    await asyncio.wait_for(reader, 60)
+    return received
+
+
+async def indexes_through(ws: ClientConnection, last: int) -> list[int]:
+    """The point indexes `ws` reads up to and including `last`."""
+    indexes: list[int] = []
+    while not indexes or indexes[-1] != last:
+        indexes.append((await receive(ws))["index"])
+    return indexes
 
 
 def _types(messages: list[dict]) -> list[str]:
@@ -196,21 +219,11 @@ async def test_a_slow_lse_client_loses_its_oldest_points_and_keeps_the_newest() 
             connect(f"{srv.ws}/lse", max_queue=1, compression=None) as slow,
             connect(f"{srv.ws}/lse") as fast,
         ):
-            received: list[int] = []
-
-            async def read_fast() -> None:
-                while len(received) < n:
-                    received.append((await receive(fast))["index"])
-
-            reader = asyncio.create_task(read_fast())
-            await publish_paced_by(srv.hub, received, n)
-            await asyncio.wait_for(reader, 60)
+            received = await publish_read_by(srv.hub, fast, n)
             assert received == list(range(n))
             dropped = srv.hub.dropped["lse_slow_client"]
             assert dropped > 0
-            slow_indexes = []
-            while not slow_indexes or slow_indexes[-1] != n - 1:
-                slow_indexes.append((await receive(slow))["index"])
+            slow_indexes = await indexes_through(slow, n - 1)
     assert slow_indexes == sorted(slow_indexes)  # order kept, the oldest queued points dropped
     assert len(slow_indexes) == n - dropped
     assert slow_indexes[-256:] == list(range(n - 256, n))
@@ -273,21 +286,11 @@ async def test_a_stalled_lse_client_keeps_its_connection_and_gets_the_newest_poi
             connect(f"{srv.ws}/lse", max_queue=1, compression=None, ping_interval=None) as slow,
             connect(f"{srv.ws}/lse") as fast,
         ):
-            received: list[int] = []
-
-            async def read_fast() -> None:
-                while len(received) < n:
-                    received.append((await receive(fast))["index"])
-
-            reader = asyncio.create_task(read_fast())
             stalled_since = time.monotonic()
-            await publish_paced_by(srv.hub, received, n, pause=0.02)
-            await asyncio.wait_for(reader, 60)
+            await publish_read_by(srv.hub, fast, n, pause=0.02)
             assert time.monotonic() - stalled_since > 20 * 0.2  # 20 keepalive intervals, the fast ones
             assert srv.hub.client_counts()["lse"] == 2
-            slow_indexes = []
-            while not slow_indexes or slow_indexes[-1] != n - 1:
-                slow_indexes.append((await receive(slow))["index"])
+            slow_indexes = await indexes_through(slow, n - 1)
     assert srv.hub.dropped["lse_slow_client"] > 0
     assert slow_indexes == sorted(slow_indexes) and slow_indexes[-256:] == list(range(n - 256, n))
 
