@@ -18,8 +18,8 @@ from frontend_bridge import Hub, WireFormat
 from frontend_bridge.wire import LSE_KEYS, SERVICE_KEYS, RunContext, point_message
 from operators import point_row
 from operators.messages import RunStarted
+from operators.persist.result_log import ResultLog
 from operators.persist.schema import POINT_COLUMNS
-from operators.persist.wal import ResultLog
 from operators.persist.writer import TiledWriter
 
 STORE_JS = Path(__file__).resolve().parents[1] / "frontend_bridge" / "static" / "store.js"

@@ -19,7 +19,7 @@ import pytest
 from service_support import LiveService, WsClient, start_service, stop_service, until
 from test_run_isolation import leave_logs_of_failed_runs
 
-from operators.persist.wal import SET_ASIDE_DIR
+from operators.persist.result_log import SET_ASIDE_DIR
 from stream.sender import FrameSender
 
 pytestmark = pytest.mark.e2e

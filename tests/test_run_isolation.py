@@ -21,8 +21,8 @@ from tiled_support import make_point, publish_stored, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.keys import SLUG_CHARS, is_safe_key, run_key
+from operators.persist.result_log import SET_ASIDE_DIR
 from operators.persist.server import EmbeddedTiledServer
-from operators.persist.wal import SET_ASIDE_DIR
 from operators.persist.writer import TiledWriter
 
 tiled_server = tiled_server_fixture()

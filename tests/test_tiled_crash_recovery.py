@@ -117,7 +117,7 @@ async def test_a_recovered_open_run_is_closed_cleanly_when_the_writer_stops(
     for i in range(4):
         await publish_stored(first, *make_point(ep.url, "run-abandoned", i, rng))
     assert await first.flush(timeout=60)
-    first._log.close()  # abandoned without stop(), like a killed process; its log stays
+    first._result_log.close()  # abandoned without stop(), like a killed process; its log stays
     first._task.cancel()
 
     second = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)

@@ -7,7 +7,7 @@ missing from Tiled are appended (vectors too), frames the log does not mark as w
 run without one is closed with reason "interrupted" by the writer when another run starts or it stops.
 
 A log that cannot be replayed (unreadable, records without their fields, a node Tiled refuses, a pre-key
-log whose run id is no safe key) is moved aside (wal.SET_ASIDE_DIR), counted (`logs_set_aside`, rows
+log whose run id is no safe key) is moved aside (result_log.SET_ASIDE_DIR), counted (`logs_set_aside`, rows
 "unreplayable") and logged: it must never stop the writer from starting, or every restart would fail on it.
 """
 
@@ -20,20 +20,20 @@ import numpy as np
 
 from operators.persist.backlog import Backlog
 from operators.persist.keys import is_safe_key
+from operators.persist.result_log import RecoveredRun, ResultLog
 from operators.persist.runs import Row
 from operators.persist.schema import POINT_COLUMNS
-from operators.persist.wal import RecoveredRun, ResultLog
 from operators.persist.write_loop import WriteLoop
 
 logger = logging.getLogger(__name__)
 
 
-def adopt(backlog: Backlog, log: ResultLog, rec: RecoveredRun) -> bool:
+def adopt(backlog: Backlog, result_log: ResultLog, rec: RecoveredRun) -> bool:
     """Take over a logged run's state, before anything new is published; False if the log was set aside."""
     try:
         _adopt(backlog, rec)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        set_aside(backlog, log, rec, f"{type(exc).__name__}: {exc}")
+        set_aside(backlog, result_log, rec, f"{type(exc).__name__}: {exc}")
         return False
     return True
 
@@ -58,19 +58,19 @@ def _adopt(backlog: Backlog, rec: RecoveredRun) -> None:
 async def replay(loop: WriteLoop, rec: RecoveredRun) -> None:
     """Bring Tiled up to date with an adopted run, or set its log aside if that cannot be done."""
     if not is_safe_key(rec.run_key):  # a log from a version that stored runs under the raw id
-        set_aside(loop.backlog, loop.log, rec, f"{rec.run_key!r} is not a safe storage key")
+        set_aside(loop.backlog, loop.result_log, rec, f"{rec.run_key!r} is not a safe storage key")
         return
     try:
         failed = await _replay_rows(loop, rec)
     except Exception as exc:  # noqa: BLE001 - whatever it is, the log must not block the start
-        set_aside(loop.backlog, loop.log, rec, f"{type(exc).__name__}: {exc}")
+        set_aside(loop.backlog, loop.result_log, rec, f"{type(exc).__name__}: {exc}")
         return
     if failed == "tiled_unreachable":
         return  # the log stays: the next start replays it
     if failed:
-        set_aside(loop.backlog, loop.log, rec, failed)
+        set_aside(loop.backlog, loop.result_log, rec, failed)
     elif rec.stop is not None:
-        loop.log.discard(rec.run_key)
+        loop.result_log.discard(rec.run_key)
 
 
 async def _replay_rows(loop: WriteLoop, rec: RecoveredRun) -> str | None:
@@ -96,12 +96,12 @@ async def _replay_rows(loop: WriteLoop, rec: RecoveredRun) -> str | None:
     return await loop.with_retry(f"close of run {rec.run_key}", loop.close_run, rec.run_key, stop)
 
 
-def set_aside(backlog: Backlog, log: ResultLog, rec: RecoveredRun, why: str) -> None:
+def set_aside(backlog: Backlog, result_log: ResultLog, rec: RecoveredRun, why: str) -> None:
     st = backlog.run(rec.run_key, rec.run_id)
     st.recovered_open = False
     unstored = len(rec.points) - st.rows_written - sum(st.rows_not_written.values())
     if unstored > 0:
         st.rows_not_written["unreplayable"] += unstored
-    path = log.set_aside(rec.run_key)
+    path = result_log.set_aside(rec.run_key)
     logger.error("result log of run %s (%s) cannot be replayed into Tiled (%s); moved to %s",
                  rec.run_id, rec.run_key, why, path)  # fmt: skip

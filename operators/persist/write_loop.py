@@ -29,12 +29,12 @@ import numpy as np
 from operators.persist.backlog import Backlog
 from operators.persist.errors import TiledFailed, TiledRejected, translate
 from operators.persist.local_frames import LocalFrameStore
+from operators.persist.result_log import ResultLog
 from operators.persist.runs import BatchOutcome, Row, RunState, consecutive, jsonable
 from operators.persist.schema import POINT_COLUMNS, UPDATE_COLUMNS, arrow_file
 from operators.persist.stats import FrameLag
 from operators.persist.tiled_http import TiledHttp
 from operators.persist.tiled_nodes import TiledNodes
-from operators.persist.wal import ResultLog
 from operators.throttled_log import ThrottledLog
 from operators.tiled_layout import CLUSTER_UPDATES, IMAGE, LATENT, POINTS, PRIMARY, VECTORS
 
@@ -57,11 +57,11 @@ class WriteLoop:
     """Writes `backlog` to Tiled through `nodes` (containers, arrays, metadata), `http` (vectors, rows and,
     without `local`, frames) and `local` (frames into the embedded server's own storage)."""
 
-    def __init__(self, backlog: Backlog, log: ResultLog, nodes: TiledNodes, http: TiledHttp,
+    def __init__(self, backlog: Backlog, result_log: ResultLog, nodes: TiledNodes, http: TiledHttp,
                  local: LocalFrameStore | None, settings: WriteSettings, lag: FrameLag,
                  warn: ThrottledLog) -> None:  # fmt: skip
         self.backlog = backlog
-        self.log = log
+        self.result_log = result_log
         self.nodes = nodes
         self.http = http
         self.local = local
@@ -131,7 +131,7 @@ class WriteLoop:
             if self.local is not None:
                 self.local.forget(self._image_path(run_key))
             if not failed and not any(k == "row" and it.run_key == run_key for k, it in ops):
-                self.log.discard(run_key)  # everything of this run is in Tiled
+                self.result_log.discard(run_key)  # everything of this run is in Tiled
 
     def _frames_due(self, waiting: list[Row], now: float) -> bool:
         """Write now: the oldest waiting frame has lingered long enough, or a full request is waiting."""
@@ -220,7 +220,7 @@ class WriteLoop:
             for r, _ in group:
                 self.lag.record(now - r.published_at)
                 st.frames_written += 1
-                self.log.append(run_key, {"t": "frame_ok", "run_key": run_key, "index": r.index})
+                self.result_log.append(run_key, {"t": "frame_ok", "run_key": run_key, "index": r.index})
 
     def _next_group(self, batch: list[Row], st: RunState) -> list[tuple[Row, np.ndarray]]:
         """Take the next frames to write out of the buffer: consecutive indices, up to `max_patch_bytes`.

@@ -2,10 +2,10 @@
 
 `TiledWriter` is a publisher (`async publish(message)`) with a second port for frames (`store_frame`, a
 `FrameSink`): the pipeline hands it each frame that came without a tiled_url right before that frame's point,
-and the point gives the frame its row. `publish` only logs the point to the run's result log (wal.py) and adds
-it, with its frame if one came, to the backlog (backlog.py); one background task, the write loop (write_loop.py),
-writes the backlog to Tiled in order. Crash logs left by a killed process are adopted and replayed first
-(recovery.py).
+and the point gives the frame its row. `publish` only logs the point to the run's result log (result_log.py)
+and adds it, with its frame if one came, to the backlog (backlog.py); one background task, the write loop
+(write_loop.py), writes the backlog to Tiled in order. Result logs left by a killed process are adopted and
+replayed first (recovery.py).
 
   /<run_key>                  container, start metadata (the sender's run_id among it); "status" open -> closed
   /<run_key>/primary/image    (N, H, W) frames that came without a tiled_url, one chunk per frame,
@@ -53,11 +53,11 @@ from operators.persist import recovery
 from operators.persist.backlog import Backlog
 from operators.persist.errors import TiledRejected, translate
 from operators.persist.local_frames import LocalFrameStore
+from operators.persist.result_log import DIR_NAME, RecoveredRun, ResultLog
 from operators.persist.runs import Row, RunState
 from operators.persist.stats import FrameLag, WriterStats
 from operators.persist.tiled_http import TiledHttp
 from operators.persist.tiled_nodes import TiledNodes
-from operators.persist.wal import RecoveredRun, ResultLog
 from operators.persist.write_loop import WriteLoop, WriteSettings
 from operators.throttled_log import ThrottledLog
 
@@ -96,7 +96,7 @@ class TiledWriter:
                                       rows_interval=rows_interval, frames_linger=frames_linger,
                                       give_up_after=give_up_after, failed_attempts=failed_attempts)  # fmt: skip
         self._warn = ThrottledLog(logger)  # drops repeat per frame under overload; the counters stay exact
-        self._log = ResultLog(Path(data_dir) / "results-log")
+        self._result_log = ResultLog(Path(data_dir) / DIR_NAME)
         self._backlog = Backlog(self.max_buffer_bytes, self._warn)
         self._lag = FrameLag()
         self._loop: WriteLoop | None = None  # once connected
@@ -138,7 +138,7 @@ class TiledWriter:
         start = {"run_key": m.run_key, "run_id": m.run_id, "run_name": m.run_name, "started_at": m.started_at,
                  "metadata": m.metadata}  # fmt: skip
         st.start = start
-        self._log.append(m.run_key, {"t": "start", **start})
+        self._result_log.append(m.run_key, {"t": "start", **start})
         self._backlog.add("start", m.run_key)
 
     @staticmethod
@@ -163,7 +163,7 @@ class TiledWriter:
             self._warn.warning(refused, "run %s frame %d not stored: %s", p.run_key, p.index, refused)
         elif image is not None:
             st.frame_indices.add(p.index)
-        self._log.append(
+        self._result_log.append(
             p.run_key,
             {"t": "point", "run_key": p.run_key, "run_id": p.run_id, **values, "stored_by_service": image is not None,
              "latent": latent.tobytes()},
@@ -194,13 +194,13 @@ class TiledWriter:
             st.frames_not_written["point_not_received"] += 1
         stop = {"stopped_at": m.stopped_at, "num_frames": m.num_frames, "processed": m.processed,
                 "reason": m.reason}  # fmt: skip
-        self._log.append(m.run_key, {"t": "stop", "run_key": m.run_key, "run_id": m.run_id, **stop})
+        self._result_log.append(m.run_key, {"t": "stop", "run_key": m.run_key, "run_id": m.run_id, **stop})
         self._backlog.add("stop", (m.run_key, stop))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start (see `start_soon`) and wait until connected and the crash logs are replayed."""
+        """Start (see `start_soon`) and wait until connected and the result logs are replayed."""
         task = self.start_soon()
         connected = asyncio.ensure_future(self._connected.wait())
         await asyncio.wait([task, connected], return_when=asyncio.FIRST_COMPLETED)
@@ -209,20 +209,21 @@ class TiledWriter:
             task.result()  # connecting or replaying failed: raise that
 
     def start_soon(self, tiled_ready: Callable[[], Awaitable[object]] | None = None) -> asyncio.Task[None]:
-        """Adopt the crash logs, then write in the background; publishing may begin at once.
+        """Adopt the result logs, then write in the background; publishing may begin at once.
 
         The background task awaits `tiled_ready()` (e.g. the embedded server coming up), connects
-        (retrying for as long as Tiled is unreachable), replays the crash logs into Tiled, then writes
+        (retrying for as long as Tiled is unreachable), replays the result logs into Tiled, then writes
         what was published meanwhile and after. It fails when `tiled_ready()` raises or Tiled refuses
         the writer (e.g. a wrong API key); the caller watches the returned task.
         """
-        recovered = [rec for rec in self._log.recover() if recovery.adopt(self._backlog, self._log, rec)]
+        result_log = self._result_log
+        recovered = [rec for rec in result_log.recover() if recovery.adopt(self._backlog, result_log, rec)]
         self._task = asyncio.create_task(self._serve(tiled_ready, recovered), name="tiled-writer")
         return self._task
 
     @property
     def connected(self) -> bool:
-        """Connected to Tiled, crash logs replayed: writing."""
+        """Connected to Tiled, result logs replayed: writing."""
         return self._connected.is_set()
 
     async def wait_connected(self) -> None:
@@ -256,7 +257,8 @@ class TiledWriter:
                 delay = min(delay * 2, 5.0)
         http = TiledHttp(self.base_url, self.api_key, root=self.root, timeout=self.request_timeout)
         local = LocalFrameStore(http.client, self.base_url) if self.local_frames else None
-        return WriteLoop(self._backlog, self._log, nodes, http, local, self.settings, self._lag, self._warn)
+        return WriteLoop(self._backlog, self._result_log, nodes, http, local, self.settings, self._lag,
+                         self._warn)  # fmt: skip
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Write what is buffered (up to `drain_timeout`), close recovered-open runs, stop."""
@@ -278,7 +280,7 @@ class TiledWriter:
                 backlog.run(item.run_key).rows_not_written["shutdown"] += 1
                 backlog.drop_image(item, "shutdown")
         backlog.ops.clear()
-        self._log.close()
+        self._result_log.close()
         if self._loop is not None:
             await self._loop.http.aclose()
             await asyncio.to_thread(self._loop.nodes.close)
@@ -321,7 +323,7 @@ class TiledWriter:
             frames_not_written=dict(fnw),
             rows_not_written=dict(rnw),
             retries=self._loop.retries if self._loop else 0,
-            logs_set_aside=self._log.logs_set_aside,
+            logs_set_aside=self._result_log.logs_set_aside,
             buffered_rows=self._backlog.rows_waiting(),
             buffered_bytes=self._backlog.buffered_bytes,
         )

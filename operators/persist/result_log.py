@@ -1,4 +1,4 @@
-"""A per-run write-ahead log of results, so a SIGKILL loses no row that was already published.
+"""The result log: each run's results, appended before they go to Tiled, so a SIGKILL loses no published row.
 
 `TiledWriter.publish` appends each point (row fields + latent vector) here before it returns;
 an unbuffered `write()` puts the record in the OS page cache, which survives the death of the
@@ -33,12 +33,16 @@ import msgpack
 logger = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+# On-disk names: earlier versions wrote result logs as results-log/<name>.wal (".wal": write-ahead log), and a
+# data directory they left must still recover, so these names stay as they are.
+DIR_NAME = "results-log"
+_SUFFIX = ".wal"
 SET_ASIDE_DIR = "unreplayable"
 
 
 def _file_name(run_key: str) -> str:
     # Keys are safe names; the hex form only serves logs of older versions, named after raw run ids.
-    return (run_key if not _SAFE.search(run_key) else "x" + run_key.encode().hex()) + ".wal"
+    return (run_key if not _SAFE.search(run_key) else "x" + run_key.encode().hex()) + _SUFFIX
 
 
 @dataclass(slots=True)
@@ -104,7 +108,7 @@ class ResultLog:
     def recover(self) -> list[RecoveredRun]:
         """Read every log in the directory (oldest first). A log that makes no sense is set aside."""
         runs = []
-        paths = sorted(self.directory.glob("*.wal"), key=lambda p: p.stat().st_mtime)
+        paths = sorted(self.directory.glob("*" + _SUFFIX), key=lambda p: p.stat().st_mtime)
         for path in paths:
             try:
                 run = _read(path)
