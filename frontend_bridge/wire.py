@@ -19,6 +19,7 @@ import orjson
 
 from operators import point_row
 from operators.messages import ClusterNew, ClusterUpdate, RunStarted, RunStopped
+from operators.run_metadata import MetadataTooDeep, jsonable
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,10 @@ def client_metadata(metadata: Mapping[str, Any], *, max_depth: int, max_bytes: i
     MetadataOmitted (reason `metadata_too_deep`, `metadata_too_large` or `metadata_unencodable`) otherwise.
     Depth and packed (msgpack) size are counted as the ingest counts them, so what it accepts passes here.
     """
-    value = jsonable(metadata, max_depth)
+    try:
+        value = jsonable(metadata, bytes_as="size", max_depth=max_depth)
+    except MetadataTooDeep as exc:
+        raise MetadataOmitted("metadata_too_deep", str(exc)) from exc
     try:
         orjson.dumps(value)
         size = len(msgpack.packb(value, use_bin_type=True))
@@ -180,25 +184,3 @@ def client_metadata(metadata: Mapping[str, Any], *, max_depth: int, max_bytes: i
     if size > max_bytes:
         raise MetadataOmitted("metadata_too_large", f"{size} bytes packed; at most {max_bytes}")
     return value
-
-
-def jsonable(value: Any, max_depth: int) -> Any:
-    """Run metadata comes from the source's start document: keep what JSON can carry, stringify the rest.
-
-    Containers nested deeper than `max_depth` raise MetadataOmitted (orjson stops at 255 levels, msgpack
-    at 512, and a deep enough document would exhaust the recursion here).
-    """
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (Mapping, list, tuple)):
-        if max_depth < 1:
-            raise MetadataOmitted("metadata_too_deep", "nested deeper than the limit")
-        if isinstance(value, Mapping):
-            return {str(k): jsonable(v, max_depth - 1) for k, v in value.items()}
-        return [jsonable(v, max_depth - 1) for v in value]
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    item = getattr(value, "item", None)  # numpy scalars
-    if callable(item) and getattr(value, "ndim", None) == 0:
-        return jsonable(item(), max_depth)
-    return str(value)

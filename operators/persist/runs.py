@@ -70,20 +70,3 @@ def consecutive(rows: list[Row], key: Callable[[Row], int]) -> list[list[Row]]:
         else:
             groups.append([r])
     return groups
-
-
-def jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    """Tiled metadata must be JSON: keep basic types, stringify the rest."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out[str(k)] = jsonable(v)
-        elif isinstance(v, (list, tuple)):
-            out[str(k)] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
-        elif isinstance(v, (str, int, float, bool)) or v is None:
-            out[str(k)] = v
-        elif isinstance(v, np.generic):
-            out[str(k)] = v.item()
-        else:
-            out[str(k)] = str(v)
-    return out

@@ -30,11 +30,12 @@ from operators.persist.backlog import Backlog
 from operators.persist.errors import TiledFailed, TiledRejected, translate
 from operators.persist.local_frames import LocalFrameStore
 from operators.persist.result_log import ResultLog
-from operators.persist.runs import BatchOutcome, Row, RunState, consecutive, jsonable
+from operators.persist.runs import BatchOutcome, Row, RunState, consecutive
 from operators.persist.schema import POINT_COLUMNS, UPDATE_COLUMNS, arrow_file
 from operators.persist.stats import FrameLag
 from operators.persist.tiled_http import TiledHttp
 from operators.persist.tiled_nodes import TiledNodes
+from operators.run_metadata import jsonable
 from operators.throttled_log import ThrottledLog
 from operators.tiled_layout import CLUSTER_UPDATES, IMAGE, LATENT, POINTS, PRIMARY, VECTORS
 
@@ -304,7 +305,8 @@ class WriteLoop:
     def ensure_run(self, run_key: str, attempt: int = 0) -> None:
         st = self.backlog.run(run_key)
         start = st.start or {"run_name": st.run_id, "started_at": time.time(), "metadata": {}}
-        md = {**jsonable(start.get("metadata") or {}), "run_id": st.run_id, "run_key": run_key,
+        metadata = jsonable(start.get("metadata") or {}, bytes_as="repr")  # the run's record: bytes kept
+        md = {**metadata, "run_id": st.run_id, "run_key": run_key,
               "run_name": start["run_name"], "started_at": start["started_at"], "status": "open",
               "writer": "latent-stream"}  # fmt: skip
         self.nodes.ensure_run(run_key, md)
@@ -333,5 +335,6 @@ class WriteLoop:
         st = self.backlog.run(run_key)
         if not st.created:
             self.ensure_run(run_key)
-        md = {"status": "closed", **jsonable(stop), "rows": st.next_row, "persist": st.counts()}
+        md = {"status": "closed", **jsonable(stop, bytes_as="repr"), "rows": st.next_row,
+              "persist": st.counts()}  # fmt: skip
         self.nodes.update_metadata(run_key, md)
