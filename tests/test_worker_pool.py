@@ -89,6 +89,9 @@ async def test_the_pool_gives_the_in_process_points_in_frame_order_with_a_worker
 
     pool = RayWorkerPool(PoolSettings(2, ray_address=cluster.address, device="cpu"))
     await pool.start()
+    import ray
+
+    second_node = next(n["NodeID"] for n in ray.nodes() if "second_node" in n["Resources"])
     try:
         metrics = PipelineMetrics(CollectorRegistry())
         pooled = await _run(PooledPipeline(default_bundle, metrics, pool, lost=WorkerLost, tiled_base_url=TILED,
@@ -110,6 +113,7 @@ async def test_the_pool_gives_the_in_process_points_in_frame_order_with_a_worker
         ["RunStarted", "RunStopped"]
 
     assert len({w["node"] for w in workers}) == 2, workers  # one worker on each Ray node
+    assert any(w["node"] == second_node and w["frames"] > 0 for w in workers), workers
     assert all(w["state"] == "alive" and w["frames"] > 0 and w["device"] == "cpu" for w in workers), workers
     assert sum(w["frames"] for w in workers) == len(images)
     received = len(images) + 2
