@@ -94,4 +94,10 @@ async def test_verify_reports_sent_processed_stored_and_lost_per_run(
     assert [p["index"] for p in points] == list(range(6))
     assert list(points[0]) == list(point_row.WIRE_KEYS)  # the point row, under its wire names
     assert await catalog.run_points("no-such-run") is None
+    # every field the catalog returns is one the writer writes: none is empty for a run closed cleanly
+    [listed] = [r for r in runs if r["run_id"] == "complete"]
+    assert None not in listed.values()
+    report = await catalog.run_report("complete")
+    assert report is not None and None not in report.values()
+    assert report["num_frames"] == report["processed"] == report["rows_stored"] == report["frames_stored"] == 6
     await asyncio.to_thread(catalog.close)

@@ -105,7 +105,11 @@ class TiledRunCatalog:
         return [point_row.rest_row(rec) for rec in df[list(point_row.NAMES)].to_dict("records")]
 
     async def run_report(self, run: str) -> dict[str, Any] | None:
-        """What Tiled holds for a run (key or run id): its metadata counters, rows stored and frames stored."""
+        """What Tiled holds for a run (key or run id): what the writer recorded at its close, rows and frames stored.
+
+        Ingest counters (received, rejected) are the service's, for all runs together: `verify` reads them
+        from its /api/health, not from here.
+        """
         return await asyncio.to_thread(self._run_report, run)
 
     def _run_report(self, run_id: str) -> dict[str, Any] | None:
@@ -129,8 +133,6 @@ class TiledRunCatalog:
             "rows_stored": rows,
             "frames_stored": persist.get("frames_written"),
             "frames_not_written": persist.get("frames_not_written", {}),
-            "received": md.get("received"),
-            "rejected": md.get("rejected"),
         }
 
     def close(self) -> None:
