@@ -33,6 +33,14 @@ import numpy as np
 
 from operators.clustering import ClusteringSettings, ClusterState, OnlineClusterer
 from operators.preprocess import Preprocessor, PreprocessSpec
+from operators.providers import (
+    DEVICE_OF,
+    GPU_PROVIDERS,
+    TRT_FP16_RTOL,
+    execution_providers,
+    parity_holds,
+    provider_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,34 +238,6 @@ def default_session_options(intra_op_threads: int | None = None) -> Any:
     return so
 
 
-DEVICES = ("auto", "cpu", "cuda")
-_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-_DEVICE_OF = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
-# TensorRT fp16 is kept only where its latents stay this close to fp32's (relative to their largest value).
-TRT_FP16_RTOL = 1e-2
-
-
-def execution_providers(device: str, available: list[str]) -> list[Any]:
-    """The ONNX Runtime providers for ``device`` ("auto" | "cpu" | "cuda"), best first, among ``available``.
-
-    GPU: TensorRT with fp16 (where installed; `OnnxEncoder` drops it unless it matches fp32), then CUDA, then
-    the CPU as the fallback. "auto" and "cuda" choose alike: with no GPU provider installed both run on the CPU.
-    """
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
-    chosen: list[Any] = []
-    if device != "cpu":
-        if "TensorrtExecutionProvider" in available:
-            chosen.append(("TensorrtExecutionProvider", {"trt_fp16_enable": True}))
-        if "CUDAExecutionProvider" in available:
-            chosen.append(("CUDAExecutionProvider", {}))
-    return [*chosen, "CPUExecutionProvider"]
-
-
-def _provider_name(provider: Any) -> str:
-    return provider[0] if isinstance(provider, tuple) else str(provider)
-
-
 class OnnxEncoder:
     """encode((B, 1, S, S) float32) -> (B, latent_dim) float32 latent means, through ONNX Runtime.
 
@@ -274,18 +254,18 @@ class OnnxEncoder:
         self.path = Path(path)
         if providers is None:
             providers = execution_providers(device, ort.get_available_providers())
-        wanted_gpu = [p for p in providers if _provider_name(p) in _GPU_PROVIDERS]
+        wanted_gpu = [p for p in providers if provider_name(p) in GPU_PROVIDERS]
         self._sess = self._session(session_options, providers)
-        if any(_provider_name(p) == "TensorrtExecutionProvider" for p in wanted_gpu) and \
+        if any(provider_name(p) == "TensorrtExecutionProvider" for p in wanted_gpu) and \
                 self._sess.get_providers()[0] == "TensorrtExecutionProvider" and not self._trt_parity(session_options):
-            rest = [p for p in providers if _provider_name(p) != "TensorrtExecutionProvider"]
+            rest = [p for p in providers if provider_name(p) != "TensorrtExecutionProvider"]
             log.warning("%s: TensorRT fp16 latents differ from fp32 by more than %g: encoding with CUDA fp32",
                         self.path, TRT_FP16_RTOL)
             self._sess = self._session(session_options, rest)
-        self.device = _DEVICE_OF.get(self._sess.get_providers()[0], self._sess.get_providers()[0])
+        self.device = DEVICE_OF.get(self._sess.get_providers()[0], self._sess.get_providers()[0])
         if wanted_gpu and self.device == "cpu":
             log.warning("%s: asked for %s but no GPU is usable here: the encoder runs on the CPU", self.path,
-                        ", ".join(_provider_name(p) for p in wanted_gpu))
+                        ", ".join(provider_name(p) for p in wanted_gpu))
         else:
             log.info("%s: encoder on %s", self.path, self.device)
         self._in = self._sess.get_inputs()[0].name
@@ -304,7 +284,7 @@ class OnnxEncoder:
                 return ort.InferenceSession(str(self.path), session_options or default_session_options(),
                                             providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors
-            if any(_provider_name(p) in _GPU_PROVIDERS for p in providers):
+            if any(provider_name(p) in GPU_PROVIDERS for p in providers):
                 log.warning("%s: a GPU session could not be created (%s): trying the CPU", self.path, e)
                 return self._session(session_options, ["CPUExecutionProvider"])
             raise BundleError(f"{self.path}: ONNX Runtime cannot load the encoder ({e})") from e
@@ -327,14 +307,6 @@ class OnnxEncoder:
         binding.bind_output(self._out, "cuda" if self.device != "cpu" else "cpu")
         self._sess.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
-
-
-def parity_holds(reference: np.ndarray, candidate: np.ndarray, rtol: float) -> bool:
-    """Whether ``candidate`` is within ``rtol`` of the largest |value| of ``reference``, everywhere."""
-    if reference.shape != candidate.shape or not np.isfinite(candidate).all():
-        return False
-    scale = float(np.max(np.abs(reference))) or 1.0
-    return float(np.max(np.abs(candidate.astype(np.float64) - reference))) <= rtol * scale
 
 
 class TorchScriptEncoder:

@@ -11,7 +11,8 @@ import logging
 import numpy as np
 import pytest
 
-from operators.bundle import DEFAULT_BUNDLE, OnnxEncoder, execution_providers, parity_holds
+from operators.bundle import DEFAULT_BUNDLE, OnnxEncoder
+from operators.providers import execution_providers, parity_holds
 from stream.config import ServeSettings
 
 ENCODER = DEFAULT_BUNDLE / "encoder.onnx"
