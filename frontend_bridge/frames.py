@@ -21,12 +21,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import numpy as np
 
-from operators.tiled_layout import ARRAY_PREFIXES, auth_headers
+from operators.tiled_layout import NodeURI, auth_headers, parse_node_uri
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +75,6 @@ class FrameDecodeError(FrameError):
     """Tiled's answer does not match the array's declared dtype and shape."""
 
     status_code = 502
-
-
-@dataclass(frozen=True, slots=True)
-class FrameRef:
-    """A frame URI split into the array's path and the slice the LSE would read."""
-
-    path: str  # the array's path inside Tiled, e.g. "run1/primary/image"
-    slice_expr: str  # Tiled's slice parameter ("" for the whole array)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,27 +150,20 @@ class FrameFetcher:
         if self._owns_client:
             await self._client.aclose()
 
-    def parse(self, url: str) -> FrameRef:
+    def parse(self, url: str) -> NodeURI:
         """Accept only frame URIs on the configured server; anything else is FrameURLRejected."""
         try:
-            parts = urlsplit(url)
+            node = parse_node_uri(url)
+            parts = urlsplit(node.base_url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as exc:
-            raise FrameURLRejected(f"not a URL: {url!r}") from exc
+            raise FrameURLRejected(f"{exc}: {url!r}") from exc
         origin = (parts.scheme, (parts.hostname or "").lower(), port)
-        if origin != self._origin or not parts.path.startswith(self._prefix):
+        if origin != self._origin or parts.path + "/" != self._prefix:
             raise FrameURLRejected(f"only frames on {self.base_url} can be fetched")
-        rest = parts.path[len(self._prefix) :]
-        for prefix in ARRAY_PREFIXES:
-            if rest.startswith(prefix):
-                path = rest[len(prefix) :].strip("/")
-                break
-        else:
-            raise FrameURLRejected("not a Tiled array URI (expected /api/v1/array/full/...)")
-        if not path or any(seg in ("", ".", "..") for seg in path.split("/")):
-            raise BadFrameURL(f"bad array path {path!r}")
-        slices = parse_qs(parts.query).get("slice", [""])
-        return FrameRef(path=path, slice_expr=slices[0])
+        if not node.path or any(seg in ("", ".", "..") for seg in node.path.split("/")):
+            raise BadFrameURL(f"bad array path {node.path!r}")
+        return node
 
     async def fetch(self, url: str) -> np.ndarray:
         """The frame at `url` as a 2-D array in its stored dtype."""

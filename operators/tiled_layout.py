@@ -7,13 +7,15 @@
   /<run_key>/latent/cluster_updates    re-clustering corrections
 
 The writer (operators.persist), the run catalog and the bridge (frontend_bridge.frames) take node names,
-frame URIs and the auth header from here. URIs are built here rather than taken from Tiled's ``links``,
+frame URIs and the auth header from here; the bridge and the Tiled reader of replay and adapt
+(stream.readers.tiled) parse node URIs with `parse_node_uri`. URIs are built here rather than taken from Tiled's ``links``,
 which carry double slashes for fresh nodes.
 """
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from dataclasses import dataclass
+from urllib.parse import parse_qs, quote, urlsplit
 
 PRIMARY, IMAGE = "primary", "image"  # /<run_key>/primary/image
 LATENT, POINTS, VECTORS, CLUSTER_UPDATES = "latent", "points", "vectors", "cluster_updates"
@@ -30,6 +32,26 @@ def frame_uri(base_url: str, run_key: str, index: int) -> str:
     if index < 0:
         raise ValueError(f"frame index must be >= 0, got {index}")
     return f"{base_url.rstrip('/')}/api/v1/array/full/{quote(run_key, safe='')}/{PRIMARY}/{IMAGE}?slice={index}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeURI:
+    """A URI naming a node of a Tiled server: ``{base_url}/{one of ARRAY_PREFIXES}{path}[?slice=...]``."""
+
+    base_url: str  # scheme://host[:port][/prefix] of the server, no trailing slash
+    path: str  # the node's path below the server as the URI writes it (percent-encoded), no outer slashes
+    slice_expr: str  # Tiled's slice parameter, "" for the whole node
+
+
+def parse_node_uri(uri: str) -> NodeURI:
+    """Split a node URI; ValueError for one that is no URL or names no node under ARRAY_PREFIXES."""
+    parts = urlsplit(uri)
+    for prefix in ARRAY_PREFIXES:
+        server_path, found, path = parts.path.partition("/" + prefix)
+        if found:
+            slices = parse_qs(parts.query).get("slice", [""])
+            return NodeURI(f"{parts.scheme}://{parts.netloc}{server_path}", path.strip("/"), slices[0])
+    raise ValueError(f"not a Tiled node URI (expected .../{ARRAY_PREFIXES[0]}<path> or .../{ARRAY_PREFIXES[2]}<path>)")
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

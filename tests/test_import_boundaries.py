@@ -114,6 +114,10 @@ def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
     assert _layer("stream.serve", layer_of) not in allowed[_layer("stream.ingest", layer_of)]
     assert _layer("operators.base", layer_of) not in allowed[_layer("stream.protocol", layer_of)]
     assert _imports(REPO / "frontend_bridge" / "hub.py") >= {"operators.point_row", "operators.messages"}
+    # stream's bottom may use the contracts (the Tiled URI parser), nothing else of operators
+    assert _layer("operators.tiled_layout", layer_of) in allowed[_layer("stream.readers.tiled", layer_of)]
+    assert _layer("operators.persist.catalog", layer_of) not in allowed[_layer("stream.readers.tiled", layer_of)]
+    assert "operators.tiled_layout" in _imports(REPO / "stream" / "readers" / "tiled.py")
 
 
 def test_serving_path_does_not_need_torch() -> None:

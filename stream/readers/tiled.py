@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 import numpy as np
 
+from operators.tiled_layout import parse_node_uri
 from stream.readers.source import FrameOrigin, FrameSource, RecordedFrame, ReplayError
 
 
 def tiled_source(uri: str, api_key: str | None) -> FrameSource:
     from tiled.client import from_uri
 
-    parsed = urlparse(uri)
-    marker = next((m for m in ("/api/v1/array/full/", "/api/v1/array/block/", "/api/v1/metadata/")
-                   if m in parsed.path), None)  # fmt: skip
-    if marker is None:
-        raise ReplayError(f"{uri}: expected http://HOST/api/v1/array/full/<path> or /api/v1/metadata/<path>")
-    prefix, node_path = parsed.path.split(marker, 1)
-    base = f"{parsed.scheme}://{parsed.netloc}{prefix}"
-    node_path = unquote(node_path.strip("/"))
+    try:
+        parsed = parse_node_uri(uri)
+    except ValueError as exc:
+        raise ReplayError(f"{uri}: {exc}") from exc
+    base, node_path = parsed.base_url, unquote(parsed.path)
     client = from_uri(base, api_key=api_key)
     node = client
     for part in node_path.split("/"):
