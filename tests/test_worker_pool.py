@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -118,4 +119,35 @@ async def test_the_pool_gives_the_in_process_points_in_frame_order_with_a_worker
     assert sum(w["frames"] for w in workers) == len(images)
     received = len(images) + 2
     metrics.received.inc(received)  # the ingest's count, which this test stands in for
+    assert metrics.accounted() == (received, received)
+
+
+async def test_workers_that_stay_dead_leave_their_frames_counted_as_worker_lost_and_the_run_goes_on(
+    cluster: RayCluster, default_bundle: ModelBundle
+) -> None:
+    from operators.workers.pool import PoolSettings, RayWorkerPool, WorkerLost
+    from operators.workers.sequencer import PooledPipeline
+
+    images = [f.image for f in generate_scan("crystallization", 6, seed=6)]
+    pool = RayWorkerPool(PoolSettings(2, ray_address=cluster.address, device="cpu", max_restarts=0))
+    await pool.start()
+    try:
+        metrics = PipelineMetrics(CollectorRegistry())
+        os.kill(pool.describe()[0]["pid"], signal.SIGKILL)  # no restarts allowed: its batches go to the other
+        first = await _run(PooledPipeline(default_bundle, metrics, pool, lost=WorkerLost, tiled_base_url=TILED,
+                                          recluster="off"), _messages("one-left", images))
+        assert [m.index for m in first.messages if isinstance(m, Point)] == list(range(len(images)))
+        assert [w["state"] for w in pool.describe()] == ["dead", "alive"]
+
+        os.kill(pool.describe()[1]["pid"], signal.SIGKILL)
+        second = await _run(PooledPipeline(default_bundle, metrics, pool, lost=WorkerLost, tiled_base_url=TILED,
+                                           recluster="off"), _messages("none-left", images))
+        assert not any(isinstance(m, Point) for m in second.messages)
+        assert isinstance(second.messages[-1], RunStopped)  # the run still ends, its frames accounted
+        assert [w["state"] for w in pool.describe()] == ["dead", "dead"]
+    finally:
+        await pool.close()
+    assert metrics.snapshot()["dropped"] == {"worker_lost": len(images)}
+    received = 2 * (len(images) + 2)
+    metrics.received.inc(received)
     assert metrics.accounted() == (received, received)

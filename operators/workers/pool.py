@@ -180,10 +180,16 @@ class RayWorkerPool:
         run = frames[0].run_id
         log.warning("run %s: worker %d (pid %s) lost with frames %d..%d: %s", run, worker.id, worker.pid,
                     frames[0].index, frames[-1].index, type(exc).__name__)
-        if worker.state == "alive":
-            worker.state = "restarting"
-            worker.restarts += 1
-            worker._probe = asyncio.get_running_loop().create_task(self._await_restart(worker))
+        if worker.state != "alive":
+            return
+        if worker.restarts >= self.settings.max_restarts:  # Ray will not bring it back
+            worker.state = "dead"
+            log.error("worker %d lost after %d restart(s): it is dead (the other workers go on)", worker.id,
+                      worker.restarts)
+            return
+        worker.state = "restarting"
+        worker.restarts += 1
+        worker._probe = asyncio.get_running_loop().create_task(self._await_restart(worker))
 
     async def _await_restart(self, worker: WorkerState) -> None:
         """Ray restarts the actor (new process, model loaded again); it is alive once it answers."""
