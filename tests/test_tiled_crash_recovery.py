@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 from tiled.client import from_uri
-from tiled_support import make_point, publish_stored, tiled_server_fixture
+from tiled_support import make_point, publish_stored, publish_stored_run, tiled_server_fixture
 
-from operators.messages import RunStarted, RunStopped
+from operators.messages import RunStopped
 from operators.persist.server import EmbeddedTiledServer
 from operators.persist.writer import TiledWriter
 
@@ -113,9 +113,7 @@ async def test_a_recovered_open_run_is_closed_cleanly_when_the_writer_stops(
     rng = np.random.default_rng(5)
     first = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
     await first.start()
-    await first.publish(RunStarted("run-abandoned", "abandoned", time.time(), run_key="run-abandoned"))
-    for i in range(4):
-        await publish_stored(first, *make_point(ep.url, "run-abandoned", i, rng))
+    await publish_stored_run(first, ep.url, "run-abandoned", 4, rng)
     assert await first.flush(timeout=60)
     first._result_log.close()  # abandoned without stop(), like a killed process; its log stays
     first._task.cancel()

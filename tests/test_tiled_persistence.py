@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from tiled.client import from_uri
-from tiled_support import make_point, publish_stored, tiled_server_fixture
+from tiled_support import make_point, publish_stored, publish_stored_run, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.metrics import WriterCollector
@@ -111,13 +111,8 @@ async def test_full_size_pilatus_frames_round_trip_byte_identical(
     writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, local_frames=local_frames)
     await writer.start()
     key = f"run-pilatus-{local_frames}"
-    await writer.publish(RunStarted("run-pilatus", "full size", time.time(), run_key=key))
-    points, images = [], []
-    for index in range(3):
-        p, img = make_point(ep.url, key, index, rng, shape=(1679, 1475))
-        points.append(p)
-        images.append(img)
-        await publish_stored(writer, p, img)
+    published = await publish_stored_run(writer, ep.url, key, 3, rng, shape=(1679, 1475))
+    points, images = [p for p, _ in published], [img for _, img in published]
     assert await writer.flush(timeout=120)
     await writer.stop()
     fetched = await _fetch_all(tiled_server, [p.tiled_url for p in points])
@@ -207,12 +202,7 @@ async def test_a_frame_not_written_yet_answers_404_not_a_dropped_connection(
     rng = np.random.default_rng(6)
     writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path)
     await writer.start()
-    await writer.publish(RunStarted("run-early", "polled early", time.time(), run_key="run-early"))
-    points = []
-    for index in range(2):
-        p, img = make_point(ep.url, "run-early", index, rng)
-        points.append(p)
-        await publish_stored(writer, p, img)
+    points = [p for p, _ in await publish_stored_run(writer, ep.url, "run-early", 2, rng)]
     assert await writer.flush(timeout=60)
     await writer.stop()
     headers = {**ep.headers, "Accept": "application/octet-stream"}

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from operators.messages import Frame, Point, StageTimings
+from operators.messages import Frame, Point, RunStarted, StageTimings
 from operators.persist.server import EmbeddedTiledServer
 from operators.persist.writer import TiledWriter
 from operators.tiled_layout import frame_uri
@@ -63,6 +63,21 @@ async def publish_stored(writer: TiledWriter, point: Point, image: np.ndarray) -
     its point."""
     writer.store_frame(Frame(point.run_id, point.index, image, "", point.timestamp, 0.0, run_key=point.run_key))
     await writer.publish(point)
+
+
+async def publish_stored_run(
+    writer: TiledWriter, base_url: str, run_key: str, count: int, rng: np.random.Generator, *,
+    shape: tuple[int, int] = SMALL_SHAPE,
+) -> list[tuple[Point, np.ndarray]]:
+    """A run as the pipeline hands it to the writer: its start, then `count` points whose frames the service
+    stores (no stop); returns the points with their frames."""
+    await writer.publish(RunStarted(run_key, run_key, time.time(), run_key=run_key))
+    published = []
+    for index in range(count):
+        point, image = make_point(base_url, run_key, index, rng, shape=shape)
+        await publish_stored(writer, point, image)
+        published.append((point, image))
+    return published
 
 
 def data_dir_of(srv: EmbeddedTiledServer) -> Path:
