@@ -75,7 +75,12 @@ class PooledPipeline(LivePipeline):
                 self._pending += 1
                 self._idle.clear()
                 if not isinstance(first, Frame):
-                    await self._slots.put(_Slot(control=first))
+                    try:
+                        await self._slots.put(_Slot(control=first))
+                    except asyncio.CancelledError:
+                        if _was_received(first):
+                            self.metrics.dropped.labels("shutdown").inc()
+                        raise
                     continue
                 batch, held = [first], None
                 while len(batch) < self.max_batch and not self.inbox.empty():
@@ -86,17 +91,24 @@ class PooledPipeline(LivePipeline):
                         break
                     batch.append(nxt)
                 self.metrics.queue_depth.set(self.inbox.qsize())
+                owned: list[Frame] = batch  # frames this loop holds until the sequencer has them
                 try:
                     await self._room.acquire()
-                except asyncio.CancelledError:
-                    self.metrics.dropped.labels("shutdown").inc(len(batch))
+                    result = asyncio.ensure_future(self.pool.compute(batch))
+                    try:
+                        await self._slots.put(_Slot(batch, result, time.perf_counter()))
+                    except asyncio.CancelledError:
+                        result.cancel()
+                        raise
+                    owned = []
+                    if held is not None:
+                        await self._slots.put(_Slot(control=held))
+                        held = None
+                except asyncio.CancelledError:  # stopping: what this loop still holds is dropped{shutdown}
+                    self.metrics.dropped.labels("shutdown").inc(len(owned))
                     if held is not None and _was_received(held):
                         self.metrics.dropped.labels("shutdown").inc()
                     raise
-                result = asyncio.ensure_future(self.pool.compute(batch))
-                await self._slots.put(_Slot(batch, result, time.perf_counter()))
-                if held is not None:
-                    await self._slots.put(_Slot(control=held))
         finally:
             sequencer.cancel()
             await asyncio.gather(sequencer, return_exceptions=True)
