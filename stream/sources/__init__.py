@@ -70,6 +70,7 @@ class Source(Protocol):
 BUILDERS: dict[str, str] = {
     "zmq": "stream.sources.zmq_msgpack:build",
     "stream2": "stream.sources.stream2:build",
+    "tiled": "stream.sources.tiled_live:build",
 }
 
 

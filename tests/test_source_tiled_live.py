@@ -1,0 +1,203 @@
+"""``tiled://`` source: bluesky runs written into a real ``tiled serve`` (Redis streaming) by a real RunEngine with
+TiledWriter and a simulated area detector, followed over Tiled's websockets.
+
+The source polls only every 600 s here, so what it delivers during a test came because a websocket woke it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import h5py
+import httpx
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from operators.messages import Frame, RunStarted, RunStopped
+from operators.metrics import PipelineMetrics
+from stream.ingest import IngestMessage
+from stream.protocol import DEFAULT_LIMITS
+from stream.sources import SourceContext, build_source, parse_source
+from stream.sources.tiled_live import TiledLiveSource
+from tests.tiled_live_support import (
+    API_KEY,
+    CONTAINER,
+    BlueskyBeamline,
+    ConnectionCutter,
+    TiledServe,
+    make_container,
+    redis_server,
+)
+
+pytestmark = pytest.mark.e2e
+
+FRAMES = 12
+DETECTOR_DATASET = "/entry/data/data"  # where ophyd-async's SimBlobDetector writes its frames
+
+
+class Inbox:
+    """The pipeline's side of the seam, keeping what it is given."""
+
+    def __init__(self) -> None:
+        self.messages: list[IngestMessage] = []
+
+    async def submit(self, message: IngestMessage) -> bool:
+        self.messages.append(message)
+        return True
+
+    def frames(self) -> list[Frame]:
+        return [m for m in self.messages if isinstance(m, Frame)]
+
+    def stopped(self) -> bool:
+        return any(isinstance(m, RunStopped) for m in self.messages)
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServe]:
+    work = tmp_path_factory.mktemp("tiled-live")
+    with redis_server(work) as redis_uri:
+        server = TiledServe(work, redis_uri)
+        server.start()
+        try:
+            make_container(server)
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def beamline(tiled: TiledServe) -> Iterator[BlueskyBeamline]:
+    beamline = BlueskyBeamline(tiled)
+    yield beamline
+    beamline.release()
+
+
+@contextlib.asynccontextmanager
+async def following(url: str, inbox: Inbox, metrics: PipelineMetrics) -> AsyncIterator[TiledLiveSource]:
+    spec = parse_source(url)
+    ctx = SourceContext(inbox, metrics, DEFAULT_LIMITS, zmq_context=None, api_key=API_KEY)  # type: ignore[arg-type]
+    source = build_source(spec, ctx)
+    assert isinstance(source, TiledLiveSource)
+    source.poll_s = 600.0  # websockets must do the waking
+    task = asyncio.create_task(source.start())
+    await source.wait_connected()
+    try:
+        yield source
+    finally:
+        await source.stop()
+        assert task.done()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
+
+
+def detector_frames(tiled: TiledServe, count: int) -> np.ndarray:
+    """The frames as the detector wrote them (its newest HDF5 file), (count, H, W)."""
+    newest = max(tiled.detector_dir.glob("*.h5"), key=lambda p: p.stat().st_mtime)
+    with h5py.File(newest, "r") as f:
+        data = f[DETECTOR_DATASET][...]
+    assert data.shape[0] == count
+    return data
+
+
+def fetch(url: str) -> np.ndarray:
+    response = httpx.get(
+        url, headers={"Authorization": f"Apikey {API_KEY}", "Accept": "application/octet-stream"}
+    )
+    response.raise_for_status()
+    return np.frombuffer(response.content, dtype=np.uint8)
+
+
+def tiled_url(tiled: TiledServe, port: int | None = None) -> str:
+    return f"tiled://127.0.0.1:{port or tiled.port}/{CONTAINER}"
+
+
+async def test_a_service_started_mid_run_gets_every_frame_once_and_each_url_fetches_that_frame(
+    tiled: TiledServe, beamline: BlueskyBeamline, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    writing = asyncio.create_task(asyncio.to_thread(beamline.run, FRAMES, pauses=(5,)))
+    await beamline.wait_paused()  # 5 frames written before the service starts
+    metrics, inbox = PipelineMetrics(CollectorRegistry()), Inbox()
+    async with following(tiled_url(tiled), inbox, metrics):
+        await until(lambda: len(inbox.frames()) == 5)
+        beamline.resume()
+        uid = await writing
+        await until(inbox.stopped)
+
+    started, *_, stopped = inbox.messages
+    assert isinstance(started, RunStarted) and started.run_id == uid
+    assert started.metadata["plan_name"] == "count" and started.metadata["sample"] == "blobs"
+    assert isinstance(stopped, RunStopped) and stopped.reason == "stop" and stopped.num_frames == FRAMES
+    frames = inbox.frames()
+    assert [f.index for f in frames] == list(range(FRAMES))
+    written = detector_frames(tiled, FRAMES)
+    for frame in frames:
+        assert frame.run_key == started.run_key and frame.image.shape == (240, 320)
+        assert np.array_equal(frame.image, written[frame.index])
+        assert np.array_equal(fetch(frame.tiled_url).reshape(240, 320), written[frame.index])
+        assert "api_key" not in frame.tiled_url and API_KEY not in frame.tiled_url
+    assert metrics.lost_upstream._value.get() == 0
+    assert metrics.received._value.get() == len(inbox.messages)
+    assert API_KEY not in caplog.text
+
+
+async def test_a_connection_dropped_mid_run_loses_and_repeats_no_frame(
+    tiled: TiledServe, beamline: BlueskyBeamline
+) -> None:
+    metrics, inbox = PipelineMetrics(CollectorRegistry()), Inbox()
+    async with (
+        ConnectionCutter(tiled.port) as cutter,
+        following(tiled_url(tiled, cutter.port), inbox, metrics),
+    ):
+        writing = asyncio.create_task(asyncio.to_thread(beamline.run, FRAMES, pauses=(4, 8)))
+        await beamline.wait_paused()
+        await until(lambda: len(inbox.frames()) == 4)
+        cutter.cut(refuse=True)  # websockets and HTTP down while frames 4..7 are written
+        beamline.resume()
+        await beamline.wait_paused()
+        assert len(inbox.frames()) == 4
+        cutter.restore()
+        beamline.resume()
+        await writing
+        await until(inbox.stopped)
+
+    assert [f.index for f in inbox.frames()] == list(range(FRAMES))
+    assert metrics.source_reconnects._value.get() >= 1
+    assert metrics.lost_upstream._value.get() == 0
+    written = detector_frames(tiled, FRAMES)
+    assert all(np.array_equal(f.image, written[f.index]) for f in inbox.frames())
+
+
+async def test_bad_frames_are_rejected_with_a_reason_and_unwritten_ones_count_as_lost(
+    tiled: TiledServe,
+) -> None:
+    """A float image array with a NaN frame, and a stop document announcing more events than were written."""
+    client = tiled.client()
+    metrics, inbox = PipelineMetrics(CollectorRegistry()), Inbox()
+    async with following(tiled_url(tiled) + "?field=img", inbox, metrics):
+        uid = "hand-written-run"
+        run = client[CONTAINER].create_container(
+            uid, metadata={"start": {"uid": uid, "time": 2e9, "scan_id": 7}}
+        )
+        stream = run.create_container("primary")
+        frames = np.ones((3, 1, 8, 8), dtype=np.float32)
+        frames[1, 0, 2, 2] = np.nan
+        stream.write_array(frames, key="img")
+        stream.write_array(np.zeros((3, 8, 8), dtype=np.int16), key="other")  # not the field asked for
+        run.update_metadata({"stop": {"uid": "s", "run_start": uid, "num_events": {"primary": 5}}})
+        await until(inbox.stopped)
+
+    assert [f.index for f in inbox.frames()] == [0, 2]
+    assert metrics.rejected.labels("non_finite")._value.get() == 1
+    # Frame 1 is a gap in the frame numbers (as a rejected frame is for every source), events 3 and 4 never came.
+    assert metrics.lost_upstream._value.get() == 3
+    assert metrics.received._value.get() == len(inbox.messages) + 1
+    stopped = inbox.messages[-1]
+    assert isinstance(stopped, RunStopped) and stopped.num_frames == 5
