@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install install-dev browser bench bench-quick bundle lint clean
+.PHONY: demo test install install-dev browser redis bench bench-quick bundle lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,14 @@ install-dev: $(VENV)/.installed-dev
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
+# The tiled:// source tests run `tiled serve` with Debian's redis-server as its streaming cache (on 127.0.0.1).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
 demo: install
 	$(BIN)/latent-stream demo
 
-test: install-dev browser
+test: install-dev browser redis
 	$(BIN)/python -m pytest -q
 
 bench: install-dev
