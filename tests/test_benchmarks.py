@@ -157,3 +157,19 @@ def test_latency_stats_refuse_an_empty_sample() -> None:
         LatencyStats.from_seconds([])
     stats = LatencyStats.from_seconds([0.001, 0.002, 0.003, 0.004])
     assert math.isclose(stats.p50_ms, 2.5) and stats.n == 4
+
+
+def test_encoder_device_benchmark_times_what_this_machine_has_and_names_what_it_could_not(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from benchmarks.encode_devices import main as encode_devices
+
+    out = tmp_path / "encode.json"
+    encode_devices(["--models", "lite", "--providers", "cpu", "cuda_fp32", "--batches", "1", "2",
+                    "--iters", "5", "--max-seconds", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert [(r["provider"], r["batch"]) for r in rows] == [("cpu", 1), ("cpu", 2)] + (
+        [("cuda_fp32", 1), ("cuda_fp32", 2)] if has_cuda else [])
+    assert all(r["latency"]["n"] >= 5 and r["ms_per_frame_p50"] > 0 for r in rows)
+    assert all(r["rel_err_vs_cpu"] is None for r in rows if r["provider"] == "cpu")
