@@ -208,6 +208,31 @@ async def test_bad_frames_are_rejected_with_a_reason_and_unwritten_ones_count_as
     assert isinstance(stopped, RunStopped) and stopped.num_frames == 5
 
 
+async def test_each_new_run_is_a_run_and_one_left_without_stop_is_superseded_by_the_next(
+    tiled: TiledServe,
+) -> None:
+    client = tiled.client()
+    container = client.create_container("runs-in-sequence")
+    metrics, inbox = PipelineMetrics(CollectorRegistry()), Inbox()
+    async with following(f"tiled://127.0.0.1:{tiled.port}/runs-in-sequence", inbox, metrics):
+        for n, uid in enumerate(("crashed-run", "next-run")):
+            run = container.create_container(
+                uid, metadata={"start": {"uid": uid, "time": 2e9 + n, "scan_id": n}}
+            )
+            run.create_container("primary").write_array(np.full((2, 4, 4), n, dtype=np.uint16), key="image")
+            await until(lambda n=n: len(inbox.frames()) == 2 * (n + 1))
+        run.update_metadata({"stop": {"uid": "s", "run_start": "next-run", "num_events": {"primary": 2}}})
+        await until(lambda: len([m for m in inbox.messages if isinstance(m, RunStopped)]) == 2)
+
+    kinds = [(type(m).__name__, m.run_id) for m in inbox.messages]
+    assert kinds == [("RunStarted", "crashed-run"), ("Frame", "crashed-run"), ("Frame", "crashed-run"),
+                     ("RunStopped", "crashed-run"), ("RunStarted", "next-run"), ("Frame", "next-run"),
+                     ("Frame", "next-run"), ("RunStopped", "next-run")]  # fmt: skip
+    reasons = [m.reason for m in inbox.messages if isinstance(m, RunStopped)]
+    assert reasons == ["superseded", "stop"]
+    assert all(int(f.image.max()) == (f.run_id == "next-run") for f in inbox.frames())
+
+
 # The case is 100 frames (run once: TILED_LIVE_SERVE_FRAMES=100); CI writes fewer on its 2 cores.
 SERVE_FRAMES = int(os.environ.get("TILED_LIVE_SERVE_FRAMES", "10"))
 
