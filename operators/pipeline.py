@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -78,7 +79,9 @@ class LivePipeline(QueuedOperator[InMessage]):
     """The composed per-frame pipeline, as one arroyopy operator.
 
     ``tiled_base_url`` builds the URI of frames that came without one (this service stores them);
-    ``frame_sink`` receives those frames, each right before its point is published.
+    ``frame_sink`` receives those frames, each right before its point is published; ``storage_room``, when
+    given, is awaited after each batch: where frames are stored can slow the pipeline (and, through the bounded
+    inbox, the sender) rather than drop frames it cannot keep up with.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class LivePipeline(QueuedOperator[InMessage]):
         publish_timeout: float = 1.0,
         recluster: str = "process",
         frame_sink: FrameSink | None = None,
+        storage_room: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         super().__init__(metrics, queue_size=queue_size, queue_bytes=queue_bytes, policy=policy,
                          publish_timeout=publish_timeout)  # fmt: skip
@@ -102,6 +106,7 @@ class LivePipeline(QueuedOperator[InMessage]):
         self.bundle = bundle
         self.tiled_base_url = tiled_base_url
         self.frame_sink = frame_sink
+        self.storage_room = storage_room
         self.max_batch = max_batch
         self.cluster_stage = ClusterStage(bundle, recluster)
         size = bundle.preprocessor.spec.size
@@ -249,6 +254,10 @@ class LivePipeline(QueuedOperator[InMessage]):
                 self.metrics.observe("publish", time.perf_counter() - t0)
             await self._publish_corrections(result.corrections)
         self._watch_recluster()
+        if self.storage_room is not None and any(p.stored_by_service for p in result.points):
+            t0 = time.perf_counter()
+            await self.storage_room()
+            self.metrics.observe("storage_wait", time.perf_counter() - t0)
 
     def _hand_frame(self, sink: FrameSink, frame: Frame) -> None:
         try:

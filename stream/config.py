@@ -134,6 +134,11 @@ class ServeSettings(BaseSettings):
     persist_failed_attempts: int = Field(3, ge=1, description="tries of a write Tiled fails with a 5xx")
     persist_request_timeout: float = Field(30.0, gt=0, description="seconds one Tiled request may take")
     persist_drain_timeout: float = Field(2.0, ge=0, description="seconds the writer may take at shutdown")
+    persist_wait: float = Field(
+        5.0, ge=0, description="embedded Tiled: seconds the pipeline may wait per batch while over half the frame "
+        "buffer waits for the disk, so that every frame is stored (0: never wait; frames beyond the buffer are "
+        "dropped and counted)"
+    )
     max_frame_index: int = Field(
         1_000_000, ge=0, description="largest frame number stored in a run's image array (rows kept beyond)"
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import socket
@@ -190,6 +191,8 @@ class Service:
         compute = {"tiled_base_url": self.tiled_url, "max_batch": s.max_batch, "queue_size": s.queue_size,
                    "queue_bytes": s.queue_bytes, "policy": s.queue_policy, "publish_timeout": s.publish_timeout,
                    "frame_sink": writer.store_frame}  # frames to store: their own path
+        if s.embedded_tiled and s.persist_wait > 0:  # this machine's disk: slow down rather than drop frames
+            compute["storage_room"] = functools.partial(writer.wait_for_room, s.persist_wait)
         if s.workers > 1:  # preprocess/encode/project on Ray workers (operators/workers/)
             pipeline = await self._pooled_pipeline(bundle, compute)
         else:  # in-process, without Ray

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from tiled.client import from_uri
-from tiled_support import make_point, publish_stored, publish_stored_run, tiled_server_fixture
+from tiled_support import SMALL_SHAPE, make_point, publish_stored, publish_stored_run, tiled_server_fixture
 
 from operators.messages import RunStarted, RunStopped
 from operators.persist.metrics import WriterCollector
@@ -255,3 +255,53 @@ async def test_frames_arriving_at_a_steady_rate_share_requests_and_each_lag_is_o
     assert hist["+Inf"] == n
     assert hist["0.1"] < n  # frames waited to share a request...
     assert hist["2.0"] == n  # ...but every one was fetchable well within the embedded mode's 2 s
+
+
+SMALL_SHAPE_BYTES = SMALL_SHAPE[0] * SMALL_SHAPE[1] * 4  # int32 frames of make_point
+
+
+async def _publish_fast(writer: TiledWriter, base_url: str, run_key: str, count: int, *, wait: bool) -> None:
+    """A producer faster than the disk: frames as fast as the loop runs, waiting for room after each if asked
+    (what the pipeline does after each batch with the embedded Tiled)."""
+    rng = np.random.default_rng(5)
+    await writer.publish(RunStarted(run_key, run_key, time.time(), run_key=run_key))
+    for index in range(count):
+        point, image = make_point(base_url, run_key, index, rng)
+        await publish_stored(writer, point, image)
+        if wait:
+            await writer.wait_for_room(60.0)
+    await writer.publish(RunStopped(run_key, time.time(), num_frames=count, processed=count, run_key=run_key))
+
+
+async def test_a_producer_that_waits_for_room_gets_every_frame_stored_where_one_that_does_not_loses_the_oldest(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    ep = tiled_server.endpoint
+    assert ep is not None
+    frame_bytes = SMALL_SHAPE_BYTES
+    stats = {}
+    for wait in (True, False):
+        writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path / str(wait), local_frames=True,
+                             max_buffer_bytes=8 * frame_bytes)
+        await writer.start()
+        await _publish_fast(writer, ep.url, f"run-room-{wait}", 60, wait=wait)
+        assert await writer.flush(timeout=120)
+        stats[wait] = writer.stats()
+        await writer.stop()
+    assert stats[True].frames_written == 60 and stats[True].frames_not_written == {}
+    assert stats[False].frames_not_written.get("buffer_full", 0) > 0  # the buffer alone cannot hold the burst
+    assert stats[False].frames_written + stats[False].frames_not_written["buffer_full"] == 60
+
+
+async def test_waiting_for_room_never_stalls_the_producer_while_tiled_is_unreachable(tmp_path) -> None:
+    writer = TiledWriter("http://127.0.0.1:9", None, data_dir=tmp_path, local_frames=True,
+                         max_buffer_bytes=2 * SMALL_SHAPE_BYTES)
+    writer.start_soon()
+    rng = np.random.default_rng(6)
+    await writer.publish(RunStarted("run-down", "run-down", time.time(), run_key="run-down"))
+    for index in range(6):
+        point, image = make_point("http://127.0.0.1:9", "run-down", index, rng)
+        await publish_stored(writer, point, image)
+        await asyncio.wait_for(writer.wait_for_room(60.0), 5.0)  # returns at once: the buffer takes the outage
+    assert writer.stats().frames_not_written.get("buffer_full", 0) > 0
+    await writer.stop(drain_timeout=0.1)

@@ -30,6 +30,8 @@ class Backlog:
         self.flushing = 0  # flush() callers waiting: write rows now rather than batch them
         self._frames: collections.deque[Row] = collections.deque()  # rows holding an image, oldest first
         self._warn = warn
+        self.drained = asyncio.Event()  # set while the frames waiting fill at most a quarter of the buffer
+        self.drained.set()
 
     def run(self, run_key: str, run_id: str | None = None) -> RunState:
         st = self.runs.get(run_key)
@@ -46,6 +48,8 @@ class Backlog:
             return
         self._frames.append(row)
         self.buffered_bytes += row.image.nbytes
+        if self.buffered_bytes > self.max_buffer_bytes // 4:
+            self.drained.clear()
         while self.buffered_bytes > self.max_buffer_bytes and self._frames:
             self.drop_image(self._frames.popleft(), "buffer_full")
 
@@ -53,15 +57,23 @@ class Backlog:
         """Out of the droppable buffer: the frame is in flight (or counted) now."""
         image = row.image
         assert image is not None
-        self.buffered_bytes -= image.nbytes
+        self._less_waiting(image.nbytes)
         row.image = None
         self._frames.remove(row)
         return image
 
+    def more_than_half_full(self) -> bool:
+        return self.buffered_bytes > self.max_buffer_bytes // 2
+
+    def _less_waiting(self, nbytes: int) -> None:
+        self.buffered_bytes -= nbytes
+        if self.buffered_bytes <= self.max_buffer_bytes // 4:
+            self.drained.set()
+
     def drop_image(self, row: Row, reason: str) -> None:
         if row.image is None:
             return
-        self.buffered_bytes -= row.image.nbytes
+        self._less_waiting(row.image.nbytes)
         row.image = None
         dropped = self.run(row.run_key).frames_not_written
         dropped[reason] += 1
