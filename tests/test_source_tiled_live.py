@@ -233,6 +233,24 @@ async def test_each_new_run_is_a_run_and_one_left_without_stop_is_superseded_by_
     assert all(int(f.image.max()) == (f.run_id == "next-run") for f in inbox.frames())
 
 
+async def test_a_run_deleted_while_followed_is_closed_and_the_next_run_still_comes(tiled: TiledServe) -> None:
+    client = tiled.client()
+    container = client.create_container("deleted-run")
+    metrics, inbox = PipelineMetrics(CollectorRegistry()), Inbox()
+    async with following(f"tiled://127.0.0.1:{tiled.port}/deleted-run", inbox, metrics):
+        run = container.create_container("gone", metadata={"start": {"uid": "gone", "time": 2e9}})
+        run.create_container("primary").write_array(np.zeros((2, 4, 4), dtype=np.uint16), key="image")
+        await until(lambda: len(inbox.frames()) == 2)
+        container.delete_contents("gone", recursive=True, external_only=False)
+        run = container.create_container("after", metadata={"start": {"uid": "after", "time": 2e9 + 1}})
+        run.create_container("primary").write_array(np.ones((1, 4, 4), dtype=np.uint16), key="image")
+        await until(lambda: len(inbox.frames()) == 3)
+
+    stops = [(m.run_id, m.reason) for m in inbox.messages if isinstance(m, RunStopped)]
+    assert stops == [("gone", "stop")]
+    assert inbox.frames()[-1].run_id == "after"
+
+
 # The case is 100 frames (run once: TILED_LIVE_SERVE_FRAMES=100); CI writes fewer on its 2 cores.
 SERVE_FRAMES = int(os.environ.get("TILED_LIVE_SERVE_FRAMES", "10"))
 

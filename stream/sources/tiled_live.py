@@ -121,7 +121,15 @@ class TiledLiveSource(Listener):
     async def _look(self, reader: TiledRunReader) -> None:
         """Deliver what was written since the last look: the current run's frames, its stop, new runs."""
         if self._current is not None:
-            await self._advance(reader, self._current)
+            try:
+                await self._advance(reader, self._current)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != httpx.codes.NOT_FOUND:
+                    raise
+                # Deleted (or no longer readable with this key): it cannot go on, and must not hold up new runs.
+                log.warning("run %s is gone from %s; closing it", self._current.run.uid, self.spec.describe())
+                self._current = None
+                await self._handle(Stop(num_frames=None, metadata={}))
         runs = await reader.recent_runs(RECENT_RUNS)
         if not self._listed_once:
             self._listed_once = True
