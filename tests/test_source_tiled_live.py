@@ -80,12 +80,14 @@ def beamline(tiled: TiledServe) -> Iterator[BlueskyBeamline]:
 
 
 @contextlib.asynccontextmanager
-async def following(url: str, inbox: Inbox, metrics: PipelineMetrics) -> AsyncIterator[TiledLiveSource]:
+async def following(
+    url: str, inbox: Inbox, metrics: PipelineMetrics, poll_s: float = 600.0
+) -> AsyncIterator[TiledLiveSource]:
     spec = parse_source(url)
     ctx = SourceContext(inbox, metrics, DEFAULT_LIMITS, zmq_context=None, api_key=API_KEY)  # type: ignore[arg-type]
     source = build_source(spec, ctx)
     assert isinstance(source, TiledLiveSource)
-    source.poll_s = 600.0  # websockets must do the waking
+    source.poll_s = poll_s  # 600 s: websockets must do the waking
     task = asyncio.create_task(source.start())
     await source.wait_connected()
     try:
@@ -237,11 +239,13 @@ async def test_a_run_deleted_while_followed_is_closed_and_the_next_run_still_com
     client = tiled.client()
     container = client.create_container("deleted-run")
     metrics, inbox = PipelineMetrics(CollectorRegistry()), Inbox()
-    async with following(f"tiled://127.0.0.1:{tiled.port}/deleted-run", inbox, metrics):
+    # Deleting a node sends no websocket message: the source's poll finds the run gone.
+    async with following(f"tiled://127.0.0.1:{tiled.port}/deleted-run", inbox, metrics, poll_s=0.5):
         run = container.create_container("gone", metadata={"start": {"uid": "gone", "time": 2e9}})
         run.create_container("primary").write_array(np.zeros((2, 4, 4), dtype=np.uint16), key="image")
         await until(lambda: len(inbox.frames()) == 2)
         container.delete_contents("gone", recursive=True, external_only=False)
+        await until(inbox.stopped)
         run = container.create_container("after", metadata={"start": {"uid": "after", "time": 2e9 + 1}})
         run.create_container("primary").write_array(np.ones((1, 4, 4), dtype=np.uint16), key="image")
         await until(lambda: len(inbox.frames()) == 3)
