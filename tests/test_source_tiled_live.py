@@ -182,6 +182,25 @@ async def test_a_connection_dropped_mid_run_loses_and_repeats_no_frame(
     assert all(np.array_equal(f.image, written[f.index]) for f in inbox.frames())
 
 
+async def test_a_tiled_server_restarted_mid_run_loses_and_repeats_no_frame(
+    tiled: TiledServe, beamline: BlueskyBeamline
+) -> None:
+    metrics, inbox = PipelineMetrics(CollectorRegistry()), Inbox()
+    async with following(tiled_url(tiled), inbox, metrics):
+        writing = asyncio.create_task(asyncio.to_thread(beamline.run, FRAMES, pauses=(FRAMES // 2,)))
+        await beamline.wait_paused()
+        await until(lambda: len(inbox.frames()) == FRAMES // 2)
+        await asyncio.to_thread(tiled.stop)  # every websocket of the source drops
+        await asyncio.to_thread(tiled.start)  # same port, same catalog, same Redis
+        beamline.resume()
+        await writing
+        await until(inbox.stopped)
+
+    assert [f.index for f in inbox.frames()] == list(range(FRAMES))
+    assert metrics.source_reconnects._value.get() >= 1
+    assert metrics.lost_upstream._value.get() == 0
+
+
 async def test_bad_frames_are_rejected_with_a_reason_and_unwritten_ones_count_as_lost(
     tiled: TiledServe,
 ) -> None:
