@@ -135,7 +135,7 @@ class ServeSettings(BaseSettings):
     persist_request_timeout: float = Field(30.0, gt=0, description="seconds one Tiled request may take")
     persist_drain_timeout: float = Field(2.0, ge=0, description="seconds the writer may take at shutdown")
     persist_wait: float = Field(
-        5.0, ge=0, description="embedded Tiled: seconds the pipeline may wait per batch while over half the frame "
+        5.0, ge=0, description="embedded Tiled: seconds the pipeline may wait per batch while over 3/4 of the frame "
         "buffer waits for the disk, so that every frame is stored (0: never wait; frames beyond the buffer are "
         "dropped and counted)"
     )

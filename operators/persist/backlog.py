@@ -30,7 +30,9 @@ class Backlog:
         self.flushing = 0  # flush() callers waiting: write rows now rather than batch them
         self._frames: collections.deque[Row] = collections.deque()  # rows holding an image, oldest first
         self._warn = warn
-        self.drained = asyncio.Event()  # set while the frames waiting fill at most a quarter of the buffer
+        # set while the frames waiting fill at most half the buffer: a producer waiting for room (writer.py)
+        # goes on from there
+        self.drained = asyncio.Event()
         self.drained.set()
 
     def run(self, run_key: str, run_id: str | None = None) -> RunState:
@@ -48,7 +50,7 @@ class Backlog:
             return
         self._frames.append(row)
         self.buffered_bytes += row.image.nbytes
-        if self.buffered_bytes > self.max_buffer_bytes // 4:
+        if self.buffered_bytes > self.max_buffer_bytes // 2:
             self.drained.clear()
         while self.buffered_bytes > self.max_buffer_bytes and self._frames:
             self.drop_image(self._frames.popleft(), "buffer_full")
@@ -62,12 +64,13 @@ class Backlog:
         self._frames.remove(row)
         return image
 
-    def more_than_half_full(self) -> bool:
-        return self.buffered_bytes > self.max_buffer_bytes // 2
+    def nearly_full(self) -> bool:
+        """More than three quarters of the buffer waits: well past the writer's usual batching, short of a drop."""
+        return self.buffered_bytes > 3 * self.max_buffer_bytes // 4
 
     def _less_waiting(self, nbytes: int) -> None:
         self.buffered_bytes -= nbytes
-        if self.buffered_bytes <= self.max_buffer_bytes // 4:
+        if self.buffered_bytes <= self.max_buffer_bytes // 2:
             self.drained.set()
 
     def drop_image(self, row: Row, reason: str) -> None:

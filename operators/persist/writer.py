@@ -114,14 +114,14 @@ class TiledWriter:
         self._frames_in[(frame.run_key, frame.index)] = frame.image
 
     async def wait_for_room(self, timeout: float) -> None:
-        """Back-pressure for a source that can wait: while more than half the frame buffer waits to be written
-        and the writer is writing, wait (at most `timeout` s) until a quarter is left.
+        """Back-pressure for a source that can wait: while more than three quarters of the frame buffer wait to
+        be written and the writer is writing, wait (at most `timeout` s) until half is left.
 
         The embedded server's storage is this machine's disk: when it falls behind, slowing the pipeline (and,
         through its bounded inbox, the sender) keeps every frame, where a full buffer would drop the oldest. Not
         while Tiled is unreachable: an outage must never stall the live map (the buffer and its counters take it).
         """
-        if not self.connected or not self._backlog.more_than_half_full():
+        if not self.connected or not self._backlog.nearly_full():
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._backlog.drained.wait(), timeout)
