@@ -85,6 +85,7 @@ def create_app(
     reference_clusters: np.ndarray | None = None,
     reference_frame: Callable[[int], np.ndarray] | None = None,
     tiled: TiledConfig | None = None,
+    source_tiled: TiledConfig | None = None,
     token: str | None = None,
     allowed_hosts: Collection[str] = (),
     allowed_origins: Collection[str] = (),
@@ -106,6 +107,8 @@ def create_app(
     reference_frame: reads reference point i's frame from where the bundle recorded it (blocking; raises
         IndexError / LookupError when it cannot); GET /api/reference/frame/{i} renders it. None: 404.
     tiled: where /api/frame and /api/aggregate read frames; None disables them (503).
+    source_tiled: a second server frames are read from: the Tiled a ``tiled://`` source follows, whose frames'
+        URIs point there (the service does not store them again).
     token: when set, every route but the page (`/`, `/static/`) requires it (`?token=` or
         `Authorization: Bearer`), /metrics too unless `metrics_public`.
     allowed_hosts: host names clients may address the service by, besides the loopback names ("*": any).
@@ -125,17 +128,12 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
-        fetcher = (
-            frames.FrameFetcher(
-                tiled.base_url,
-                tiled.api_key,
-                timeout_s=tiled.timeout_s,
-                max_frame_pixels=tiled.max_frame_pixels,
-                max_frame_bytes=tiled.max_frame_bytes,
-            )
-            if tiled
-            else None
-        )
+        servers = [c for c in (tiled, source_tiled) if c is not None]
+        fetcher = frames.FrameFetchers([
+            frames.FrameFetcher(c.base_url, c.api_key, timeout_s=c.timeout_s, max_frame_pixels=c.max_frame_pixels,
+                                max_frame_bytes=c.max_frame_bytes)
+            for c in servers
+        ]) if servers else None  # fmt: skip
         app.state.fetcher = fetcher
         try:
             if lifespan is not None:
@@ -154,7 +152,7 @@ def create_app(
     policy = AccessPolicy(allowed_hosts, allowed_origins, token, metrics_public, max_body_bytes)
     app.add_middleware(AccessGuard, policy=policy, refusals=refusals)
 
-    def fetcher_of(request: Request) -> frames.FrameFetcher:
+    def fetcher_of(request: Request) -> frames.FrameFetchers:
         fetcher = getattr(request.app.state, "fetcher", None)
         if fetcher is None:
             raise HTTPException(status_code=503, detail="no Tiled server configured for frames")

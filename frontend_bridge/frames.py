@@ -370,8 +370,42 @@ class Aggregate:
     missing: int  # how many named frames are not (yet) in Tiled
 
 
+class FrameFetchers:
+    """Several Tiled servers' fetchers behind one `parse`/`fetch`: a URI is read by the fetcher of its server.
+
+    The service's own Tiled (the frames it stores) and, with a ``tiled://`` source, the beamline's Tiled the
+    source follows (its frames are never stored twice, so their URIs point there). A URI on no configured
+    server is FrameURLRejected, as with one fetcher.
+    """
+
+    def __init__(self, fetchers: Sequence[FrameFetcher]) -> None:
+        if not fetchers:
+            raise ValueError("at least one fetcher")
+        self._fetchers = tuple(fetchers)
+
+    def _fetcher_of(self, url: str) -> FrameFetcher:
+        for fetcher in self._fetchers:
+            try:
+                fetcher.parse(url)
+            except FrameURLRejected:
+                continue
+            return fetcher
+        servers = " or ".join(f.base_url for f in self._fetchers)
+        raise FrameURLRejected(f"only frames on {servers} can be fetched")
+
+    def parse(self, url: str) -> NodeURI:
+        return self._fetcher_of(url).parse(url)
+
+    async def fetch(self, url: str) -> np.ndarray:
+        return await self._fetcher_of(url).fetch(url)
+
+    async def aclose(self) -> None:
+        for fetcher in self._fetchers:
+            await fetcher.aclose()
+
+
 async def aggregate(
-    fetcher: FrameFetcher, urls: Sequence[str], stat: Literal["mean", "std"], *, workers: int = 4
+    fetcher: FrameFetcher | FrameFetchers, urls: Sequence[str], stat: Literal["mean", "std"], *, workers: int = 4
 ) -> Aggregate:
     """Fetch `urls` a few at a time and reduce them to one image and its valid mask.
 

@@ -175,6 +175,7 @@ class Service:
             reference_frame=_reference_frame_reader(bundle, s.max_frame_pixels, s.reference_api_key),  # frames behind the grey points
             tiled=TiledConfig(self.tiled_url, self.tiled_api_key, max_frame_pixels=s.max_frame_pixels,
                               max_frame_bytes=s.max_frame_bytes),
+            source_tiled=self._source_tiled(),  # a tiled:// source's frames stay where bluesky wrote them
             token=s.token,
             allowed_hosts=self._allowed_hosts(),
             allowed_origins=s.allowed_origins,
@@ -282,6 +283,17 @@ class Service:
                 raise ServeError(str(exc)) from exc
 
         return endpoint.url, endpoint.api_key, ready
+
+    def _source_tiled(self) -> Any:
+        """The Tiled a ``tiled://`` source follows, for the page's frames; None for other sources."""
+        from frontend_bridge.app import TiledConfig
+        from stream.sources import TiledSource
+
+        spec, s = self.settings.source_spec, self.settings
+        if not isinstance(spec, TiledSource):
+            return None
+        return TiledConfig(spec.base_url, s.source_api_key, max_frame_pixels=s.max_frame_pixels,
+                           max_frame_bytes=s.max_frame_bytes)
 
     def _allowed_hosts(self) -> list[str]:
         """Host names the bridge answers to besides the loopback ones: the bind address unless a wildcard."""

@@ -289,8 +289,14 @@ async def test_serve_turns_a_bluesky_run_in_tiled_into_points_whose_urls_fetch_t
             uid = await writing
             await until(lambda: client.stopped(uid), 300)
             points = client.points(uid)
+        # a click on a live point: the page's frame comes from the beamline's Tiled, where the frame is
+        page_frame = httpx.get(f"{service.http}/api/frame", params={"url": points[-1]["tiled_url"]}, timeout=60)
+        elsewhere = httpx.get(f"{service.http}/api/frame", timeout=60,
+                              params={"url": "http://127.0.0.1:1/api/v1/array/full/x?slice=0"})
     finally:
         stop_service(service)
+    assert page_frame.status_code == 200 and page_frame.headers["content-type"] == "image/png"
+    assert elsewhere.status_code == 403  # still no open proxy: only the two configured servers
     assert API_KEY not in service.log_text()
     assert sorted(p["index"] for p in points) == list(range(SERVE_FRAMES))
     written = detector_frames(tiled, SERVE_FRAMES)
