@@ -290,9 +290,9 @@ async def test_serve_turns_a_bluesky_run_in_tiled_into_points_whose_urls_fetch_t
             await until(lambda: client.stopped(uid), 300)
             points = client.points(uid)
         # a click on a live point: the page's frame comes from the beamline's Tiled, where the frame is
-        page_frame = httpx.get(f"{service.http}/api/frame", params={"url": points[-1]["tiled_url"]}, timeout=60)
-        elsewhere = httpx.get(f"{service.http}/api/frame", timeout=60,
-                              params={"url": "http://127.0.0.1:1/api/v1/array/full/x?slice=0"})
+        async with httpx.AsyncClient(base_url=service.http, timeout=60) as http:
+            page_frame = await http.get("/api/frame", params={"url": points[-1]["tiled_url"]})
+            elsewhere = await http.get("/api/frame", params={"url": "http://127.0.0.1:1/api/v1/array/full/x?slice=0"})
     finally:
         stop_service(service)
     assert page_frame.status_code == 200 and page_frame.headers["content-type"] == "image/png"
