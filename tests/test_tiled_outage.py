@@ -101,3 +101,36 @@ async def test_a_tiled_that_comes_up_long_after_the_writer_started_still_gets_ev
     finally:
         await writer.stop()
         await tiled.stop()
+
+
+async def test_an_outage_never_makes_the_pipeline_wait_for_room_in_the_frame_buffer(
+    tiled_server: EmbeddedTiledServer, tmp_path
+) -> None:
+    """With the embedded Tiled the pipeline waits for the disk when the frame buffer is nearly full
+    (`wait_for_room`), but not for a Tiled that is down: the live map keeps going, the buffer takes the outage."""
+    ep = tiled_server.endpoint
+    assert ep is not None
+    rng = np.random.default_rng(12)
+    frame_bytes = make_point(ep.url, "x", 0, rng)[1].nbytes
+    writer = TiledWriter(ep.url, ep.api_key, data_dir=tmp_path, give_up_after=120, local_frames=True,
+                         max_buffer_bytes=8 * frame_bytes)
+    await writer.start()
+    run_id = "run-room-outage"
+    await writer.publish(RunStarted(run_id, "outage", time.time(), run_key=run_id))
+    await publish_stored(writer, *make_point(ep.url, run_id, 0, rng))
+    assert await writer.flush(timeout=60)
+    await tiled_server.stop()
+    waited = []
+    for index in range(1, 40):
+        await publish_stored(writer, *make_point(ep.url, run_id, index, rng))
+        t0 = time.monotonic()
+        await writer.wait_for_room(5.0)
+        waited.append(time.monotonic() - t0)
+    stats_down = writer.stats()
+    await tiled_server.start()
+    await writer.publish(RunStopped(run_id, time.time(), num_frames=40, processed=40, run_key=run_id))
+    assert await writer.flush(timeout=180)
+    await writer.stop()
+
+    assert max(waited) < 5.0 and sum(waited) < 5.0  # no call sat out its wait: only until a write failed
+    assert stats_down.frames_not_written.get("buffer_full", 0) > 0  # the buffer took the outage, counted

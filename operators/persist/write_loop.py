@@ -70,6 +70,7 @@ class WriteLoop:
         self.lag = lag
         self.retries = 0
         self.frame_requests = 0
+        self.failing = False  # the last attempt to write failed and is being retried (an outage, or Tiled erring)
         self.busy = False  # an operation is being written (flush() waits for it)
         self._warn = warn
 
@@ -163,10 +164,12 @@ class WriteLoop:
                     await fn(*args, attempt)
                 else:
                     await asyncio.to_thread(fn, *args, attempt)
+                self.failing = False
                 return None
             except Exception as exc:  # noqa: BLE001 - translated at this boundary
                 err = translate(exc)
                 attempt += 1
+                self.failing = True
                 if isinstance(err, TiledRejected):
                     logger.error("Tiled rejected %s: %s", what, err)
                     return "rejected_by_tiled"

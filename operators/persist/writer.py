@@ -121,10 +121,19 @@ class TiledWriter:
         through its bounded inbox, the sender) keeps every frame, where a full buffer would drop the oldest. Not
         while Tiled is unreachable: an outage must never stall the live map (the buffer and its counters take it).
         """
-        if not self.connected or not self._backlog.nearly_full():
+        if not self._writing() or not self._backlog.nearly_full():
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._backlog.drained.wait(), timeout)
+        deadline = time.monotonic() + timeout
+        while not self._backlog.drained.is_set() and self._writing():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):  # a look every 0.25 s: stop waiting as soon as writes fail
+                await asyncio.wait_for(self._backlog.drained.wait(), min(remaining, 0.25))
+
+    def _writing(self) -> bool:
+        """Connected, and the last write did not fail: Tiled is taking what it is given."""
+        return self.connected and self._loop is not None and not self._loop.failing
 
     async def publish(self, message: PipelineMessage) -> None:
         """Log and enqueue; returns without waiting for Tiled."""
