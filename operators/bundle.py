@@ -3,6 +3,7 @@
     bundle = ModelBundle.load(path, runtime="onnx")   # verifies sha256 + pinned versions first
     bundle.preprocessor(image, out=None) -> (1, S, S) float32
     bundle.encoder.encode(batch)  -> (B, latent_dim) float32 latent means
+    bundle.frame_encoder.encode_frames(images) -> the same from raw frames (device preprocessing; None when off)
     bundle.projector.project(latents) -> (B, 2) float32
     bundle.new_clusterer() -> OnlineClusterer
     bundle.reference_embedding, bundle.reference_clusters, bundle.warmup()
@@ -32,13 +33,15 @@ from typing import Any
 import numpy as np
 
 from operators.clustering import ClusteringSettings, ClusterState, OnlineClusterer
-from operators.preprocess import Preprocessor, PreprocessSpec
+from operators.device_preprocess import FusedEncoder
+from operators.preprocess import Preprocessor, PreprocessSpec, detector_mask
 from operators.providers import (
     DEVICE_OF,
     GPU_PROVIDERS,
     TRT_FP16_RTOL,
     execution_providers,
     parity_holds,
+    preprocess_on_device,
     provider_name,
 )
 
@@ -244,7 +247,8 @@ class OnnxEncoder:
     On a GPU provider the batch goes in and the latents come out through IO binding (one copy each way, no
     per-run allocation of the output on the host by ONNX Runtime's default path); ``io_binding=True`` uses it
     on the CPU too. When a GPU provider was asked for but the session runs on the CPU (no GPU, driver or CUDA
-    libraries), one warning says so and the encoder serves on the CPU.
+    libraries), one warning says so and the encoder serves on the CPU. ``new_session`` and ``run`` serve other
+    graphs around the encoder (operators.device_preprocess) the same way.
     """
 
     def __init__(self, path: Path, *, session_options: Any = None, providers: list[Any] | None = None,
@@ -262,6 +266,7 @@ class OnnxEncoder:
             log.warning("%s: TensorRT fp16 latents differ from fp32 by more than %g: encoding with CUDA fp32",
                         self.path, TRT_FP16_RTOL)
             self._sess = self._session(session_options, rest)
+        self._options, self._providers = session_options, providers
         self.device = DEVICE_OF.get(self._sess.get_providers()[0], self._sess.get_providers()[0])
         if wanted_gpu and self.device == "cpu":
             log.warning("%s: asked for %s but no GPU is usable here: the encoder runs on the CPU", self.path,
@@ -272,7 +277,7 @@ class OnnxEncoder:
         self._out = self._sess.get_outputs()[0].name
         self.io_binding = self.device != "cpu" if io_binding is None else io_binding
 
-    def _session(self, session_options: Any, providers: list[Any]) -> Any:
+    def _session(self, session_options: Any, providers: list[Any], model: bytes | None = None) -> Any:
         import warnings
 
         import onnxruntime as ort
@@ -281,13 +286,20 @@ class OnnxEncoder:
             # A provider ONNX Runtime cannot use is a Python warning from it; the fallback is logged above, once
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                return ort.InferenceSession(str(self.path), session_options or default_session_options(),
-                                            providers=providers)
+                return ort.InferenceSession(str(self.path) if model is None else model,
+                                            session_options or default_session_options(), providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors
             if any(provider_name(p) in GPU_PROVIDERS for p in providers):
                 log.warning("%s: a GPU session could not be created (%s): trying the CPU", self.path, e)
-                return self._session(session_options, ["CPUExecutionProvider"])
+                return self._session(session_options, ["CPUExecutionProvider"], model)
             raise BundleError(f"{self.path}: ONNX Runtime cannot load the encoder ({e})") from e
+
+    def new_session(self, model: bytes) -> Any:
+        """A session of another graph built around this encoder, on its providers but TensorRT: TensorRT's
+        fp16 would also take the preprocessing, whose bin sums (up to 1.6e7) overflow fp16, so such a graph
+        runs on CUDA fp32 (operators.device_preprocess)."""
+        providers = [p for p in self._providers if provider_name(p) != "TensorrtExecutionProvider"]
+        return self._session(self._options, providers, model)
 
     def _trt_parity(self, session_options: Any) -> bool:
         """Whether this TensorRT fp16 session's latents match a CUDA fp32 session's on a fixed input."""
@@ -299,13 +311,18 @@ class OnnxEncoder:
         return parity_holds(ref, fp16, TRT_FP16_RTOL)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, np.float32)
+        return self.run(self._sess, np.ascontiguousarray(batch, np.float32))
+
+    def run(self, session: Any, x: np.ndarray) -> np.ndarray:
+        """``session``'s first output for ``x`` as its first input, through IO binding where this encoder uses it."""
+        name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
         if not self.io_binding:
-            return self._sess.run(None, {self._in: x})[0]
-        binding = self._sess.io_binding()
-        binding.bind_cpu_input(self._in, x)  # copied to the device once (read in place on the CPU)
-        binding.bind_output(self._out, "cuda" if self.device != "cpu" else "cpu")
-        self._sess.run_with_iobinding(binding)
+            return session.run(None, {name_in: x})[0]
+        binding = session.io_binding()
+        binding.bind_cpu_input(name_in, x)  # copied to the device once (read in place on the CPU)
+        on_gpu = session.get_providers()[0] in GPU_PROVIDERS
+        binding.bind_output(name_out, "cuda" if on_gpu else "cpu")
+        session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
 
@@ -336,6 +353,9 @@ class ModelBundle:
     clustering_settings: ClusteringSettings
     reference_embedding: np.ndarray
     reference_clusters: np.ndarray
+    # raw frames -> latents with the preprocessing in the encoder's session (operators.device_preprocess);
+    # None: the preprocessor runs on the host and `encoder` takes its output
+    frame_encoder: FusedEncoder | None = None
 
     @classmethod
     def load(
@@ -348,9 +368,12 @@ class ModelBundle:
         intra_op_threads: int | None = None,
         providers: list[Any] | None = None,
         device: str = "auto",
+        device_preprocess: str = "auto",
     ) -> ModelBundle:
         """Load and verify a bundle. runtime: "onnx" | "torchscript"; projection: "approximator" | "umap";
-        device: where the ONNX encoder runs, "auto" | "cpu" | "cuda" (`execution_providers`)."""
+        device: where the ONNX encoder runs, "auto" | "cpu" | "cuda" (`execution_providers`);
+        device_preprocess: "auto" (where the encoder runs on a GPU) | "on" | "off": the preprocessing in the
+        encoder's session (`frame_encoder`, `preprocess_on_device`)."""
         bdir = Path(path) if path is not None else DEFAULT_BUNDLE
         manifest = read_manifest(bdir)
         verify_checksums(bdir, manifest)
@@ -362,13 +385,20 @@ class ModelBundle:
             return bdir / rel
 
         pre = Preprocessor.from_spec(manifest["preprocessing"], threads=compute_threads(intra_op_threads))
+        frame_encoder = None
         if runtime == "onnx":
             enc_path = need(manifest["encoder"].get("onnx"), "ONNX encoder")
             verify_versions(manifest, ("onnxruntime",), str(enc_path))
             so = session_options or default_session_options(intra_op_threads)
             encoder: OnnxEncoder | TorchScriptEncoder = OnnxEncoder(enc_path, session_options=so,
                                                                     providers=providers, device=device)
+            if preprocess_on_device(device_preprocess, encoder.device):
+                frame_encoder = FusedEncoder(encoder, enc_path, pre.spec)
+                log.info("%s: preprocessing runs in the encoder's session on %s (the encode stage's time "
+                         "includes it)", bdir, encoder.device)
         elif runtime == "torchscript":
+            if device_preprocess == "on":
+                raise ValueError("device preprocessing needs the ONNX runtime")
             enc_path = need(manifest["encoder"].get("torchscript"), "TorchScript encoder")
             encoder = TorchScriptEncoder(enc_path, threads=intra_op_threads)
         else:
@@ -401,7 +431,7 @@ class ModelBundle:
             ref_clu = z["clusters"].astype(np.int64)
         log.info("loaded bundle %s:%s from %s (runtime=%s, projection=%s)", manifest["name"],
                  manifest["version"], bdir, runtime, projection)
-        return cls(bdir, manifest, pre, encoder, projector, state, settings, ref_emb, ref_clu)
+        return cls(bdir, manifest, pre, encoder, projector, state, settings, ref_emb, ref_clu, frame_encoder)
 
     @property
     def autoencoder_model(self) -> str:
@@ -451,3 +481,6 @@ class ModelBundle:
         z = self.encoder.encode(x)
         self.projector.project(z)
         self.new_clusterer().learn_predict_one(z[0])
+        mask = detector_mask(self.preprocess_spec.detector)
+        if self.frame_encoder is not None and mask is not None:  # the detector's frames build no session live
+            self.frame_encoder.encode_frames([np.zeros(mask.shape, np.int32)])

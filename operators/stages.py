@@ -3,6 +3,10 @@
 Each stage fills its own field of every `Work` item; a stage that raises for a batch is retried per frame by
 `operators.base.run_isolated`, so one bad frame is rejected alone. Used in process by `operators.pipeline` and
 on workers by `operators.workers.compute`.
+
+With device preprocessing (`bundle.frame_encoder`, operators.device_preprocess) the preprocess stage only checks
+each frame and the encode stage feeds the raw frames to the fused session: the `preprocess` time is then the
+checks alone and the preprocessing itself is counted in `encode`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from operators.base import BatchStage
+from operators.device_preprocess import check_frame
 from operators.messages import Frame, StageTimings
 
 
@@ -45,7 +50,10 @@ class PreprocessStage(BatchStage[Work]):
 
     def process_many(self, items: Sequence[Work]) -> None:
         for work in items:
-            work.tensor = self.bundle.preprocessor(work.frame.image, out=self.buffer[work.slot])
+            if self.bundle.frame_encoder is not None:  # preprocessed in the encoder's session: reject here alone
+                check_frame(work.frame.image)
+            else:
+                work.tensor = self.bundle.preprocessor(work.frame.image, out=self.buffer[work.slot])
 
 
 class EncodeStage(BatchStage[Work]):
@@ -57,11 +65,14 @@ class EncodeStage(BatchStage[Work]):
 
     def process_many(self, items: Sequence[Work]) -> None:
         n = len(items)
-        if all(work.slot == i for i, work in enumerate(items)):
-            batch = self.buffer[:n]  # the usual case: the batch is already contiguous, no copy
-        else:  # some frames were rejected earlier in this batch
-            batch = np.stack([w.tensor for w in items])
-        latents = np.asarray(self.bundle.encoder.encode(batch), dtype=np.float32)
+        if self.bundle.frame_encoder is not None:
+            latents = self.bundle.frame_encoder.encode_frames([w.frame.image for w in items])
+        else:
+            if all(work.slot == i for i, work in enumerate(items)):
+                batch = self.buffer[:n]  # the usual case: the batch is already contiguous, no copy
+            else:  # some frames were rejected earlier in this batch
+                batch = np.stack([w.tensor for w in items])
+            latents = np.asarray(self.bundle.encoder.encode(batch), dtype=np.float32)
         if latents.shape != (len(items), self.bundle.latent_dim):
             raise ValueError(f"encoder returned {latents.shape} for a batch of {len(items)}")
         if not np.isfinite(latents).all():

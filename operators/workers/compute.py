@@ -41,12 +41,14 @@ class Computed:
 class FrameCompute:
     """Preprocess -> encode -> project for a batch of frames, with the bundle loaded once.
 
-    ``device``: "cpu", "cuda" or "auto" (operators.bundle.execution_providers).
+    ``device``: "cpu", "cuda" or "auto" (operators.bundle.execution_providers); ``device_preprocess``: "auto"
+    (on where the encoder runs on a GPU), "on" or "off" (operators.providers.preprocess_on_device).
     """
 
     def __init__(self, bundle_path: str | Path | None, *, runtime: str = "onnx", device: str = "auto",
-                 max_batch: int = 4, threads: int | None = None) -> None:
-        self.bundle = ModelBundle.load(bundle_path, runtime, device=device, intra_op_threads=threads)
+                 max_batch: int = 4, threads: int | None = None, device_preprocess: str = "auto") -> None:
+        self.bundle = ModelBundle.load(bundle_path, runtime, device=device, intra_op_threads=threads,
+                                       device_preprocess=device_preprocess)
         self.bundle.warmup()
         self.max_batch = max_batch
         size = self.bundle.preprocessor.spec.size
