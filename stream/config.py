@@ -102,6 +102,9 @@ class ServeSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the encoder runs: cuda (needs latent-stream[gpu]; else CPU, logged), cpu, auto"
     )
+    device_preprocess: Literal["auto", "on", "off"] = Field(
+        "auto", description="preprocess in the encoder's session, raw frames to the device (auto: on a GPU)"
+    )
     # Scale out (operators/workers/): the per-frame heavy work on Ray actors; 1 stays in-process, without Ray.
     workers: int = Field(1, ge=1, description="Ray workers for preprocess/encode/project (needs latent-stream[ray])")
     ray_address: str | None = Field(None, description="an existing Ray cluster (default: start a local one)")

@@ -233,6 +233,7 @@ class Service:
         s = self.settings
         bundle_path = s.bundle.resolve() if s.bundle is not None else None  # workers start elsewhere
         pool = RayWorkerPool(PoolSettings(s.workers, bundle=bundle_path, device=s.device,
+                                          device_preprocess=s.device_preprocess,
                                           max_batch=s.max_batch, gpus_per_worker=s.gpus_per_worker,
                                           ray_address=s.ray_address))
         self._on_stop("worker pool", pool.close)  # after the pipeline: it stops first
@@ -250,6 +251,7 @@ class Service:
         device = s.device if s.workers == 1 else "cpu"  # with workers, the service's copy only clusters
         try:
             bundle = await asyncio.to_thread(ModelBundle.load, s.bundle, device=device,
+                                             device_preprocess=s.device_preprocess if s.workers == 1 else "off",
                                              intra_op_threads=s.ort_threads)
         except (BundleError, FileNotFoundError) as exc:
             raise ServeError(f"cannot load the model bundle: {exc}") from exc

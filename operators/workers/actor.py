@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 class FrameWorker:
     """Made a Ray actor by `pool.RayWorkerPool` (with its restart policy, CPUs and GPUs)."""
 
-    def __init__(self, bundle_path: str | None, runtime: str, device: str, max_batch: int, threads: int) -> None:
+    def __init__(self, bundle_path: str | None, runtime: str, device: str, max_batch: int, threads: int,
+                 device_preprocess: str = "auto") -> None:
         self._compute = FrameCompute(bundle_path, runtime=runtime, device=device, max_batch=max_batch,
-                                     threads=threads)
+                                     threads=threads, device_preprocess=device_preprocess)
         self._node = ray.get_runtime_context().get_node_id()
 
     def info(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class PoolSettings:
     bundle: Path | None = None
     runtime: str = "onnx"
     device: str = "auto"
+    device_preprocess: str = "auto"  # operators.providers.preprocess_on_device
     max_batch: int = 4
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
@@ -102,7 +103,8 @@ class RayWorkerPool:
         )
         threads = max(1, int(s.cpus_per_worker))
         bundle = str(s.bundle) if s.bundle is not None else None
-        self.workers = [WorkerState(i, actor.remote(bundle, s.runtime, s.device, s.max_batch, threads))
+        self.workers = [WorkerState(i, actor.remote(bundle, s.runtime, s.device, s.max_batch, threads,
+                                                   s.device_preprocess))
                         for i in range(s.workers)]
         try:
             async with asyncio.timeout(s.start_timeout):
