@@ -173,3 +173,9 @@ def test_encoder_device_benchmark_times_what_this_machine_has_and_names_what_it_
         [("cuda_fp32", 1), ("cuda_fp32", 2)] if has_cuda else [])
     assert all(r["latency"]["n"] >= 5 and r["ms_per_frame_p50"] > 0 for r in rows)
     assert all(r["rel_err_vs_cpu"] is None for r in rows if r["provider"] == "cpu")
+    # raw frames to latents, host preprocessing then the encoder against the fused session, on each provider
+    pipeline = json.loads(out.read_text())["pipeline_rows"]
+    assert [(r["provider"], r["batch"], r["path"]) for r in pipeline if r["provider"] == "cpu"] == [
+        ("cpu", 1, "separate"), ("cpu", 1, "fused"), ("cpu", 2, "separate"), ("cpu", 2, "fused")]
+    fused = [r for r in pipeline if r["path"] == "fused"]
+    assert all(r["build_s"] > 0 and r["rel_err_vs_separate"] < 1e-5 and r["image_err"] < 1e-6 for r in fused)
