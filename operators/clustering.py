@@ -187,20 +187,28 @@ def fit_clustering(
     *,
     min_cluster_size: int | None = None,
     seed: int = 0,
+    reduction: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[ClusterState, np.ndarray]:
     """Fit the reduction and the reference clusters; returns (state, labels) with labels in 0..k-1.
 
-    HDBSCAN noise points are attached to their nearest cluster so every reference point has an id.
+    ``reduction``: (mean, components) learned elsewhere (operators.model.fit_reduction) instead of a PCA of
+    these latents. HDBSCAN noise points are attached to their nearest cluster so every reference point has an id.
     """
     from sklearn.cluster import HDBSCAN
     from sklearn.decomposition import PCA
 
     settings = settings or ClusteringSettings()
     x = l2_normalise(latents)
-    d = min(settings.pca_dims, x.shape[0] - 1, x.shape[1])
-    pca = PCA(n_components=d, random_state=seed).fit(x)
-    mean = pca.mean_.astype(np.float32)
-    comps = pca.components_.astype(np.float32)
+    if reduction is None:
+        d = min(settings.pca_dims, x.shape[0] - 1, x.shape[1])
+        pca = PCA(n_components=d, random_state=seed).fit(x)
+        mean, comps = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+    else:
+        mean, comps = (np.asarray(v, np.float32) for v in reduction)
+        if comps.ndim != 2 or comps.shape[1] != x.shape[1] or mean.shape != (x.shape[1],):
+            raise ValueError(f"a reduction of {x.shape[1]}-d latents needs mean ({x.shape[1]},) and components "
+                             f"(d, {x.shape[1]}), not {mean.shape} and {comps.shape}")
+        d = comps.shape[0]
     z = (x - mean) @ comps.T
     mcs = min_cluster_size or max(10, len(z) // 50)
     labels = HDBSCAN(min_cluster_size=mcs, min_samples=min(10, mcs), copy=True).fit_predict(z)
@@ -228,7 +236,8 @@ def fit_clustering(
     scale = np.float32(np.median(np.linalg.norm(z[pairs[:, 0]] - z[pairs[:, 1]], axis=1)))
     state = ClusterState(mean=mean, components=comps, centers=centers, radii=radii_arr, counts=counts,
                          scale=np.asarray(scale, np.float32))
-    log.info("clustering fitted: %d reference clusters from %d latents (pca %d dims)", len(centers), len(z), d)
+    log.info("clustering fitted: %d reference clusters from %d latents (%s, %d dims)", len(centers), len(z),
+             "PCA" if reduction is None else "given reduction", d)
     return state, lab
 
 

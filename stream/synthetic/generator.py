@@ -99,7 +99,7 @@ def _scenario_frames(
     variation = Variation.draw(rng)
     jitter = tuple(int(j) for j in rng.integers(-BEAM_JITTER_PX, BEAM_JITTER_PX + 1, size=2))
     flux = float(np.exp(rng.uniform(*np.log(FLUX_RANGE))))
-    hot, dead = _defects(rng, det)
+    hot, dead = draw_defects(rng, det)
     assert spec.geometry is not None
     base = spec.geometry.realise(det, jitter, flux)  # type: ignore[arg-type]
     edges = [0.0, *(b * n for b in spec.boundaries), float(n)]
@@ -165,7 +165,7 @@ def generate_training_pairs(
         for view in (0, 1):
             variation = state.variation.with_new_amps(rng)
             geom = _training_geometry(rng, state.scenario, detector)
-            hot, dead = _defects(rng, detector)
+            hot, dead = draw_defects(rng, detector)
             scene = replace(state, variation=variation).scene(geom, detector)
             image = renderer.render(scene, geom, seed=seed * 2 + view, index=i, hot=hot, dead=dead)
             views.append(SyntheticFrame(image, i, gid, names[gid], 0.0, geom))
@@ -217,12 +217,12 @@ def _training_frames(renderer: Renderer, n: int, seed: int, period: float) -> It
         sc = _SCENARIOS[TRAINING_PHASES[gid][0]]
         geom = _training_geometry(rng, sc, det)
         state = _TrainingState.draw(rng, gid, Variation.draw(rng))
-        hot, dead = _defects(rng, det)
+        hot, dead = draw_defects(rng, det)
         image = renderer.render(state.scene(geom, det), geom, seed=seed, index=i, hot=hot, dead=dead)
         yield SyntheticFrame(image, i, gid, names[gid], i * period, geom)
 
 
-def _defects(rng: np.random.Generator, det: Detector) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+def draw_defects(rng: np.random.Generator, det: Detector) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
     """Hot pixels (flat indices, constant counts 1e3..1e6) and dead pixels (flat indices), off the gaps."""
     area = det.height * det.width / _PILATUS_PIXELS
     n_hot = max(1, round(rng.integers(10, 40) * area))
