@@ -87,16 +87,15 @@ class BroadState:
         def amp() -> float:
             return float(np.exp(rng.normal(0.0, _DRIFT_AMPLITUDE)))
 
-        features = tuple(
-            (name, tuple(replace(r, r_px=r.r_px * scale, height=r.height * a) for r in rings))
-            for name, rings in self.features
-            for a in (amp(),)
-        )
+        features = []
+        for name, rings in self.features:
+            a = amp()  # one factor per feature: a feature's rings or orders grow and fade together
+            features.append((name, tuple(replace(r, r_px=r.r_px * scale, height=r.height * a) for r in rings)))
         a_spots = amp()
         spots = tuple(replace(s, d_row=s.d_row * scale, d_col=s.d_col * scale, amplitude=s.amplitude * a_spots)
                       for s in self.spots)
         return BroadState((self.porod[0] * amp(), self.porod[1] * scale), self.flat * rng.uniform(0.7, 1.5),
-                          features, spots)
+                          tuple(features), spots)
 
 
 def generate_sibling_pairs(
