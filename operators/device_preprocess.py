@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from operators.preprocess import PreprocessError, Preprocessor, PreprocessSpec, detector_mask
+from operators.preprocess import Preprocessor, PreprocessSpec, as_frame, detector_mask
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,7 @@ SESSIONS_KEPT = 4
 
 def check_frame(image: np.ndarray) -> np.ndarray:
     """The frame as the graph takes it, (H, W) native-endian numeric; PreprocessError as Preprocessor raises."""
-    img = np.asarray(image)
-    if img.ndim == 3 and img.shape[0] == 1:
-        img = img[0]
-    if img.ndim != 2 or img.size == 0:
-        raise PreprocessError(f"expected a 2-D frame, got shape {img.shape}")
-    if img.dtype.kind not in "iuf":
-        raise PreprocessError(f"expected a numeric frame, got dtype {img.dtype}")
+    img = as_frame(image)
     if not img.dtype.isnative:  # e.g. big-endian from a file: ONNX Runtime reads native byte order
         img = img.astype(img.dtype.newbyteorder("="))
     return img

@@ -139,6 +139,18 @@ class PreprocessSpec:
         return cls(**d)
 
 
+def as_frame(image: np.ndarray) -> np.ndarray:
+    """The frame as a 2-D numeric array ((1, H, W) taken as (H, W)); PreprocessError for anything else."""
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim != 2 or img.size == 0:
+        raise PreprocessError(f"expected a 2-D frame, got shape {img.shape}")
+    if img.dtype.kind not in "iuf":
+        raise PreprocessError(f"expected a numeric frame, got dtype {img.dtype}")
+    return img
+
+
 def detector_mask(name: str | None) -> np.ndarray | None:
     """Static bad-pixel mask (True = masked) of a named detector, or None."""
     if name is None:
@@ -203,13 +215,7 @@ class Preprocessor:
     def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         spec = self.spec
         s = spec.size
-        img = np.asarray(image)
-        if img.ndim == 3 and img.shape[0] == 1:
-            img = img[0]
-        if img.ndim != 2 or img.size == 0:
-            raise PreprocessError(f"expected a 2-D frame, got shape {img.shape}")
-        if img.dtype.kind not in "iuf":
-            raise PreprocessError(f"expected a numeric frame, got dtype {img.dtype}")
+        img = as_frame(image)
         if out is None:
             out = np.empty((1, s, s), np.float32)
         elif out.shape != (1, s, s) or out.dtype != np.float32:
