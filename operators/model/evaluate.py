@@ -82,6 +82,15 @@ def continuity(xy: np.ndarray, phases: np.ndarray) -> tuple[float, float]:
     return max_jump, float(np.median(d))
 
 
+PIXEL_POOL = 8  # the pixels' side of a figure: the preprocessed frame averaged over 8 x 8 blocks
+
+
+def pooled_pixels(image: np.ndarray, factor: int = PIXEL_POOL) -> np.ndarray:
+    """A preprocessed frame (S, S) averaged over factor x factor blocks: (S / factor, S / factor)."""
+    s = image.shape[-1]
+    return image.reshape(s // factor, factor, s // factor, factor).mean((1, 3))
+
+
 BOUNDARY_GAP = 3  # frames skipped on each side of a boundary (the generator cross-fades over 2-8 frames)
 BOUNDARY_WINDOW = 4  # frames averaged on each side, so one frame's counting noise does not decide it
 
@@ -133,7 +142,7 @@ def evaluate_run(bundle: ModelBundle, scenario: str, seed: int, n_frames: int) -
         nov.append(a.novelty)
         new += int(a.is_new)
         reduced.append(state.reduce(z)[0])
-        pooled.append(buf[0, 0].reshape(s // 8, 8, s // 8, 8).mean((1, 3)))
+        pooled.append(pooled_pixels(buf[0, 0]))
     xy_a, ids_a, ph_a = np.asarray(xy), np.asarray(ids), np.asarray(phases)
     jump, between = continuity(xy_a, ph_a)
     return RunResult(
@@ -258,7 +267,7 @@ def evaluate_independent_run(bundle: ModelBundle, seed: int, n_frames: int) -> I
         live.append(a.cluster)
         new += int(a.is_new)
         reduced.append(state.reduce(z)[0])
-        pooled.append(buf[0, 0].reshape(s // 8, 8, s // 8, 8).mean((1, 3)))
+        pooled.append(pooled_pixels(buf[0, 0]))
     labels, live_a = spec.labels(), np.asarray(live)
     final = live_a.copy()
     for _, frame, cid in corrections:

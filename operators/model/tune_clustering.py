@@ -29,7 +29,7 @@ import numpy as np
 
 from operators.bundle import ModelBundle
 from operators.clustering import ClusteringSettings, ClusterState, OnlineClusterer
-from operators.model.evaluate import HELDOUT_SEEDS, SCENARIOS
+from operators.model.evaluate import HELDOUT_SEEDS, SCENARIOS, pooled_pixels
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class EncodedRun:
     seed: int
     latents: np.ndarray  # (n, latent_dim) float32, in frame order
     phases: np.ndarray  # (n,) ground-truth phase labels
+    pixels: np.ndarray | None = None  # (n, S/8, S/8) the preprocessed frames, pooled (keep_pixels)
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,9 @@ class SweepRow:
 
 
 def encode_runs(bundle: ModelBundle, scenarios: tuple[str, ...], seeds: tuple[int, ...], n_frames: int,
-                *, allow_heldout: bool = False) -> list[EncodedRun]:
-    """Encode each synthetic run once, frame by frame, as the live pipeline does."""
+                *, allow_heldout: bool = False, keep_pixels: bool = False) -> list[EncodedRun]:
+    """Encode each synthetic run once, frame by frame, as the live pipeline does (``keep_pixels``: keep each
+    preprocessed frame too, pooled)."""
     from stream.synthetic import generate_scan
 
     bad = sorted(set(seeds) & set(HELDOUT_SEEDS))
@@ -65,17 +67,21 @@ def encode_runs(bundle: ModelBundle, scenarios: tuple[str, ...], seeds: tuple[in
     runs = []
     for scenario in scenarios:
         for seed in seeds:
-            lat, ph = [], []
+            lat, ph, pix = [], [], []
             for fr in generate_scan(scenario, n_frames, seed=seed):
                 bundle.preprocessor(fr.image, out=buf[0])
                 lat.append(bundle.encoder.encode(buf)[0].copy())
                 ph.append(fr.phase)
-            runs.append(EncodedRun(scenario, seed, np.asarray(lat, np.float32), np.asarray(ph)))
+                if keep_pixels:
+                    pix.append(pooled_pixels(buf[0, 0]))
+            runs.append(EncodedRun(scenario, seed, np.asarray(lat, np.float32), np.asarray(ph),
+                                   np.asarray(pix, np.float32) if keep_pixels else None))
             log.info("encoded %s seed %d: %d frames", scenario, seed, n_frames)
     return runs
 
 
-def encode_independent_runs(bundle: ModelBundle, seeds: tuple[int, ...], n_frames: int) -> list[EncodedRun]:
+def encode_independent_runs(bundle: ModelBundle, seeds: tuple[int, ...], n_frames: int,
+                            *, keep_pixels: bool = False) -> list[EncodedRun]:
     """Encode runs of the independent family (stream.independent) once; phases: per frame its phase, negative
     on ramp frames (as `evaluate --family independent` scores them). Only validation seeds are accepted."""
     from operators.model.evaluate import independent_seeds
@@ -87,11 +93,14 @@ def encode_independent_runs(bundle: ModelBundle, seeds: tuple[int, ...], n_frame
     runs = []
     for seed in seeds:
         spec = draw_run(seed, n_frames)
-        lat = []
+        lat, pix = [], []
         for fr in Renderer(spec):
             bundle.preprocessor(fr.image, out=buf[0])
             lat.append(bundle.encoder.encode(buf)[0].copy())
-        runs.append(EncodedRun("independent", seed, np.asarray(lat, np.float32), np.asarray(spec.labels())))
+            if keep_pixels:
+                pix.append(pooled_pixels(buf[0, 0]))
+        runs.append(EncodedRun("independent", seed, np.asarray(lat, np.float32), np.asarray(spec.labels()),
+                               np.asarray(pix, np.float32) if keep_pixels else None))
         log.info("encoded independent seed %d: %d frames", seed, n_frames)
     return runs
 

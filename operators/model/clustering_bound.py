@@ -1,0 +1,135 @@
+"""The offline bound: how well a density clustering of a whole run, known at once, follows its phases.
+
+    python -m operators.model.clustering_bound [--bundle PATH] [--project-seeds 7001 7002 7003 7004]
+        [--independent-runs 24] [--frames 120] [--json out.json]
+
+Validation runs only (the project's scenarios and the independent family's validation seeds; held-out seeds
+are refused by the encoders in `tune_clustering`). Each run is rendered, preprocessed and encoded once as
+serving does; then, per run and per feature space, with the whole run known (no causality, no stable ids to
+keep): a PCA of `COMPONENTS` fitted on that run alone, HDBSCAN (excess of mass, minimum cluster 10), each
+noise frame given the label of the frame before it, and the ARI on the plateau frames. Feature spaces:
+- `latent`: the bundle's encoder, L2-normalised (what the online clustering sees);
+- `pixels`: the preprocessed frame averaged over 8 x 8 blocks, each frame standardised (zero mean, unit
+  variance, so flux and global scale are gone): nothing learnt.
+
+The online clustering stays under its space's bound; where the pixels' bound is not near 1 either, the frames
+of the run themselves do not separate its phases for a density clustering, whatever the encoder. An encoder
+retrained for unseen families should lift the latent's bound to the pixels' or beyond, on both families,
+before its clustering is re-tuned. 16 + 24 runs of 120 frames: about 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from operators.clustering import density_labels
+from operators.model.tune_clustering import EncodedRun
+from operators.projection import l2_normalise
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = 8
+MIN_CLUSTER_SIZE = 10
+MIN_SAMPLES = 3
+PROJECT_SEEDS = (7001, 7002, 7003, 7004)
+
+
+@dataclass(frozen=True)
+class BoundRow:
+    family: str  # "project" | "independent"
+    scenario: str
+    seed: int
+    ari_latent: float
+    ari_pixels: float
+
+
+def standardised(pixels: np.ndarray) -> np.ndarray:
+    """(n, ...) frames -> (n, D), each frame shifted and scaled to zero mean and unit variance."""
+    x = np.asarray(pixels, np.float64).reshape(len(pixels), -1)
+    x = x - x.mean(1, keepdims=True)
+    return x / np.maximum(x.std(1, keepdims=True), 1e-12)
+
+
+def bound_labels(features: np.ndarray) -> np.ndarray:
+    """Density labels of a whole run in its own PCA; a noise frame takes the label before it (-1 at the start)."""
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(features, np.float64)
+    z = PCA(min(COMPONENTS, len(x) - 1, x.shape[1])).fit_transform(x - x.mean(0))
+    labels = density_labels(z, MIN_CLUSTER_SIZE, MIN_SAMPLES, 0.0, "eom")
+    last = -1
+    for i, v in enumerate(labels):
+        if v < 0:
+            labels[i] = last
+        else:
+            last = int(v)
+    return labels
+
+
+def bound_ari(features: np.ndarray, phases: np.ndarray) -> float:
+    """ARI of `bound_labels` on the plateau frames (phase >= 0)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    plateau = np.asarray(phases) >= 0
+    return float(adjusted_rand_score(phases[plateau], bound_labels(features)[plateau]))
+
+
+def bound_row(run: EncodedRun) -> BoundRow:
+    if run.pixels is None:
+        raise ValueError("the run was encoded without its pixels (keep_pixels=True)")
+    return BoundRow(family="independent" if run.scenario == "independent" else "project",
+                    scenario=run.scenario, seed=run.seed,
+                    ari_latent=bound_ari(l2_normalise(run.latents), run.phases),
+                    ari_pixels=bound_ari(standardised(run.pixels), run.phases))
+
+
+def summary(rows: list[BoundRow]) -> dict[str, dict[str, float]]:
+    """Per family and feature space: mean and worst ARI, and the runs below 0.9."""
+    out: dict[str, dict[str, float]] = {}
+    for family in sorted({r.family for r in rows}):
+        mine = [r for r in rows if r.family == family]
+        for space in ("latent", "pixels"):
+            a = np.asarray([getattr(r, f"ari_{space}") for r in mine])
+            out[f"{family}/{space}"] = {"mean": float(a.mean()), "worst": float(a.min()),
+                                        "runs_below_0.9": int((a < 0.9).sum()), "runs": len(a)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from operators.bundle import ModelBundle
+    from operators.model.evaluate import SCENARIOS
+    from operators.model.tune_clustering import encode_independent_runs, encode_runs
+    from stream.independent import VALIDATION_SEEDS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default=None)
+    p.add_argument("--frames", type=int, default=120)
+    p.add_argument("--project-seeds", type=int, nargs="+", default=list(PROJECT_SEEDS))
+    p.add_argument("--independent-runs", type=int, default=len(VALIDATION_SEEDS))
+    p.add_argument("--json", default=None, help="write the rows and the summary here")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bundle = ModelBundle.load(a.bundle)
+    bundle.warmup()
+    runs = encode_runs(bundle, SCENARIOS, tuple(a.project_seeds), a.frames, keep_pixels=True)
+    runs += encode_independent_runs(bundle, tuple(VALIDATION_SEEDS[: a.independent_runs]), a.frames,
+                                    keep_pixels=True)
+    rows = [bound_row(r) for r in runs]
+    for r in rows:
+        log.info("%s %d: ARI latent %.3f, pixels %.3f", r.scenario, r.seed, r.ari_latent, r.ari_pixels)
+    result = {"bundle": f"{bundle.manifest['name']}:{bundle.manifest['version']}", "frames": a.frames,
+              "summary": summary(rows), "runs": [asdict(r) for r in rows]}
+    print(json.dumps(result["summary"], indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The offline clustering bound: a whole run clustered at once in its own PCA, by latent and by pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from operators.model.clustering_bound import bound_labels, bound_row, standardised, summary
+from operators.model.evaluate import pooled_pixels
+from operators.model.tune_clustering import encode_runs
+from stream.synthetic import generate_scan
+
+
+def test_pixel_features_ignore_flux_and_offset() -> None:
+    frames = np.random.default_rng(0).random((5, 8, 8))
+    assert np.allclose(standardised(frames * 7.5 + 3.0), standardised(frames))
+    assert standardised(frames).shape == (5, 64)
+
+
+def test_two_phases_joined_by_a_ramp_get_two_labels_and_no_frame_is_left_unlabelled() -> None:
+    rng = np.random.default_rng(1)
+    a, b = np.zeros(16), np.r_[np.ones(4) * 3.0, np.zeros(12)]
+    ramp = [a + (b - a) * t for t in np.linspace(0.1, 0.9, 12)]
+    run = np.vstack([np.tile(a, (40, 1)), ramp, np.tile(b, (40, 1))]) + rng.normal(0, 0.1, (92, 16))
+    labels = bound_labels(run)
+    assert len(set(labels[:40])) == 1 and len(set(labels[-40:])) == 1 and labels[0] != labels[-1]
+    assert (labels >= 0).all()  # a noise frame takes the label of the one before it
+
+
+def test_the_bound_follows_a_real_project_run_in_both_spaces(default_bundle) -> None:
+    run = encode_runs(default_bundle, ("crystallization",), (7001,), 120, keep_pixels=True)[0]
+    row = bound_row(run)
+    assert (row.family, row.scenario, row.seed) == ("project", "crystallization", 7001)
+    assert row.ari_latent >= 0.9 and row.ari_pixels >= 0.9
+    s = summary([row])
+    assert s["project/latent"]["runs"] == 1 and s["project/pixels"]["worst"] == pytest.approx(row.ari_pixels)
+
+
+def test_kept_pixels_are_the_pooled_preprocessed_frames(default_bundle) -> None:
+    run = encode_runs(default_bundle, ("crystallization",), (7001,), 2, keep_pixels=True)[0]
+    first = next(iter(generate_scan("crystallization", 2, seed=7001)))
+    size = default_bundle.input_size
+    image = np.empty((1, size, size), np.float32)
+    default_bundle.preprocessor(first.image, out=image)
+    assert run.pixels.shape == (2, size // 8, size // 8)
+    assert np.allclose(run.pixels[0], pooled_pixels(image[0]))
+
+
+def test_a_run_encoded_without_its_pixels_is_refused(default_bundle) -> None:
+    run = encode_runs(default_bundle, ("crystallization",), (7001,), 2)[0]
+    with pytest.raises(ValueError, match="keep_pixels"):
+        bound_row(run)
