@@ -36,14 +36,40 @@ def test_the_bound_follows_a_real_project_run_in_both_spaces(default_bundle) -> 
     assert s["project/latent"]["runs"] == 1 and s["project/pixels"]["worst"] == pytest.approx(row.ari_pixels)
 
 
+def test_a_cluster_embedding_learns_to_pair_views_resumes_and_scores_a_run(default_bundle, tmp_path) -> None:
+    pytest.importorskip("torch")
+    from operators.model.cluster_embedding import Embedding, EmbeddingSettings, train_embedding
+    from operators.model.metric_data import build
+
+    data = tmp_path / "pairs"
+    build(default_bundle, data, broad_groups=3, project_pairs=3, seed=4, images=True)
+    def settings(out: str, **kw) -> EmbeddingSettings:
+        return EmbeddingSettings(data=[str(data)], out=str(tmp_path / out), steps=40, groups=3, project=3,
+                                 ckpt_every=10, threads=1, **kw)
+
+    whole = settings("whole")
+    ckpt = train_embedding(whole)
+    loss = whole.history
+    assert np.mean(loss[-5:]) < 0.5 * np.mean(loss[:5]), f"the views learn to find each other ({loss})"
+    train_embedding(settings("sittings", stop_at=25))
+    resumed = settings("sittings", resume=True)
+    train_embedding(resumed)
+    assert resumed.history == pytest.approx(loss, rel=1e-4), "two sittings train as one run"
+
+    run = encode_runs(default_bundle, ("crystallization",), (7001,), 24, keep_pixels=True)[0]
+    features = Embedding.load(ckpt)(run.pixels)
+    assert features.shape == (24, 8 * whole.width)
+    assert bound_row(run, Embedding.load(ckpt)).ari_embedding is not None
+
+
 def test_kept_pixels_are_the_pooled_preprocessed_frames(default_bundle) -> None:
     run = encode_runs(default_bundle, ("crystallization",), (7001,), 2, keep_pixels=True)[0]
     first = next(iter(generate_scan("crystallization", 2, seed=7001)))
     size = default_bundle.input_size
     image = np.empty((1, size, size), np.float32)
     default_bundle.preprocessor(first.image, out=image)
-    assert run.pixels.shape == (2, size // 8, size // 8)
-    assert np.allclose(run.pixels[0], pooled_pixels(image[0]))
+    assert run.pixels.shape == (2, size // 4, size // 4)
+    assert np.allclose(run.pixels[0], pooled_pixels(image[0], 4))
 
 
 def test_a_run_encoded_without_its_pixels_is_refused(default_bundle) -> None:

@@ -1,7 +1,7 @@
 """The offline bound: how well a density clustering of a whole run, known at once, follows its phases.
 
     python -m operators.model.clustering_bound [--bundle PATH] [--project-seeds 7001 7002 7003 7004]
-        [--independent-runs 24] [--frames 120] [--json out.json]
+        [--independent-runs 24] [--frames 120] [--embedding CKPT] [--json out.json]
 
 Validation runs only (the project's scenarios and the independent family's validation seeds; held-out seeds
 are refused by the encoders in `tune_clustering`). Each run is rendered, preprocessed and encoded once as
@@ -10,7 +10,8 @@ keep): a PCA of `COMPONENTS` fitted on that run alone, HDBSCAN (excess of mass, 
 noise frame given the label of the frame before it, and the ARI on the plateau frames. Feature spaces:
 - `latent`: the bundle's encoder, L2-normalised (what the online clustering sees);
 - `pixels`: the preprocessed frame averaged over 8 x 8 blocks, each frame standardised (zero mean, unit
-  variance, so flux and global scale are gone): nothing learnt.
+  variance, so flux and global scale are gone): nothing learnt;
+- `embedding` (with `--embedding`): the features of a `cluster_embedding` checkpoint, L2-normalised.
 
 The online clustering stays under its space's bound; where the pixels' bound is not near 1 either, the frames
 of the run themselves do not separate its phases for a density clustering, whatever the encoder. An encoder
@@ -22,13 +23,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from operators.clustering import density_labels
-from operators.model.tune_clustering import EncodedRun
+from operators.model.evaluate import pooled_pixels
+from operators.model.tune_clustering import KEPT_PIXEL_POOL, EncodedRun
 from operators.projection import l2_normalise
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ COMPONENTS = 8
 MIN_CLUSTER_SIZE = 10
 MIN_SAMPLES = 3
 PROJECT_SEEDS = (7001, 7002, 7003, 7004)
+PIXEL_POOL = 8  # the pixels' space: the preprocessed frame over 8 x 8 blocks (64 x 64 of 512)
+SPACES = ("latent", "pixels", "embedding")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class BoundRow:
     seed: int
     ari_latent: float
     ari_pixels: float
+    ari_embedding: float | None = None
 
 
 def standardised(pixels: np.ndarray) -> np.ndarray:
@@ -79,13 +85,17 @@ def bound_ari(features: np.ndarray, phases: np.ndarray) -> float:
     return float(adjusted_rand_score(phases[plateau], bound_labels(features)[plateau]))
 
 
-def bound_row(run: EncodedRun) -> BoundRow:
+def bound_row(run: EncodedRun, embedding: Callable[[np.ndarray], np.ndarray] | None = None) -> BoundRow:
+    """The run's bound in each space (`embedding`: kept pixels -> features, e.g. a `cluster_embedding.Embedding`)."""
     if run.pixels is None:
         raise ValueError("the run was encoded without its pixels (keep_pixels=True)")
+    pixels = np.stack([pooled_pixels(p, PIXEL_POOL // KEPT_PIXEL_POOL) for p in run.pixels])
     return BoundRow(family="independent" if run.scenario == "independent" else "project",
                     scenario=run.scenario, seed=run.seed,
                     ari_latent=bound_ari(l2_normalise(run.latents), run.phases),
-                    ari_pixels=bound_ari(standardised(run.pixels), run.phases))
+                    ari_pixels=bound_ari(standardised(pixels), run.phases),
+                    ari_embedding=None if embedding is None else bound_ari(
+                        l2_normalise(embedding(run.pixels)), run.phases))
 
 
 def summary(rows: list[BoundRow]) -> dict[str, dict[str, float]]:
@@ -93,7 +103,9 @@ def summary(rows: list[BoundRow]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for family in sorted({r.family for r in rows}):
         mine = [r for r in rows if r.family == family]
-        for space in ("latent", "pixels"):
+        for space in SPACES:
+            if any(getattr(r, f"ari_{space}") is None for r in mine):
+                continue
             a = np.asarray([getattr(r, f"ari_{space}") for r in mine])
             out[f"{family}/{space}"] = {"mean": float(a.mean()), "worst": float(a.min()),
                                         "runs_below_0.9": int((a < 0.9).sum()), "runs": len(a)}
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=120)
     p.add_argument("--project-seeds", type=int, nargs="+", default=list(PROJECT_SEEDS))
     p.add_argument("--independent-runs", type=int, default=len(VALIDATION_SEEDS))
+    p.add_argument("--embedding", default=None, help="a cluster_embedding checkpoint to score too")
     p.add_argument("--json", default=None, help="write the rows and the summary here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,10 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     runs = encode_runs(bundle, SCENARIOS, tuple(a.project_seeds), a.frames, keep_pixels=True)
     runs += encode_independent_runs(bundle, tuple(VALIDATION_SEEDS[: a.independent_runs]), a.frames,
                                     keep_pixels=True)
-    rows = [bound_row(r) for r in runs]
+    embedding = None
+    if a.embedding:
+        from operators.model.cluster_embedding import Embedding
+
+        embedding = Embedding.load(a.embedding)
+    rows = [bound_row(r, embedding) for r in runs]
     for r in rows:
-        log.info("%s %d: ARI latent %.3f, pixels %.3f", r.scenario, r.seed, r.ari_latent, r.ari_pixels)
-    result = {"bundle": f"{bundle.manifest['name']}:{bundle.manifest['version']}", "frames": a.frames,
+        log.info("%s %d: ARI latent %.3f, pixels %.3f, embedding %s", r.scenario, r.seed, r.ari_latent,
+                 r.ari_pixels, "-" if r.ari_embedding is None else f"{r.ari_embedding:.3f}")
+    result = {"bundle": f"{bundle.manifest['name']}:{bundle.manifest['version']}", "embedding": a.embedding,
+              "frames": a.frames,
               "summary": summary(rows), "runs": [asdict(r) for r in rows]}
     print(json.dumps(result["summary"], indent=2))
     if a.json:

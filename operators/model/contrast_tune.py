@@ -52,7 +52,7 @@ class TuneSettings:
 
 @dataclass(frozen=True)
 class ImagePairs:
-    broad: np.ndarray  # (G, 2, 2, S, S) uint8 memmap
+    broad: np.ndarray  # (G, 2, 2, S, S) uint8 memmap (`pooled`: float16 in memory)
     project: np.ndarray  # (N, 2, S, S) uint8 memmap
     project_phase: np.ndarray  # (N,)
 
@@ -64,12 +64,26 @@ class ImagePairs:
         return cls(np.load(stem.with_suffix(".broad.npy"), mmap_mode="r"),
                    np.load(stem.with_suffix(".project.npy"), mmap_mode="r"), phases)
 
+    def pooled(self, factor: int, chunk: int = 100) -> ImagePairs:
+        """The same pairs averaged over factor x factor blocks, in memory (float16, still 0-255)."""
+        def pool(a: np.ndarray) -> np.ndarray:
+            parts = []
+            for i in range(0, len(a), chunk):
+                x = np.asarray(a[i:i + chunk], np.float32)
+                s = x.shape[-1] // factor
+                parts.append(x.reshape(*x.shape[:-2], s, factor, s, factor).mean((-1, -3)).astype(np.float16))
+            return np.concatenate(parts)
 
-def _batch(rng: np.random.Generator, sets: list[ImagePairs], s: TuneSettings) -> tuple[np.ndarray, np.ndarray, int]:
-    """(frames (2P, 1, S, S) float32: first views then second views, pair labels (P,), project pairs' start)."""
+        return ImagePairs(pool(self.broad), pool(self.project), self.project_phase)
+
+
+def draw_pairs(rng: np.random.Generator, sets: list[ImagePairs], groups: int,
+               project: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """`groups` broad groups and `project` project pairs of one set: (frames (2P, 1, S, S) float32, first views
+    then second views; pair labels (P,), project pairs of one phase sharing theirs; where project pairs start)."""
     data = sets[int(rng.integers(len(sets)))]
-    g = np.sort(rng.choice(len(data.broad), s.groups, replace=False))
-    p = np.sort(rng.choice(len(data.project), s.project, replace=False))
+    g = np.sort(rng.choice(len(data.broad), groups, replace=False))
+    p = np.sort(rng.choice(len(data.project), project, replace=False))
     broad = data.broad[g].reshape(-1, 2, *data.broad.shape[-2:])  # (2G, 2, S, S): state, sibling, ...
     pairs = np.concatenate([broad, data.project[p]])
     frames = np.concatenate([pairs[:, 0], pairs[:, 1]])[:, None].astype(np.float32) / 255.0
@@ -77,7 +91,8 @@ def _batch(rng: np.random.Generator, sets: list[ImagePairs], s: TuneSettings) ->
     return frames, labels, len(broad)
 
 
-def _contrast(mu, labels, temperature: float):
+def pair_contrast(mu, labels, temperature: float):
+    """InfoNCE on the unit sphere: each view picks its partner; views with the same label are not negatives."""
     import torch
     import torch.nn.functional as F
 
@@ -121,10 +136,10 @@ def tune(s: TuneSettings) -> Path:
     t0, logged = time.perf_counter(), step
     while step < s.steps:
         rng = np.random.default_rng([s.seed, step])  # a resumed run draws the batches it would have drawn
-        frames, labels, first_project = _batch(rng, sets, s)
+        frames, labels, first_project = draw_pairs(rng, sets, s.groups, s.project)
         x = torch.from_numpy(frames)
         mu = enc(x)[0]
-        contrast = _contrast(mu, torch.from_numpy(labels), s.temperature)
+        contrast = pair_contrast(mu, torch.from_numpy(labels), s.temperature)
         n = len(labels)
         proj = torch.cat([torch.arange(first_project, n), torch.arange(n + first_project, 2 * n)])
         with torch.no_grad():

@@ -34,6 +34,7 @@ from operators.model.evaluate import HELDOUT_SEEDS, SCENARIOS, pooled_pixels
 log = logging.getLogger(__name__)
 
 VALIDATION_SEEDS = (7001, 7002)
+KEPT_PIXEL_POOL = 4  # keep_pixels: the preprocessed frame over 4 x 4 blocks (128 x 128 of 512)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class EncodedRun:
     seed: int
     latents: np.ndarray  # (n, latent_dim) float32, in frame order
     phases: np.ndarray  # (n,) ground-truth phase labels
-    pixels: np.ndarray | None = None  # (n, S/8, S/8) the preprocessed frames, pooled (keep_pixels)
+    pixels: np.ndarray | None = None  # (n, S/4, S/4) the preprocessed frames, pooled (keep_pixels)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def encode_runs(bundle: ModelBundle, scenarios: tuple[str, ...], seeds: tuple[in
                 lat.append(bundle.encoder.encode(buf)[0].copy())
                 ph.append(fr.phase)
                 if keep_pixels:
-                    pix.append(pooled_pixels(buf[0, 0]))
+                    pix.append(pooled_pixels(buf[0, 0], KEPT_PIXEL_POOL))
             runs.append(EncodedRun(scenario, seed, np.asarray(lat, np.float32), np.asarray(ph),
                                    np.asarray(pix, np.float32) if keep_pixels else None))
             log.info("encoded %s seed %d: %d frames", scenario, seed, n_frames)
@@ -98,7 +99,7 @@ def encode_independent_runs(bundle: ModelBundle, seeds: tuple[int, ...], n_frame
             bundle.preprocessor(fr.image, out=buf[0])
             lat.append(bundle.encoder.encode(buf)[0].copy())
             if keep_pixels:
-                pix.append(pooled_pixels(buf[0, 0]))
+                pix.append(pooled_pixels(buf[0, 0], KEPT_PIXEL_POOL))
         runs.append(EncodedRun("independent", seed, np.asarray(lat, np.float32), np.asarray(spec.labels()),
                                np.asarray(pix, np.float32) if keep_pixels else None))
         log.info("encoded independent seed %d: %d frames", seed, n_frames)
