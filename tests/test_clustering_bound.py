@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.model.clustering_bound import bound_labels, bound_row, standardised, summary
+from operators.model.clustering_bound import bound_labels, bound_row, separability, standardised, summary
 from operators.model.evaluate import pooled_pixels
 from operators.model.tune_clustering import encode_runs
 from stream.synthetic import generate_scan
@@ -27,13 +27,26 @@ def test_two_phases_joined_by_a_ramp_get_two_labels_and_no_frame_is_left_unlabel
     assert (labels >= 0).all()  # a noise frame takes the label of the one before it
 
 
+def test_separability_counts_phases_a_space_holds_apart_whatever_bridges_them() -> None:
+    rng = np.random.default_rng(2)
+    centres = np.eye(4, 16) * 3.0
+    phases = np.repeat([0, -1, 1, -1, 2, -1, 3], 10)  # ramps (-1) are left out
+    apart = centres[np.maximum(phases, 0)] + rng.normal(0, 0.1, (70, 16))
+    assert separability(apart, phases) == pytest.approx(1.0)
+    merged = apart.copy()
+    merged[phases == 3] = centres[2] + rng.normal(0, 0.1, (10, 16))  # the last phase looks like the one before
+    assert separability(merged, phases) < 0.9
+
+
 def test_the_bound_follows_a_real_project_run_in_both_spaces(default_bundle) -> None:
     run = encode_runs(default_bundle, ("crystallization",), (7001,), 120, keep_pixels=True)[0]
     row = bound_row(run)
     assert (row.family, row.scenario, row.seed) == ("project", "crystallization", 7001)
-    assert row.ari_latent >= 0.9 and row.ari_pixels >= 0.9
+    assert row.ari["latent"] >= 0.9 and row.ari["pixels"] >= 0.9
+    assert row.separable["latent"] >= 0.9 and row.separable["pixels"] >= 0.9
     s = summary([row])
-    assert s["project/latent"]["runs"] == 1 and s["project/pixels"]["worst"] == pytest.approx(row.ari_pixels)
+    assert s["project/latent/ari"]["runs"] == 1
+    assert s["project/pixels/separable"]["worst"] == pytest.approx(row.separable["pixels"])
 
 
 def test_a_cluster_embedding_learns_to_pair_views_resumes_and_scores_a_run(default_bundle, tmp_path) -> None:
@@ -59,7 +72,21 @@ def test_a_cluster_embedding_learns_to_pair_views_resumes_and_scores_a_run(defau
     run = encode_runs(default_bundle, ("crystallization",), (7001,), 24, keep_pixels=True)[0]
     features = Embedding.load(ckpt)(run.pixels)
     assert features.shape == (24, 8 * whole.width)
-    assert bound_row(run, Embedding.load(ckpt)).ari_embedding is not None
+    row = bound_row(run, Embedding.load(ckpt))
+    assert set(row.ari) == set(row.separable) == {"latent", "pixels", "embedding"}
+
+    from operators.model.embedding_clustering import compare
+    from operators.model.tune_clustering import encode_independent_runs, score_independent
+    from stream.independent import VALIDATION_SEEDS
+
+    independent = encode_independent_runs(default_bundle, (VALIDATION_SEEDS[0],), 60, keep_pixels=True)[0]
+    shipped = default_bundle.clustering_settings
+    latent, embedded = compare(default_bundle, Embedding.load(ckpt), [run, independent], [shipped], 40)
+    assert (latent.space, embedded.space) == ("latent", "embedding")
+    served = score_independent(default_bundle.clustering_state, shipped, independent)
+    assert latent.independent_mean == pytest.approx(served["ari"]), "the latent row is the clustering as served"
+    assert latent.phases_after_a_ramp == embedded.phases_after_a_ramp == len(served["lags"]) - 1
+    assert 0.0 <= embedded.project_worst <= embedded.project_mean <= 1.0
 
 
 def test_kept_pixels_are_the_pooled_preprocessed_frames(default_bundle) -> None:
