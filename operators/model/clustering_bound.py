@@ -130,12 +130,23 @@ def summary(rows: list[BoundRow]) -> dict[str, dict[str, float]]:
     return out
 
 
+def validation_runs(bundle, project_seeds: tuple[int, ...] = PROJECT_SEEDS, independent_runs: int | None = None,
+                    n_frames: int = 120) -> list[EncodedRun]:
+    """The project's scenarios at `project_seeds` and the first `independent_runs` (default all) validation runs
+    of the independent family, encoded with their pixels kept."""
+    from operators.model.evaluate import SCENARIOS
+    from operators.model.tune_clustering import encode_independent_runs, encode_runs
+    from stream.independent import VALIDATION_SEEDS
+
+    runs = encode_runs(bundle, SCENARIOS, tuple(project_seeds), n_frames, keep_pixels=True)
+    return runs + encode_independent_runs(bundle, tuple(VALIDATION_SEEDS[:independent_runs]), n_frames,
+                                          keep_pixels=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from operators.bundle import ModelBundle
-    from operators.model.evaluate import SCENARIOS
-    from operators.model.tune_clustering import encode_independent_runs, encode_runs
     from stream.independent import VALIDATION_SEEDS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,9 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bundle = ModelBundle.load(a.bundle)
     bundle.warmup()
-    runs = encode_runs(bundle, SCENARIOS, tuple(a.project_seeds), a.frames, keep_pixels=True)
-    runs += encode_independent_runs(bundle, tuple(VALIDATION_SEEDS[: a.independent_runs]), a.frames,
-                                    keep_pixels=True)
+    runs = validation_runs(bundle, tuple(a.project_seeds), a.independent_runs, a.frames)
     embedding = None
     if a.embedding:
         from operators.model.cluster_embedding import Embedding

@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from operators.bundle import ModelBundle
     from operators.model.cluster_embedding import Embedding
-    from operators.model.clustering_bound import PROJECT_SEEDS
-    from operators.model.evaluate import SCENARIOS
-    from operators.model.tune_clustering import encode_independent_runs, encode_runs
+    from operators.model.clustering_bound import PROJECT_SEEDS, validation_runs
     from stream.independent import VALIDATION_SEEDS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bundle = ModelBundle.load(a.bundle)
     bundle.warmup()
-    runs = encode_runs(bundle, SCENARIOS, tuple(a.project_seeds), a.frames, keep_pixels=True)
-    runs += encode_independent_runs(bundle, tuple(VALIDATION_SEEDS[: a.independent_runs]), a.frames,
-                                    keep_pixels=True)
+    runs = validation_runs(bundle, tuple(a.project_seeds), a.independent_runs, a.frames)
     base = bundle.clustering_settings
     candidates = [replace(base, drift=d, noise_factor=n, recluster_every=r)
                   for d, n, r in itertools.product(a.drift, a.noise_factor, a.recluster_every)]
