@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from operators.clustering import density_labels
 from operators.model.evaluate import pooled_pixels
 from operators.model.tune_clustering import KEPT_PIXEL_POOL, EncodedRun
 from operators.projection import l2_normalise
+
+if TYPE_CHECKING:
+    from operators.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +134,8 @@ def summary(rows: list[BoundRow]) -> dict[str, dict[str, float]]:
     return out
 
 
-def validation_runs(bundle, project_seeds: tuple[int, ...] = PROJECT_SEEDS, independent_runs: int | None = None,
-                    n_frames: int = 120) -> list[EncodedRun]:
+def validation_runs(bundle: ModelBundle, project_seeds: tuple[int, ...] = PROJECT_SEEDS,
+                    independent_runs: int | None = None, n_frames: int = 120) -> list[EncodedRun]:
     """The project's scenarios at `project_seeds` and the first `independent_runs` (default all) validation runs
     of the independent family, encoded with their pixels kept."""
     from operators.model.evaluate import SCENARIOS

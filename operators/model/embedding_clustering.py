@@ -22,11 +22,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from operators.clustering import ClusteringSettings, ClusterState, fit_clustering
 from operators.model.tune_clustering import KEPT_PIXEL_POOL, EncodedRun, replay, score_independent
+
+if TYPE_CHECKING:
+    from operators.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ def embedded(runs: list[EncodedRun], embed: Callable[[np.ndarray], np.ndarray]) 
     return [replace(r, latents=np.asarray(embed(r.pixels), np.float32)) for r in runs]
 
 
-def reference_state(bundle, embed: Callable[[np.ndarray], np.ndarray], n_frames: int,
+def reference_state(bundle: ModelBundle, embed: Callable[[np.ndarray], np.ndarray], n_frames: int,
                     settings: ClusteringSettings) -> ClusterState:
     """A clustering state in the embedding's space, fitted on frames of the project's training scenario."""
     from operators.model.evaluate import pooled_pixels
@@ -85,7 +89,7 @@ def score(space: str, state: ClusterState, settings: ClusteringSettings, runs: l
                      int((ari < 0.9).sum()), sum(lag is not None and lag <= ONSET_FRAMES for lag in lags), len(lags))
 
 
-def compare(bundle, embed: Callable[[np.ndarray], np.ndarray], runs: list[EncodedRun],
+def compare(bundle: ModelBundle, embed: Callable[[np.ndarray], np.ndarray], runs: list[EncodedRun],
             candidates: list[ClusteringSettings], reference_frames: int) -> list[OnlineRow]:
     """One row per space and candidate setting."""
     state = reference_state(bundle, embed, reference_frames, bundle.clustering_settings)
