@@ -110,8 +110,8 @@ def train_embedding(s: EmbeddingSettings) -> Path:
         log.info("resumed %s at step %d", ckpt, step)
     sets = []
     for stem in s.data:
-        first = ImagePairs.load(stem)
-        sets.append(first.pooled(first.broad.shape[-1] // s.size))
+        pairs = ImagePairs.load(stem)
+        sets.append(pairs.pooled(pairs.broad.shape[-1] // s.size))
     net.train()
     t0, logged = time.perf_counter(), step
     last = min(s.steps, s.stop_at or s.steps)
