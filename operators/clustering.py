@@ -12,7 +12,10 @@ Run time (`OnlineClusterer.learn_predict_one`), one frame at a time, in order:
   `tau = clip(noise_factor x median frame-to-frame step of this run, floor, cap)`: the run's own noise
   decides what counts as the same regime, so two phases that one coarse reference cluster covers are
   still told apart, and a noisy run is not shattered.
-- A frame within tau of a regime joins it (its id). Otherwise, if it lies inside a reference cluster
+- A frame within reach of a regime joins it (its id). The reach is tau, or with `spread_factor` > 0 the
+  regime's own: min(tau, max(spread_factor x its spread, the run's median step)), spread = an EMA of its
+  members' distances to its centre. A tight phase then stops taking the frames of a ramp leaving it, which
+  tau alone (set by the run's noisiest stretch) lets its centre follow into the next phase. Otherwise, if it lies inside a reference cluster
   (within one radius) that no regime of this run holds yet, it founds a regime at once (a known regime
   needs no further evidence; the run's first frame always does). Otherwise it is pending (cluster -1);
   once the last `new_min_points` pending frames agree (all within tau of their mean) they found a regime.
@@ -77,6 +80,10 @@ class ClusteringSettings:
     # (shear alignment); see operators.model.tune_clustering for the validation sweep.
     drift: float = 0.2
     step_window: int = 64  # frame-to-frame steps kept for the noise estimate
+    # A regime's reach from its own spread (see the module doc); 0 turns it off (the reach is tau). Chosen on
+    # validation seeds with the cluster embedding (operators.model.tune_clustering): 2.
+    spread_factor: float = 0.0
+    spread_weight: float = 0.1  # EMA weight of each member's distance in its regime's spread
     known_immediately: bool = True  # a frame inside an unclaimed reference cluster founds its regime at once
     # Re-clustering of the run (HDBSCAN on its reduced latents): frames between re-clusterings (sync mode; the
     # pipeline's worker when free). 0, the default, turns it off: with 3 and the settings below (chosen on
@@ -258,6 +265,7 @@ class OnlineClusterer:
         self._floor, self._cap = s.floor_fraction * scale, s.cap_fraction * scale
         self._regimes: list[np.ndarray] = []  # centres, in the order founded
         self._regime_ids: list[int] = []
+        self._spread: dict[int, float] = {}  # id -> EMA of its members' distances to its regime centre
         self._next_id = self.n_reference
         self._steps: deque[float] = deque(maxlen=s.step_window)
         self._prev: np.ndarray | None = None
@@ -279,9 +287,19 @@ class OnlineClusterer:
 
     @property
     def tau(self) -> float:
-        if not self._steps:
-            return self._floor
-        return float(min(max(self.settings.noise_factor * float(np.median(self._steps)), self._floor), self._cap))
+        return self._tau(self._median_step())
+
+    def _median_step(self) -> float:
+        return float(np.median(self._steps)) if self._steps else 0.0
+
+    def _tau(self, step: float) -> float:
+        return float(min(max(self.settings.noise_factor * step, self._floor), self._cap))
+
+    def _reach(self, cid: int, tau: float, step: float) -> float:
+        spread = self._spread.get(cid)
+        if self.settings.spread_factor <= 0 or spread is None:  # no member yet: its founding frames said tau
+            return tau
+        return min(tau, max(self.settings.spread_factor * spread, step))
 
     def _novelty(self, z: np.ndarray) -> tuple[int, float]:
         if not self.n_reference:
@@ -305,9 +323,14 @@ class OnlineClusterer:
         self._regime_ids.append(cid)
         return cid, new
 
-    def learn_predict_one(self, latent: np.ndarray, index: int | None = None) -> Assignment:
-        """Assign one frame (``index``: its frame number, for corrections; default its position in the run)."""
-        z = self._state.reduce(np.asarray(latent, np.float32).reshape(1, -1))[0]
+    def learn_predict_one(self, features: np.ndarray, index: int | None = None) -> Assignment:
+        """Assign one frame by its clustering input (the latent, or the bundle's cluster features; ``index``: its
+        frame number, for corrections; default its position in the run)."""
+        x = np.asarray(features, np.float32).reshape(1, -1)
+        if x.shape[1] != self._state.mean.shape[0]:
+            raise ValueError(f"this clustering was fitted on {self._state.mean.shape[0]}-d input, not {x.shape[1]}-d "
+                             "(a bundle with cluster features clusters `ModelBundle.encode`'s features, not latents)")
+        z = self._state.reduce(x)[0]
         a = self._assign(z)
         self._remember(z, a.cluster, self._seen if index is None else int(index))
         if self.mode == "sync" and self.recluster_due():
@@ -441,15 +464,19 @@ class OnlineClusterer:
             self._steps.append(float(np.sqrt(((z - self._prev) ** 2).sum())))
         self._prev = z
         _, novelty = self._novelty(z)
-        tau = self.tau
+        step = self._median_step()
+        tau = self._tau(step)
         s = self.settings
         if self._regimes:
             d = np.sqrt(((np.stack(self._regimes) - z) ** 2).sum(1))
             j = int(d.argmin())
-            if d[j] <= tau:
+            cid, dist = self._regime_ids[j], float(d[j])
+            if dist <= self._reach(cid, tau, step):
                 self._regimes[j] += s.drift * (z - self._regimes[j])
+                spread = self._spread.get(cid)
+                self._spread[cid] = dist if spread is None else spread + s.spread_weight * (dist - spread)
                 self._pending.clear()
-                return Assignment(cluster=self._regime_ids[j], novelty=novelty, is_new=False)
+                return Assignment(cluster=cid, novelty=novelty, is_new=False)
         if not self._regimes or (s.known_immediately and self._unclaimed_reference(z)):
             # the run's first frame, or a frame well inside a reference cluster no regime holds yet:
             # a known regime needs no evidence to be named

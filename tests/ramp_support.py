@@ -39,7 +39,7 @@ class ScriptedClusterer(OnlineClusterer):
         super().__init__(state, SETTINGS)
         self.script = script
 
-    def learn_predict_one(self, latent: np.ndarray, index: int | None = None) -> Any:
+    def learn_predict_one(self, features: np.ndarray, index: int | None = None) -> Any:
         assert index is not None
         return super().learn_predict_one(self.script[index % len(self.script)], index)
 

@@ -231,3 +231,44 @@ def test_manual_mode_re_clusters_only_when_asked_and_applies_late_labels(fitted,
     corr = cl.corrections()
     assert len(corr.new_clusters) == 1 and corr.indices
     assert all(1000 <= i < 1080 for i in corr.indices)  # frame numbers, inside the snapshot only
+
+
+SPREAD = ClusteringSettings(pca_dims=8, recluster_every=0, spread_factor=2.0)  # a regime's reach from its spread
+
+
+def test_a_tight_phase_does_not_follow_a_ramp_into_the_next_with_a_reach_from_its_own_spread(fitted, ramp) -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    state, _ = fitted
+    lat, phase = ramp
+    cl = OnlineClusterer(state, SPREAD)  # no re-clustering: the live ids alone
+    out = [cl.learn_predict_one(z) for z in lat]
+    first_id = out[0].cluster
+    assert {a.cluster for a in out[:40]} == {first_id}
+    tail = {a.cluster for a in out[-30:]}
+    assert len(tail) == 1 and first_id not in tail  # phase b has its own id, as it is sent
+    assert [a.cluster for a in out if a.is_new] == list(tail)  # announced once
+    plateau = np.r_[0:40, 60:100]
+    assert adjusted_rand_score(phase[plateau], np.asarray([a.cluster for a in out])[plateau]) == 1.0
+
+
+def test_a_phase_drifting_steadily_keeps_one_id_with_a_reach_from_its_own_spread(fitted, regimes) -> None:
+    rng, centers = regimes
+    state, _ = fitted
+    # one phase moving at a constant pace, as far in all as the ramp above, over 100 frames
+    far = centers[0] + 0.15 * np.linalg.norm(centers[0]) * state.components[1] / np.linalg.norm(state.components[1])
+    t = np.linspace(0, 1, 100, dtype=np.float32)[:, None]
+    lat = centers[0] + t * (far - centers[0]) + 0.05 * rng.standard_normal((100, DIM)).astype(np.float32)
+    cl = OnlineClusterer(state, SPREAD)
+    assert len({cl.learn_predict_one(z).cluster for z in lat}) == 1
+
+
+def test_without_a_spread_factor_the_reach_is_tau_as_before(fitted, ramp) -> None:
+    state, _ = fitted
+    lat, _ = ramp
+    ids = []
+    for settings in (ClusteringSettings(pca_dims=8), ClusteringSettings(pca_dims=8, spread_factor=0.0,
+                                                                          spread_weight=0.5)):
+        cl = OnlineClusterer(state, settings)
+        ids.append([cl.learn_predict_one(z).cluster for z in lat])
+    assert ids[0] == ids[1]
