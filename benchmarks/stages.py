@@ -232,6 +232,7 @@ def _encode_stages(
     skipped: dict[str, str] = {}
     cores = len(os.sched_getaffinity(0))
 
+    features = models.bundle.feature_encoder
     for b in batch_sizes:
         xs = _batches(models, frames, b)
         results.append(
@@ -242,6 +243,9 @@ def _encode_stages(
                 b,
             )
         )
+        if features is not None:  # the clustering's input, computed beside the latent in the encode stage
+            results.append(_stage("encode[cluster features]", lambda i, xs=xs: features.encode(xs[i % len(xs)]),
+                                  budget, b))
 
     xs1 = _batches(models, frames, 1)
     if models.onnx_path is not None:
@@ -503,7 +507,7 @@ def run_stages(
     skipped.update(enc_skipped)
 
     tensors = np.stack([pre(f) for f in frames])
-    latents = np.asarray(models.bundle.encoder.encode(tensors), np.float32)
+    latents, features = models.bundle.encode(tensors)
     lat1 = [latents[i : i + 1] for i in range(len(latents))]
     proj = models.bundle.projector
     results.append(_stage("project[bundle projector]", lambda i: proj.project(lat1[i % len(lat1)]), budget))
@@ -519,7 +523,7 @@ def run_stages(
     results.append(
         _stage(
             "cluster[learn_predict_one]",
-            lambda i: clusterer.learn_predict_one(latents[i % len(latents)]),
+            lambda i: clusterer.learn_predict_one(features[i % len(features)]),
             budget,
         )
     )
@@ -530,9 +534,9 @@ def run_stages(
 
     def path(i: int) -> object:
         pre(frames[i % len(frames)], out=out)
-        latent = models.bundle.encoder.encode(out[None])
+        latent, feature = models.bundle.encode(out[None])
         xy = proj.project(latent)
-        return xy, path_clusterer.learn_predict_one(latent[0])
+        return xy, path_clusterer.learn_predict_one(feature[0])
 
     results.append(_stage(PATH_STAGE, path, budget))
     results += _publish_stages(models, latents, budget, skipped)

@@ -3,7 +3,8 @@
     bundle = ModelBundle.load(path, runtime="onnx")   # verifies sha256 + pinned versions first
     bundle.preprocessor(image, out=None) -> (1, S, S) float32
     bundle.encoder.encode(batch)  -> (B, latent_dim) float32 latent means
-    bundle.frame_encoder.encode_frames(images) -> the same from raw frames (device preprocessing; None when off)
+    bundle.encode(batch) -> (latents, features): the features are what the clusterer takes (below)
+    bundle.frame_encoder.encode_frames(images) -> the same pair from raw frames (device preprocessing; None when off)
     bundle.projector.project(latents) -> (B, 2) float32
     bundle.new_clusterer() -> OnlineClusterer
     bundle.reference_embedding, bundle.reference_clusters, bundle.warmup()
@@ -15,6 +16,9 @@ resolved; `read_manifest` refuses any other before a file is opened. Versions: `
 manifest records the versions the bundle was made with and a policy:
 "exact" (pickles: umap-learn, numba, pynndescent, scikit-learn; checked before umap.joblib is unpickled),
 "minimum" (onnxruntime must be at least the major.minor that exported the graphs) or "info".
+Clustering input: where the manifest's `clustering.features` names a graph (a cluster embedding,
+operators.model.cluster_features), the clustering is fitted on and fed with that graph's output on the
+preprocessed frame; otherwise on the latent itself. Either way `encode` gives the pair, so no caller chooses.
 Serving imports onnxruntime only; torch only for runtime="torchscript"; umap only for projection="umap".
 """
 
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
+FEATURES_ONNX = "cluster_features.onnx"  # (B, 1, S, S) preprocessed frames -> (B, feature_dim) for the clusterer
 
 # library -> (policy, files whose loading depends on it)
 LIBRARY_POLICY: dict[str, str] = {
@@ -311,19 +316,20 @@ class OnnxEncoder:
         return parity_holds(ref, fp16, TRT_FP16_RTOL)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        return self.run(self._sess, np.ascontiguousarray(batch, np.float32))
+        return self.run(self._sess, np.ascontiguousarray(batch, np.float32))[0]
 
-    def run(self, session: Any, x: np.ndarray) -> np.ndarray:
-        """``session``'s first output for ``x`` as its first input, through IO binding where this encoder uses it."""
-        name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
+    def run(self, session: Any, x: np.ndarray) -> list[np.ndarray]:
+        """``session``'s outputs for ``x`` as its first input, through IO binding where this encoder uses it."""
+        name_in = session.get_inputs()[0].name
         if not self.io_binding:
-            return session.run(None, {name_in: x})[0]
+            return session.run(None, {name_in: x})
         binding = session.io_binding()
         binding.bind_cpu_input(name_in, x)  # copied to the device once (read in place on the CPU)
         on_gpu = session.get_providers()[0] in GPU_PROVIDERS
-        binding.bind_output(name_out, "cuda" if on_gpu else "cpu")
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda" if on_gpu else "cpu")
         session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
 
 class TorchScriptEncoder:
@@ -353,9 +359,11 @@ class ModelBundle:
     clustering_settings: ClusteringSettings
     reference_embedding: np.ndarray
     reference_clusters: np.ndarray
-    # raw frames -> latents with the preprocessing in the encoder's session (operators.device_preprocess);
-    # None: the preprocessor runs on the host and `encoder` takes its output
+    # raw frames -> (latents, features) with the preprocessing in the encoder's session
+    # (operators.device_preprocess); None: the preprocessor runs on the host and `encoder` takes its output
     frame_encoder: FusedEncoder | None = None
+    # preprocessed frames -> the clusterer's input (`clustering.features`); None: the clusterer takes the latent
+    feature_encoder: OnnxEncoder | None = None
 
     @classmethod
     def load(
@@ -385,17 +393,12 @@ class ModelBundle:
             return bdir / rel
 
         pre = Preprocessor.from_spec(manifest["preprocessing"], threads=compute_threads(intra_op_threads))
-        frame_encoder = None
+        so = session_options or default_session_options(intra_op_threads)
         if runtime == "onnx":
             enc_path = need(manifest["encoder"].get("onnx"), "ONNX encoder")
             verify_versions(manifest, ("onnxruntime",), str(enc_path))
-            so = session_options or default_session_options(intra_op_threads)
             encoder: OnnxEncoder | TorchScriptEncoder = OnnxEncoder(enc_path, session_options=so,
                                                                     providers=providers, device=device)
-            if preprocess_on_device(device_preprocess, encoder.device):
-                frame_encoder = FusedEncoder(encoder, enc_path, pre.spec)
-                log.info("%s: preprocessing runs in the encoder's session on %s (the encode stage's time "
-                         "includes it)", bdir, encoder.device)
         elif runtime == "torchscript":
             if device_preprocess == "on":
                 raise ValueError("device preprocessing needs the ONNX runtime")
@@ -403,6 +406,17 @@ class ModelBundle:
             encoder = TorchScriptEncoder(enc_path, threads=intra_op_threads)
         else:
             raise ValueError(f"runtime must be 'onnx' or 'torchscript', got {runtime!r}")
+        feature_encoder = None
+        if features_rel := manifest["clustering"].get("features"):  # ONNX under either runtime
+            features_path = need(features_rel, "cluster features")
+            verify_versions(manifest, ("onnxruntime",), str(features_path))
+            feature_encoder = OnnxEncoder(features_path, session_options=so, providers=providers, device=device)
+        frame_encoder = None
+        if isinstance(encoder, OnnxEncoder) and preprocess_on_device(device_preprocess, encoder.device):
+            frame_encoder = FusedEncoder(encoder, enc_path, pre.spec,
+                                         features_path=feature_encoder.path if feature_encoder else None)
+            log.info("%s: preprocessing runs in the encoder's session on %s (the encode stage's time includes it)",
+                     bdir, encoder.device)
 
         proj = manifest["projection"]
         if projection == "approximator":
@@ -431,7 +445,8 @@ class ModelBundle:
             ref_clu = z["clusters"].astype(np.int64)
         log.info("loaded bundle %s:%s from %s (runtime=%s, projection=%s)", manifest["name"],
                  manifest["version"], bdir, runtime, projection)
-        return cls(bdir, manifest, pre, encoder, projector, state, settings, ref_emb, ref_clu, frame_encoder)
+        return cls(bdir, manifest, pre, encoder, projector, state, settings, ref_emb, ref_clu, frame_encoder,
+                   feature_encoder)
 
     @property
     def autoencoder_model(self) -> str:
@@ -467,6 +482,14 @@ class ModelBundle:
     def preprocess_spec(self) -> PreprocessSpec:
         return self.preprocessor.spec
 
+    def encode(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(latents, clustering features) of preprocessed frames (B, 1, S, S); the features are the latents
+        where the bundle has no feature graph."""
+        latents = np.asarray(self.encoder.encode(batch), np.float32)
+        if self.feature_encoder is None:
+            return latents, latents
+        return latents, np.asarray(self.feature_encoder.encode(batch), np.float32)
+
     def new_clusterer(self) -> OnlineClusterer:
         return OnlineClusterer(self.clustering_state, self.clustering_settings)
 
@@ -478,9 +501,9 @@ class ModelBundle:
         x = self.preprocessor(frame)[None]
         frame.setflags(write=False)  # received frames are read-only views: numba compiles those separately
         self.preprocessor(frame)
-        z = self.encoder.encode(x)
+        z, features = self.encode(x)
         self.projector.project(z)
-        self.new_clusterer().learn_predict_one(z[0])
+        self.new_clusterer().learn_predict_one(features[0])
         mask = detector_mask(self.preprocess_spec.detector)
         if self.frame_encoder is not None and mask is not None:  # the detector's frames build no session live
             self.frame_encoder.encode_frames([np.zeros(mask.shape, np.int32)])

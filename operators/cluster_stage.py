@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class ClusterStage(BatchStage[Work]):
-    """Online clustering in the latent; one clusterer per run. Learning is sequential by nature.
+    """Online clustering in the latent (or the bundle's cluster features); one clusterer per run. Learning is sequential by nature.
 
     Touched by the compute thread only. With a worker (``recluster="process"``) the clusterer is in manual
     mode: `step` applies the worker's labels when they are back and sends it the next snapshot when one is due.
@@ -65,7 +65,8 @@ class ClusterStage(BatchStage[Work]):
         if self.clusterer is None:
             self.reset()
         for work in items:
-            work.assignment = self.clusterer.learn_predict_one(work.latent, index=work.frame.index)
+            x = work.latent if work.features is None else work.features
+            work.assignment = self.clusterer.learn_predict_one(x, index=work.frame.index)
 
     @property
     def job_running(self) -> Future[Any] | None:

@@ -220,6 +220,27 @@ def fuse(preprocess: Any, encoder: Any) -> Any:
                                 producer_name="latent-stream fused encoder")
 
 
+def side_by_side(first: Any, second: Any) -> Any:
+    """One model of two that read the same input: ``first``'s outputs, then ``second``'s (names prefixed)."""
+    from onnx import compose, helper
+
+    second = compose.add_prefix(second, "features.")
+    shared, theirs = first.graph.input[0].name, second.graph.input[0].name
+    nodes = list(second.graph.node)
+    for node in nodes:
+        node.input[:] = [shared if name == theirs else name for name in node.input]
+    graph = helper.make_graph(
+        list(first.graph.node) + nodes, "encoder and cluster features", [first.graph.input[0]],
+        list(first.graph.output) + list(second.graph.output),
+        initializer=list(first.graph.initializer) + list(second.graph.initializer),
+        value_info=list(first.graph.value_info) + list(second.graph.value_info))
+    opsets = {o.domain: o for o in [*second.opset_import, *first.opset_import]}
+    model = helper.make_model(graph, opset_imports=list(opsets.values()),
+                              functions=list(first.functions) + list(second.functions))
+    model.ir_version = max(first.ir_version, second.ir_version)
+    return model
+
+
 class SessionRunner(Protocol):
     """What the fused encoder needs of `operators.bundle.OnnxEncoder`: sessions on its providers, runs on its
     device (IO binding on a GPU)."""
@@ -228,20 +249,22 @@ class SessionRunner(Protocol):
 
     def new_session(self, model: bytes | Path) -> Any: ...
 
-    def run(self, session: Any, x: np.ndarray) -> np.ndarray: ...
+    def run(self, session: Any, x: np.ndarray) -> list[np.ndarray]: ...
 
 
 class FusedEncoder:
-    """encode_frames(raw frames) -> (B, latent_dim) latent means: preprocessing and encoder in one session.
+    """encode_frames(raw frames) -> (latents, features): preprocessing, encoder and the bundle's cluster feature
+    graph (``features_path``; without one the features are the latents) in one session.
 
     A session is built per (shape, dtype) when a frame first has it (logged, with the time it took) and the
     last `SESSIONS_KEPT` are kept. A batch of mixed shapes runs as one call per shape, in frame order.
     """
 
     def __init__(self, runner: SessionRunner, encoder_path: Path, spec: PreprocessSpec, *,
-                 static_mask: np.ndarray | None = None) -> None:
+                 static_mask: np.ndarray | None = None, features_path: Path | None = None) -> None:
         self.runner = runner
         self.encoder_path = Path(encoder_path)
+        self.features_path = features_path
         self.spec = spec
         self._static_mask = static_mask
         self._session: Callable[[tuple[int, int], str], Any] = functools.lru_cache(SESSIONS_KEPT)(self._build)
@@ -251,6 +274,8 @@ class FusedEncoder:
 
         t0 = time.perf_counter()
         encoder = onnx.load(str(self.encoder_path))
+        if self.features_path is not None:
+            encoder = side_by_side(encoder, onnx.load(str(self.features_path)))
         opset = next(o.version for o in encoder.opset_import if o.domain in ("", "ai.onnx"))
         pre = preprocess_graph(self.spec, shape, np.dtype(dtype), static_mask=self._static_mask, opset=opset,
                                ir_version=encoder.ir_version)
@@ -263,18 +288,20 @@ class FusedEncoder:
         """Build (or keep) the session of this frame shape and dtype before the first such frame arrives."""
         self._session(tuple(shape), np.dtype(dtype).str)
 
-    def encode_frames(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def encode_frames(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         frames = [check_frame(im) for im in images]
         groups: dict[tuple[tuple[int, int], str], list[int]] = {}
         for i, f in enumerate(frames):
             groups.setdefault((f.shape, f.dtype.str), []).append(i)
-        out: np.ndarray | None = None
+        out: list[np.ndarray] = []
         for (shape, dtype), members in groups.items():
             # one frame is bound in place; a batch is stacked once on the host, then copied to the device once
             batch = frames[members[0]][None] if len(members) == 1 else np.stack([frames[i] for i in members])
-            latents = self.runner.run(self._session(shape, dtype), np.ascontiguousarray(batch))
-            if out is None:
-                out = np.empty((len(frames), latents.shape[1]), np.float32)
-            out[members] = latents
-        assert out is not None  # images is never empty: the encode stage has frames
-        return out
+            results = self.runner.run(self._session(shape, dtype), np.ascontiguousarray(batch))
+            if not out:
+                out = [np.empty((len(frames), r.shape[1]), np.float32) for r in results]
+            for o, r in zip(out, results, strict=True):
+                o[members] = r
+        if not out:
+            raise ValueError("no frames to encode")
+        return out[0], out[-1]

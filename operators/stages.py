@@ -34,6 +34,7 @@ class Work:
     slot: int  # row of the batch buffer this frame's tensor lives in
     tensor: np.ndarray | None = None  # (1, S, S) float32, a view on that row
     latent: np.ndarray | None = None  # (latent_dim,) float32
+    features: np.ndarray | None = None  # the bundle's cluster features; None: the clusterer takes the latent
     xy: np.ndarray | None = None  # (2,) float32
     assignment: Any = None  # the clusterer's Assignment(cluster, novelty, is_new)
     timings: StageTimings = field(default_factory=StageTimings)
@@ -66,19 +67,21 @@ class EncodeStage(BatchStage[Work]):
     def process_many(self, items: Sequence[Work]) -> None:
         n = len(items)
         if self.bundle.frame_encoder is not None:
-            latents = self.bundle.frame_encoder.encode_frames([w.frame.image for w in items])
+            latents, features = self.bundle.frame_encoder.encode_frames([w.frame.image for w in items])
         else:
             if all(work.slot == i for i, work in enumerate(items)):
                 batch = self.buffer[:n]  # the usual case: the batch is already contiguous, no copy
             else:  # some frames were rejected earlier in this batch
                 batch = np.stack([w.tensor for w in items])
-            latents = np.asarray(self.bundle.encoder.encode(batch), dtype=np.float32)
-        if latents.shape != (len(items), self.bundle.latent_dim):
-            raise ValueError(f"encoder returned {latents.shape} for a batch of {len(items)}")
-        if not np.isfinite(latents).all():
-            raise NonFiniteOutput("latent contains NaN or inf")
-        for work, latent in zip(items, latents, strict=True):
-            work.latent = latent
+            latents, features = self.bundle.encode(batch)
+        if latents.shape != (len(items), self.bundle.latent_dim) or len(features) != len(items):
+            raise ValueError(f"encoder returned {latents.shape} and features {features.shape} for a batch of "
+                             f"{len(items)}")
+        if not (np.isfinite(latents).all() and np.isfinite(features).all()):
+            raise NonFiniteOutput("latent or cluster features contain NaN or inf")
+        own_features = features is not latents
+        for work, latent, feature in zip(items, latents, features, strict=True):
+            work.latent, work.features = latent, (feature if own_features else None)
 
 
 class ProjectStage(BatchStage[Work]):

@@ -29,7 +29,8 @@ def _absolute(source: str) -> str:
 def encode_sources(
     sources: list[FrameSource], bundle: Any, *, progress: bool
 ) -> tuple[np.ndarray, list[dict], int]:
-    """(latents, origins, frames skipped as unreadable) over all sources, with a progress bar and ETA."""
+    """(latents, the clusterer's features, origins, frames skipped as unreadable) over all sources, with a
+    progress bar and ETA; the features are the latents where the bundle has no cluster feature graph."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -41,13 +42,16 @@ def encode_sources(
 
     total = sum(s.count for s in sources)
     latents: list[np.ndarray] = []
+    features: list[np.ndarray] = []
     origins: list[dict] = []
     skipped = 0
     batch: list[np.ndarray] = []
 
     def flush() -> None:
         if batch:
-            latents.append(bundle.encoder.encode(np.stack(batch)))
+            z, f = bundle.encode(np.stack(batch))
+            latents.append(z)
+            features.append(f)
             batch.clear()
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -71,11 +75,9 @@ def encode_sources(
                     flush()
                 bar.advance(task)
         flush()
-    return (
-        (np.concatenate(latents) if latents else np.zeros((0, bundle.latent_dim), np.float32)),
-        origins,
-        skipped,
-    )
+    if not latents:
+        return np.zeros((0, bundle.latent_dim), np.float32), np.zeros((0, 0), np.float32), origins, skipped
+    return np.concatenate(latents), np.concatenate(features), origins, skipped
 
 
 def adapt(
@@ -113,7 +115,7 @@ def adapt(
     except (ReplayError, BundleError) as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
-        latents, origins, skipped = encode_sources(opened, base, progress=progress)
+        latents, features, origins, skipped = encode_sources(opened, base, progress=progress)
     finally:
         for src in opened:
             if src.close is not None:
@@ -125,8 +127,8 @@ def adapt(
     }  # fmt: skip
     settings = AdaptSettings(seed=seed, max_error=max_approx_error, name=name)
     try:
-        report = adapt_bundle(latents, origins, base, out, settings=settings, provenance=provenance,
-                              stage=lambda s: typer.echo(f"adapt: {s}", err=True))  # fmt: skip
+        report = adapt_bundle(latents, origins, base, out, features=features, settings=settings,
+                              provenance=provenance, stage=lambda s: typer.echo(f"adapt: {s}", err=True))  # fmt: skip
     except ApproximatorRefused as exc:
         typer.echo(f"adapt: refused: {exc}", err=True)
         raise typer.Exit(code=3) from None

@@ -46,6 +46,11 @@ def test_adapt_on_real_cbf_frames_writes_a_bundle_serve_can_load_without_torch(a
     latents = bundle.encoder.encode(np.stack([bundle.preprocessor(_cbf(s["source"])) for s in sources]))
     served = OnnxProjector(out / "projector.onnx").project(latents)
     np.testing.assert_allclose(served, bundle.reference_embedding, atol=1e-4)
+    # the clustering is refitted on what it will take live: the base's cluster features where it has them
+    base = ModelBundle.load()
+    assert bundle.manifest["clustering"].get("features") == base.manifest["clustering"].get("features")
+    _, features = bundle.encode(np.stack([bundle.preprocessor(_cbf(s["source"])) for s in sources]))
+    assert bundle.clustering_state.mean.shape == (features.shape[1],)
 
 
 def _cbf(path: str) -> np.ndarray:

@@ -51,7 +51,8 @@ def test_default_bundle_serves_one_frame_through_the_runtime_api(bundle: ModelBu
     assert z.shape == (1, bundle.latent_dim) == (1, 512) and z.dtype == np.float32
     xy = bundle.projector.project(z)
     assert xy.shape == (1, 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
-    a = bundle.new_clusterer().learn_predict_one(z[0])
+    _, features = bundle.encode(x[None])
+    a = bundle.new_clusterer().learn_predict_one(features[0])
     assert isinstance(a.cluster, int) and np.isfinite(a.novelty)
     assert bundle.autoencoder_model.count(":") == 1 and bundle.dimred_model.count(":") == 1
     n = len(bundle.reference_embedding)
@@ -85,7 +86,8 @@ def test_default_bundle_is_small_enough_to_ship() -> None:
     assert total < 20e6
 
 
-@pytest.mark.parametrize("name", ["encoder.onnx", "projector.onnx", "clustering.npz", "umap.joblib"])
+@pytest.mark.parametrize("name", ["encoder.onnx", "cluster_features.onnx", "projector.onnx", "clustering.npz",
+                                  "umap.joblib"])
 def test_a_tampered_file_is_refused_naming_it(copy: Path, name: str) -> None:
     with open(copy / name, "r+b") as f:
         f.seek(100)

@@ -42,10 +42,10 @@ def test_the_bound_follows_a_real_project_run_in_both_spaces(default_bundle) -> 
     run = encode_runs(default_bundle, ("crystallization",), (7001,), 120, keep_pixels=True)[0]
     row = bound_row(run)
     assert (row.family, row.scenario, row.seed) == ("project", "crystallization", 7001)
-    assert row.ari["latent"] >= 0.9 and row.ari["pixels"] >= 0.9
-    assert row.separable["latent"] >= 0.9 and row.separable["pixels"] >= 0.9
+    assert row.ari["served"] >= 0.9 and row.ari["pixels"] >= 0.9
+    assert row.separable["served"] >= 0.9 and row.separable["pixels"] >= 0.9
     s = summary([row])
-    assert s["project/latent/ari"]["runs"] == 1
+    assert s["project/served/ari"]["runs"] == 1
     assert s["project/pixels/separable"]["worst"] == pytest.approx(row.separable["pixels"])
 
 
@@ -73,7 +73,7 @@ def test_a_cluster_embedding_learns_to_pair_views_resumes_and_scores_a_run(defau
     features = Embedding.load(ckpt)(run.pixels)
     assert features.shape == (24, 8 * whole.width)
     row = bound_row(run, Embedding.load(ckpt))
-    assert set(row.ari) == set(row.separable) == {"latent", "pixels", "embedding"}
+    assert set(row.ari) == set(row.separable) == {"served", "pixels", "embedding"}
 
     from operators.model.embedding_clustering import compare
     from operators.model.tune_clustering import encode_independent_runs, score_independent
@@ -82,7 +82,7 @@ def test_a_cluster_embedding_learns_to_pair_views_resumes_and_scores_a_run(defau
     independent = encode_independent_runs(default_bundle, (VALIDATION_SEEDS[0],), 60, keep_pixels=True)[0]
     shipped = default_bundle.clustering_settings
     latent, embedded = compare(default_bundle, Embedding.load(ckpt), [run, independent], [shipped], 40)
-    assert (latent.space, embedded.space) == ("latent", "embedding")
+    assert (latent.space, embedded.space) == ("served", "embedding")
     served = score_independent(default_bundle.clustering_state, shipped, independent)
     assert latent.independent_mean == pytest.approx(served["ari"]), "the latent row is the clustering as served"
     assert latent.phases_after_a_ramp == embedded.phases_after_a_ramp == len(served["lags"]) - 1

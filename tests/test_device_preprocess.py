@@ -121,10 +121,13 @@ def test_the_fused_session_encodes_raw_frames_to_the_host_paths_latents(
     fused_bundle: ModelBundle, default_bundle: ModelBundle, pilatus_frames: np.ndarray
 ) -> None:
     assert fused_bundle.frame_encoder is not None and default_bundle.frame_encoder is None  # CPU: off by default
-    fused = fused_bundle.frame_encoder.encode_frames(list(pilatus_frames))
-    host = default_bundle.encoder.encode(default_bundle.preprocessor.batch(list(pilatus_frames)))
+    fused, fused_features = fused_bundle.frame_encoder.encode_frames(list(pilatus_frames))
+    host, host_features = default_bundle.encode(default_bundle.preprocessor.batch(list(pilatus_frames)))
     assert fused.shape == host.shape == (len(pilatus_frames), default_bundle.latent_dim)
     assert np.abs(fused - host).max() <= LATENT_RTOL * np.abs(host).max()
+    # the clustering's input comes out of the same session, as the host path computes it
+    assert fused_features.shape == host_features.shape
+    assert np.abs(fused_features - host_features).max() <= LATENT_RTOL * np.abs(host_features).max()
 
 
 def test_a_batch_of_mixed_shapes_is_encoded_in_frame_order_and_few_shapes_are_kept(
@@ -132,9 +135,10 @@ def test_a_batch_of_mixed_shapes_is_encoded_in_frame_order_and_few_shapes_are_ke
 ) -> None:
     shapes = [(200 + 10 * k, 150) for k in range(SESSIONS_KEPT + 1)]
     frames = [ring(shape, seed=k) for k, shape in enumerate(shapes)] + [ring(shapes[0], seed=9)]
-    fused = fused_bundle.frame_encoder.encode_frames(frames)
-    host = default_bundle.encoder.encode(default_bundle.preprocessor.batch(frames))
+    fused, fused_features = fused_bundle.frame_encoder.encode_frames(frames)
+    host, host_features = default_bundle.encode(default_bundle.preprocessor.batch(frames))
     assert np.abs(fused - host).max() <= LATENT_RTOL * np.abs(host).max()
+    assert np.abs(fused_features - host_features).max() <= LATENT_RTOL * np.abs(host_features).max()
     assert fused_bundle.frame_encoder._session.cache_info().currsize == SESSIONS_KEPT  # bounded, most recent
 
 
@@ -152,6 +156,8 @@ def test_the_compute_path_gives_the_same_points_with_device_preprocessing(pilatu
     for g, w in zip(got[:-1], want[:-1], strict=True):
         np.testing.assert_allclose(g.xy, w.xy, rtol=0, atol=POINT_ATOL)
         assert np.abs(g.latent - w.latent).max() <= LATENT_RTOL * np.abs(w.latent).max()
+        if w.features is not None:  # the bundle's clustering takes its cluster features
+            assert np.abs(g.features - w.features).max() <= LATENT_RTOL * np.abs(w.features).max()
 
 
 def test_device_preprocessing_is_on_for_gpu_encoders_by_default_and_selectable() -> None:

@@ -3,7 +3,8 @@
     latents (encoded by BASE's ONNX encoder) -> hold back a tenth -> UMAP (the paper's settings, capped to
     the data) on the rest -> two approximators (an MLP, scikit-learn; a soft nearest-neighbour kernel) ->
     each checked against umap-learn's own `transform` on the held-back frames; the more faithful is served ->
-    refused, or written with the clustering reference and where each frame came from.
+    refused, or written with the clustering reference and where each frame came from. The clustering is refitted
+    on the frames' clustering input (BASE's cluster features where it has them, which travel with the encoder).
 
 The check's unit is the map's extent: the longer side of the bounding box of the fitted UMAP embedding. The
 bundle is refused (`ApproximatorRefused`, nothing written) when the root-mean-square distance between the
@@ -115,11 +116,13 @@ def adapt_bundle(
     base: ModelBundle,
     out: Path,
     *,
+    features: np.ndarray | None = None,
     settings: AdaptSettings = AdaptSettings(),
     provenance: dict[str, Any] | None = None,
     stage: Callable[[str], None] = lambda s: None,
 ) -> AdaptReport:
-    """Fit, check and write (see module doc). origins[i]: where frame i came from ({source, index, dataset})."""
+    """Fit, check and write (see module doc). origins[i]: where frame i came from ({source, index, dataset});
+    features[i]: what BASE's clustering takes for frame i (`ModelBundle.encode`; default: its latent)."""
     import joblib
     import umap
 
@@ -168,7 +171,10 @@ def adapt_bundle(
         )
 
     stage("clustering")
-    state, ref_clusters = fit_clustering(latents, base.clustering_settings, min_cluster_size=min_cluster_size,
+    features = latents if features is None else features
+    if len(features) != n:
+        raise AdaptError(f"{len(features)} feature rows for {n} frames")
+    state, ref_clusters = fit_clustering(features, base.clustering_settings, min_cluster_size=min_cluster_size,
                                          seed=settings.seed)  # fmt: skip
 
     stage("writing the bundle")
@@ -176,8 +182,9 @@ def adapt_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".adapt-", dir=out.parent))
     try:
-        enc_rel = base.manifest["encoder"]["onnx"]
-        shutil.copy2(base.path / enc_rel, work / enc_rel)
+        for rel in (base.manifest["encoder"]["onnx"], base.manifest["clustering"].get("features")):
+            if rel:  # the clustering's feature graph travels with the encoder: the new state is fitted on it
+                shutil.copy2(base.path / rel, work / rel)
         if kind == "mlp":
             export_mlp_onnx(candidates["mlp"], work / APPROX_ONNX)
         else:

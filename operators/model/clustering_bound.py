@@ -13,7 +13,7 @@ serving does; then, per run and per feature space, two figures on the plateau fr
   whether the space holds the phases apart at all. High `separable` under a low `ari`: the clustering, not the
   space, loses the phases (ramps bridging them, or the wrong number of clusters).
 Feature spaces:
-- `latent`: the bundle's encoder, L2-normalised (what the online clustering sees);
+- `served`: what the bundle's clustering takes (its cluster features, else its latents), L2-normalised;
 - `pixels`: the preprocessed frame averaged over 8 x 8 blocks, each frame standardised (zero mean, unit
   variance, so flux and global scale are gone): nothing learnt;
 - `embedding` (with `--embedding`): the features of a `cluster_embedding` checkpoint, L2-normalised.
@@ -111,7 +111,7 @@ def bound_row(run: EncodedRun, embedding: Callable[[np.ndarray], np.ndarray] | N
     """The run's figures in each space (`embedding`: kept pixels -> features, e.g. a `cluster_embedding.Embedding`)."""
     if run.pixels is None:
         raise ValueError("the run was encoded without its pixels (keep_pixels=True)")
-    spaces = {"latent": l2_normalise(run.latents),
+    spaces = {"served": l2_normalise(run.features),
               "pixels": standardised([pooled_pixels(p, PIXEL_POOL // KEPT_PIXEL_POOL) for p in run.pixels])}
     if embedding is not None:
         spaces["embedding"] = l2_normalise(embedding(run.pixels))

@@ -6,7 +6,7 @@
 Each validation run (the project's scenarios, seeds 7001-7004; the independent family's validation seeds) is
 encoded once with its pixels kept (`tune_clustering`), and its frames embedded (`cluster_embedding`). Every
 setting of the grid is then replayed through a fresh `OnlineClusterer`, the service's own, in two spaces:
-- `latent`: the bundle's latents and its fitted clustering state, as served today;
+- `served`: the bundle's clustering input (its cluster features, else its latents) and fitted state, as served;
 - `embedding`: the embedding's features in place of the latents, with a state (reduction and reference clusters)
   fitted by `fit_clustering` on `--reference-frames` frames of the project's training scenario (seed 100).
 Reported per space and setting: the project's mean and worst ARI (corrections applied), the independent
@@ -40,7 +40,7 @@ ONSET_FRAMES = 5
 
 @dataclass(frozen=True)
 class OnlineRow:
-    space: str  # "latent" | "embedding"
+    space: str  # "served" | "embedding"
     drift: float
     noise_factor: float
     recluster_every: int
@@ -57,7 +57,7 @@ def embedded(runs: list[EncodedRun], embed: Callable[[np.ndarray], np.ndarray]) 
     """The runs with the embedding's features of their kept pixels in place of their latents."""
     if any(r.pixels is None for r in runs):
         raise ValueError("runs must be encoded with keep_pixels=True")
-    return [replace(r, latents=np.asarray(embed(r.pixels), np.float32)) for r in runs]
+    return [replace(r, features=np.asarray(embed(r.pixels), np.float32)) for r in runs]
 
 
 def reference_state(bundle: ModelBundle, embed: Callable[[np.ndarray], np.ndarray], n_frames: int,
@@ -78,7 +78,7 @@ def reference_state(bundle: ModelBundle, embed: Callable[[np.ndarray], np.ndarra
 def score(space: str, state: ClusterState, settings: ClusteringSettings, runs: list[EncodedRun]) -> OnlineRow:
     from sklearn.metrics import adjusted_rand_score
 
-    project = [adjusted_rand_score(r.phases, replay(state, settings, r.latents,
+    project = [adjusted_rand_score(r.phases, replay(state, settings, r.features,
                                                     corrected=settings.recluster_every > 0))
                for r in runs if r.scenario != "independent"]
     independent = [score_independent(state, settings, r) for r in runs if r.scenario == "independent"]
@@ -97,7 +97,7 @@ def compare(bundle: ModelBundle, embed: Callable[[np.ndarray], np.ndarray], runs
     emb_runs = embedded(runs, embed)
     rows = []
     for cand in candidates:
-        rows.append(score("latent", bundle.clustering_state, cand, runs))
+        rows.append(score("served", bundle.clustering_state, cand, runs))
         rows.append(score("embedding", state, cand, emb_runs))
         log.info("%s | %s", rows[-2], rows[-1])
     return rows

@@ -132,16 +132,16 @@ def evaluate_run(bundle: ModelBundle, scenario: str, seed: int, n_frames: int) -
     for fr in generate_scan(scenario, n_frames, seed=seed):
         t0 = time.perf_counter()
         bundle.preprocessor(fr.image, out=buf[0])
-        z = bundle.encoder.encode(buf)
+        z, features = bundle.encode(buf)
         p = bundle.projector.project(z)
-        a = clusterer.learn_predict_one(z[0])
+        a = clusterer.learn_predict_one(features[0])
         t_compute += time.perf_counter() - t0
         xy.append(p[0])
         ids.append(a.cluster)
         phases.append(fr.phase)
         nov.append(a.novelty)
         new += int(a.is_new)
-        reduced.append(state.reduce(z)[0])
+        reduced.append(state.reduce(features)[0])
         pooled.append(pooled_pixels(buf[0, 0]))
     xy_a, ids_a, ph_a = np.asarray(xy), np.asarray(ids), np.asarray(phases)
     jump, between = continuity(xy_a, ph_a)
@@ -254,9 +254,9 @@ def evaluate_independent_run(bundle: ModelBundle, seed: int, n_frames: int) -> I
     for fr in Renderer(spec):
         t0 = time.perf_counter()
         bundle.preprocessor(fr.image, out=buf[0])
-        z = bundle.encoder.encode(buf)
+        z, features = bundle.encode(buf)
         p = bundle.projector.project(z)
-        a = clusterer.learn_predict_one(z[0])
+        a = clusterer.learn_predict_one(features[0])
         fixes = take_corrections() if take_corrections else None
         t_compute += time.perf_counter() - t0
         if fixes:
@@ -266,7 +266,7 @@ def evaluate_independent_run(bundle: ModelBundle, seed: int, n_frames: int) -> I
         xy.append(p[0])
         live.append(a.cluster)
         new += int(a.is_new)
-        reduced.append(state.reduce(z)[0])
+        reduced.append(state.reduce(features)[0])
         pooled.append(pooled_pixels(buf[0, 0]))
     labels, live_a = spec.labels(), np.asarray(live)
     final = live_a.copy()

@@ -2,11 +2,13 @@
 
     python -m operators.model.tune_clustering [--bundle PATH] [--seeds 7001 7002] [--frames 120]
         [--drift 0.2 0.1 0.05] [--noise-factor 6 10 14] [--recluster-every 0 3] [--run-min-cluster-size 6 10]
-        [--epsilon-factor 1] [--json out.json]
+        [--epsilon-factor 1] [--spread-factor 0 2] [--spread-weight 0.05] [--independent-runs 24] [--json out.json]
 
 The run's re-clustering (operators.clustering, off by default) is swept with the --recluster-* options;
 `encode_independent_runs` + `score_independent` score settings on the independent family's validation seeds
-(ARI after corrections on plateau frames, onset lags) as `evaluate --family independent` does.
+(ARI after corrections on plateau frames, onset lags) as `evaluate --family independent` does; with
+`--independent-runs N` the sweep scores the first N of them beside the project's runs and ranks the settings
+by the independent family's worst run first.
 
 Each validation run (scenario x seed) is encoded once through the serving path (preprocessor -> encoder, batch
 1, exactly as `operators.model.evaluate`); then every setting is replayed on the cached latents with a fresh
@@ -41,7 +43,7 @@ KEPT_PIXEL_POOL = 4  # keep_pixels: the preprocessed frame over 4 x 4 blocks (12
 class EncodedRun:
     scenario: str
     seed: int
-    latents: np.ndarray  # (n, latent_dim) float32, in frame order
+    features: np.ndarray  # (n, d) float32 the clusterer's input (`ModelBundle.encode`), in frame order
     phases: np.ndarray  # (n,) ground-truth phase labels
     pixels: np.ndarray | None = None  # (n, S/4, S/4) the preprocessed frames, pooled (keep_pixels)
 
@@ -52,6 +54,11 @@ class SweepRow:
     mean_ari: float
     min_ari: float
     ari: dict[str, float]  # "scenario/seed" -> ARI
+    # the independent family's validation runs, where given: ARI after corrections (as `evaluate` reports it)
+    independent_mean_ari: float | None = None
+    independent_min_ari: float | None = None
+    independent_below: int | None = None  # runs under 0.9, the issue's bar
+    onsets_within_5: str | None = None  # "k/n": phases after a ramp that got an id of their own within 5 frames
 
 
 def encode_runs(bundle: ModelBundle, scenarios: tuple[str, ...], seeds: tuple[int, ...], n_frames: int,
@@ -68,14 +75,14 @@ def encode_runs(bundle: ModelBundle, scenarios: tuple[str, ...], seeds: tuple[in
     runs = []
     for scenario in scenarios:
         for seed in seeds:
-            lat, ph, pix = [], [], []
+            feats, ph, pix = [], [], []
             for fr in generate_scan(scenario, n_frames, seed=seed):
                 bundle.preprocessor(fr.image, out=buf[0])
-                lat.append(bundle.encoder.encode(buf)[0].copy())
+                feats.append(bundle.encode(buf)[1][0].copy())
                 ph.append(fr.phase)
                 if keep_pixels:
                     pix.append(pooled_pixels(buf[0, 0], KEPT_PIXEL_POOL))
-            runs.append(EncodedRun(scenario, seed, np.asarray(lat, np.float32), np.asarray(ph),
+            runs.append(EncodedRun(scenario, seed, np.asarray(feats, np.float32), np.asarray(ph),
                                    np.asarray(pix, np.float32) if keep_pixels else None))
             log.info("encoded %s seed %d: %d frames", scenario, seed, n_frames)
     return runs
@@ -94,13 +101,13 @@ def encode_independent_runs(bundle: ModelBundle, seeds: tuple[int, ...], n_frame
     runs = []
     for seed in seeds:
         spec = draw_run(seed, n_frames)
-        lat, pix = [], []
+        feats, pix = [], []
         for fr in Renderer(spec):
             bundle.preprocessor(fr.image, out=buf[0])
-            lat.append(bundle.encoder.encode(buf)[0].copy())
+            feats.append(bundle.encode(buf)[1][0].copy())
             if keep_pixels:
                 pix.append(pooled_pixels(buf[0, 0], KEPT_PIXEL_POOL))
-        runs.append(EncodedRun("independent", seed, np.asarray(lat, np.float32), np.asarray(spec.labels()),
+        runs.append(EncodedRun("independent", seed, np.asarray(feats, np.float32), np.asarray(spec.labels()),
                                np.asarray(pix, np.float32) if keep_pixels else None))
         log.info("encoded independent seed %d: %d frames", seed, n_frames)
     return runs
@@ -115,7 +122,7 @@ def score_independent(state: ClusterState, settings: ClusteringSettings, run: En
 
     clusterer = OnlineClusterer(state, settings)
     live, corrections = [], []
-    for f, z in enumerate(run.latents):
+    for f, z in enumerate(run.features):
         live.append(clusterer.learn_predict_one(z).cluster)
         fixes = clusterer.corrections()
         corrections += [(f, int(i), int(c)) for i, c in zip(fixes.indices, fixes.clusters, strict=True)]
@@ -142,27 +149,43 @@ def replay(state: ClusteringSettings | ClusterState, settings: ClusteringSetting
     return out
 
 
-def sweep(state: ClusterState, runs: list[EncodedRun], candidates: list[ClusteringSettings]) -> list[SweepRow]:
-    """One row per candidate setting, best mean ARI first (ties: better worst run first)."""
+def sweep(state: ClusterState, runs: list[EncodedRun], candidates: list[ClusteringSettings],
+          independent: list[EncodedRun] | None = None) -> list[SweepRow]:
+    """One row per candidate setting, best mean ARI first (ties: better worst run first); with ``independent``
+    runs, best worst independent run first, then the project's mean."""
     from sklearn.metrics import adjusted_rand_score
 
     rows = []
     for cand in candidates:
-        ari = {f"{r.scenario}/{r.seed}": float(adjusted_rand_score(r.phases, replay(state, cand, r.latents)))
+        ari = {f"{r.scenario}/{r.seed}": float(adjusted_rand_score(r.phases, replay(state, cand, r.features)))
                for r in runs}
         vals = list(ari.values())
-        rows.append(SweepRow(cand.to_dict(), float(np.mean(vals)), float(np.min(vals)), ari))
-    rows.sort(key=lambda r: (-r.mean_ari, -r.min_ari))
+        row = SweepRow(cand.to_dict(), float(np.mean(vals)), float(np.min(vals)), ari)
+        if independent:
+            scored = [score_independent(state, cand, r) for r in independent]
+            ind = [x["ari"] for x in scored]
+            lags = [lag for x in scored for lag in x["lags"][1:]]
+            row = replace(row, independent_mean_ari=float(np.mean(ind)), independent_min_ari=float(np.min(ind)),
+                          independent_below=int(sum(a < 0.9 for a in ind)),
+                          onsets_within_5=f"{sum(lag is not None and lag <= 5 for lag in lags)}/{len(lags)}")
+        rows.append(row)
+    if independent:
+        rows.sort(key=lambda r: (-(r.independent_min_ari or 0.0), -r.mean_ari))
+    else:
+        rows.sort(key=lambda r: (-r.mean_ari, -r.min_ari))
     return rows
 
 
 def grid(base: ClusteringSettings, drift: list[float], noise_factor: list[float],
          recluster_every: list[int] | None = None, min_cluster_size: list[int] | None = None,
-         epsilon_factor: list[float] | None = None) -> list[ClusteringSettings]:
-    return [replace(base, drift=d, noise_factor=n, recluster_every=r, run_min_cluster_size=m, run_epsilon_factor=e)
-            for d, n, r, m, e in itertools.product(
+         epsilon_factor: list[float] | None = None, spread_factor: list[float] | None = None,
+         spread_weight: list[float] | None = None) -> list[ClusteringSettings]:
+    return [replace(base, drift=d, noise_factor=n, recluster_every=r, run_min_cluster_size=m, run_epsilon_factor=e,
+                    spread_factor=k, spread_weight=w)
+            for d, n, r, m, e, k, w in itertools.product(
                 drift, noise_factor, recluster_every or [base.recluster_every],
-                min_cluster_size or [base.run_min_cluster_size], epsilon_factor or [base.run_epsilon_factor])]
+                min_cluster_size or [base.run_min_cluster_size], epsilon_factor or [base.run_epsilon_factor],
+                spread_factor or [base.spread_factor], spread_weight or [base.spread_weight])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recluster-every", type=int, nargs="+", default=None, help="0: no re-clustering")
     p.add_argument("--run-min-cluster-size", type=int, nargs="+", default=None)
     p.add_argument("--epsilon-factor", type=float, nargs="+", default=None)
+    p.add_argument("--spread-factor", type=float, nargs="+", default=None, help="0: a regime's reach is tau")
+    p.add_argument("--spread-weight", type=float, nargs="+", default=None)
+    p.add_argument("--independent-runs", type=int, default=0,
+                   help="also score this many of the independent family's validation runs")
     p.add_argument("--allow-heldout", action="store_true", help="permit held-out seeds (reporting only)")
     p.add_argument("--json", default=None, help="write all rows here")
     a = p.parse_args(argv)
@@ -185,14 +212,22 @@ def main(argv: list[str] | None = None) -> None:
     bundle = ModelBundle.load(a.bundle)
     bundle.warmup()
     runs = encode_runs(bundle, tuple(a.scenarios), tuple(a.seeds), a.frames, allow_heldout=a.allow_heldout)
+    independent = []
+    if a.independent_runs:
+        from stream.independent import VALIDATION_SEEDS as INDEPENDENT_VALIDATION
+
+        independent = encode_independent_runs(bundle, INDEPENDENT_VALIDATION[:a.independent_runs], a.frames)
     rows = sweep(bundle.clustering_state, runs, grid(bundle.clustering_settings, a.drift, a.noise_factor,
                                                         a.recluster_every, a.run_min_cluster_size,
-                                                        a.epsilon_factor))
+                                                        a.epsilon_factor, a.spread_factor, a.spread_weight),
+                 independent)
     for r in rows:
-        log.info("drift %.3g noise_factor %.3g recluster_every %d min_cluster_size %d epsilon_factor %.3g: "
-                 "mean ARI %.3f, min %.3f", r.settings["drift"], r.settings["noise_factor"],
-                 r.settings["recluster_every"], r.settings["run_min_cluster_size"],
-                 r.settings["run_epsilon_factor"], r.mean_ari, r.min_ari)
+        log.info("drift %.3g noise_factor %.3g recluster_every %d min_cluster_size %d epsilon_factor %.3g "
+                 "spread_factor %.3g: mean ARI %.3f, min %.3f; independent %s", r.settings["drift"],
+                 r.settings["noise_factor"], r.settings["recluster_every"], r.settings["run_min_cluster_size"],
+                 r.settings["run_epsilon_factor"], r.settings["spread_factor"], r.mean_ari, r.min_ari,
+                 f"{r.independent_mean_ari:.3f} / {r.independent_min_ari:.3f} ({r.independent_below} below 0.9, "
+                 f"onsets {r.onsets_within_5})" if independent else "not scored")
     if a.json:
         Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
 

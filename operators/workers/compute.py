@@ -31,6 +31,7 @@ class Computed:
     index: int
     xy: np.ndarray | None  # (2,) float32; None when rejected
     latent: np.ndarray | None  # (latent_dim,) float32; None when rejected
+    features: np.ndarray | None  # the bundle's cluster features; None: rejected, or the clusterer takes the latent
     preprocess_s: float = 0.0
     encode_s: float = 0.0
     project_s: float = 0.0
@@ -73,7 +74,7 @@ class FrameCompute:
 
         def reject(work: Work, stage: BatchStage[Work], exc: BaseException) -> None:
             reason = "non_finite_output" if isinstance(exc, NonFiniteOutput) else stage.reject_reason
-            rejected[work.slot] = Computed(work.frame.index, None, None, reject_reason=reason, error=repr(exc))
+            rejected[work.slot] = Computed(work.frame.index, None, None, None, reject_reason=reason, error=repr(exc))
 
         items = [Work(_bare_frame(i, img), slot) for slot, (i, img) in enumerate(zip(indices, images, strict=True))]
         for stage in self._stages:
@@ -84,6 +85,7 @@ class FrameCompute:
                 setattr(work.timings, stage.name, elapsed)
         done = {
             w.slot: Computed(w.frame.index, np.asarray(w.xy, np.float32), np.array(w.latent, np.float32),
+                             None if w.features is None else np.array(w.features, np.float32),
                              w.timings.preprocess, w.timings.encode, w.timings.project)
             for w in items
         }

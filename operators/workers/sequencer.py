@@ -173,7 +173,7 @@ class PooledPipeline(LivePipeline):
         items = []
         for slot, frame in enumerate(frames):
             c, dispatched = self._computed.pop(id(frame))
-            work = Work(frame, slot, latent=c.latent, xy=c.xy)
+            work = Work(frame, slot, latent=c.latent, features=c.features, xy=c.xy)
             work.timings.queue = dispatched - frame.received_perf
             work.timings.preprocess, work.timings.encode, work.timings.project = (
                 c.preprocess_s, c.encode_s, c.project_s)
