@@ -1,5 +1,5 @@
 """A small contrastive embedding of a frame for the clustering: which state the sample is in, not how bright the
-frame is or where its beam falls (issue 15; an experiment scored offline, not served yet).
+frame is or where its beam falls (issue 15). `operators.model.cluster_features` serves it in a bundle.
 
     python -m operators.model.cluster_embedding --data data/metric/img_s11 --data data/metric/img_s12 \
         --out runs/cluster_embedding [--steps 4000] [--lr 2e-3] [--resume]
