@@ -1,7 +1,7 @@
 """Does re-clustering the run ever delay a point? The live pipeline on the shipped bundle, frames at a fixed
 rate, with the run's re-clustering in its worker process and without it.
 
-    python -m benchmarks.recluster [--frames 600] [--hz 10] [--json out.json]
+    python -m benchmarks.recluster [--bundle PATH] [--frames 600] [--hz 10] [--json out.json]
 
 Per mode: the per-frame cluster stage (the fast assignment, in the compute thread) and the arrival -> point
 ready total, p50/p99/max over the run; the re-clusterings applied and the corrections published. The run cycles
@@ -134,17 +134,20 @@ def thread_stall(bundle: ModelBundle) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default=None, help="default: the shipped one")
     p.add_argument("--frames", type=int, default=600)
     p.add_argument("--hz", type=float, default=10.0)
     p.add_argument("--json", default=None)
     p.add_argument("--modes", nargs="+", default=["off", "process"], choices=["off", "process", "sync"])
     a = p.parse_args(argv)
-    bundle = ModelBundle.load()
+    bundle = ModelBundle.load(a.bundle)
     bundle.warmup()
     if not bundle.clustering_settings.recluster_every:  # off by default: measure it as a bundle would turn it on
         bundle.clustering_settings = replace(bundle.clustering_settings, recluster_every=3)
     images = _images(a.frames)
-    result: dict[str, Any] = {"frames": len(images), "hz": a.hz, "modes": []}
+    result: dict[str, Any] = {"bundle": bundle.autoencoder_model, "frames": len(images), "hz": a.hz,
+                              "clustering_input": "cluster features" if bundle.feature_encoder else "latent",
+                              "modes": []}
     for mode in a.modes:
         result["modes"].append(asyncio.run(run_mode(bundle, images, a.hz, mode)))
     result.update(density_cost(bundle))
