@@ -80,8 +80,9 @@ class ClusteringSettings:
     # (shear alignment); see operators.model.tune_clustering for the validation sweep.
     drift: float = 0.2
     step_window: int = 64  # frame-to-frame steps kept for the noise estimate
-    # A regime's reach from its own spread (see the module doc); 0 turns it off (the reach is tau). Chosen on
-    # validation seeds with the cluster embedding (operators.model.tune_clustering): 2.
+    # A regime's reach from its own spread (see the module doc); 0 turns it off (the reach is tau). The default
+    # bundle (cluster features) sets 2.25 with spread_weight 0.05, chosen on validation runs of both families
+    # (operators.model.tune_clustering; README, "The default model").
     spread_factor: float = 0.0
     spread_weight: float = 0.1  # EMA weight of each member's distance in its regime's spread
     known_immediately: bool = True  # a frame inside an unclaimed reference cluster founds its regime at once
