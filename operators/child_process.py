@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -25,3 +27,17 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         raise SystemExit("parent exited before the child started")
+
+
+@contextlib.contextmanager
+def interrupts_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while it starts a child, which inherits the blocked mask across exec.
+
+    A terminal's Ctrl-C goes to the whole process group: a child still importing would die of it with a
+    traceback. The service decides how its helpers stop (their pool's shutdown, or `die_with_parent`).
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

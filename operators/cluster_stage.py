@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from operators.base import BatchStage
-from operators.child_process import die_with_parent
+from operators.child_process import die_with_parent, interrupts_blocked
 from operators.clustering import Corrections, density_labels
 from operators.stages import Work
 
@@ -56,7 +56,7 @@ class ClusterStage(BatchStage[Work]):
         if (self.recluster == "process" and self._pool is None
                 and getattr(self.clusterer.settings, "recluster_every", 0)):
             try:  # start the worker (and its imports) now, before the run's frames need it
-                self._worker().submit(_timed_density_labels, np.zeros((2, 2), np.float32), 2, 1, 0.0)
+                self._submit(np.zeros((2, 2), np.float32), 2, 1, 0.0)
             except Exception:
                 log.exception("could not start the re-clustering worker")
                 self._close_pool()
@@ -98,7 +98,7 @@ class ClusterStage(BatchStage[Work]):
             elif due:
                 snap = cl.snapshot()
                 try:
-                    fut = self._worker().submit(_timed_density_labels, *cl.density_args(snap))
+                    fut = self._submit(*cl.density_args(snap))
                 except Exception:
                     log.exception("could not start a re-clustering")
                     self._close_pool()
@@ -109,6 +109,13 @@ class ClusterStage(BatchStage[Work]):
     def drop_job(self) -> None:
         """The run stopped: a re-clustering running or due is of no use any more."""
         self._job, self.retry_in, self._stopped = None, None, True
+
+    def _submit(self, *args: Any) -> Future[Any]:
+        """A re-clustering to the worker; a submit may start the worker process (spawn), which must not take
+        the terminal's Ctrl-C meant for the service."""
+        pool = self._worker()  # outside the block: starting multiprocessing's resource tracker unblocks SIGINT
+        with interrupts_blocked():
+            return pool.submit(_timed_density_labels, *args)
 
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:

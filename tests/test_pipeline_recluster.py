@@ -4,7 +4,10 @@ first, ids never renumbered; the worker process never delays a point."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +95,24 @@ async def test_a_worker_process_re_clusters_and_its_update_arrives_without_furth
     ids = check_protocol(recorder.messages, len(state.centers))
     assert ids[0] != ids[len(script) - 1]
     assert isinstance(recorder.messages[-1], RunStopped)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_re_clustering_worker_starts_deaf_to_the_terminals_ctrl_c(default_bundle: ModelBundle) -> None:
+    """A Ctrl-C reaches the service's whole process group: the service stops its worker, the signal must not
+    kill it mid-import with a traceback (tests/test_serve_e2e.py sends one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from operators.cluster_stage import ClusterStage
+
+    stage = ClusterStage(default_bundle, "process")
+    try:
+        with ThreadPoolExecutor(1) as compute_thread:  # where the pipeline resets it
+            compute_thread.submit(stage.reset).result()
+        assert stage._pool is not None
+        (pid,) = stage._pool._processes
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        blocked = next(line for line in status if line.startswith("SigBlk:"))
+        assert int(blocked.split()[1], 16) & (1 << (signal.SIGINT - 1))
+    finally:
+        stage.close()
