@@ -64,7 +64,7 @@ class RunResult:
     typical_between_phase_distance: float
     continuity_ratio: float
     mean_novelty: float
-    boundary_contrast_latent: float
+    boundary_contrast_latent: float  # in the clustering's reduced space (of the latent, or the cluster features)
     boundary_contrast_pixels: float
     ms_per_frame: float
 
@@ -188,7 +188,7 @@ class IndependentRunResult:
     max_within_phase_jump: float
     typical_between_phase_distance: float
     continuity_ratio: float
-    boundary_contrast_latent: float
+    boundary_contrast_latent: float  # in the clustering's reduced space (of the latent, or the cluster features)
     boundary_contrast_pixels: float
     ms_per_frame: float
 
