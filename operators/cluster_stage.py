@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class ClusterStage(BatchStage[Work]):
-    """Online clustering in the latent (or the bundle's cluster features); one clusterer per run. Learning is sequential by nature.
+    """Online clustering of each frame's clustering input (the latent, or the bundle's cluster features); one
+    clusterer per run. Learning is sequential by nature.
 
     Touched by the compute thread only. With a worker (``recluster="process"``) the clusterer is in manual
     mode: `step` applies the worker's labels when they are back and sends it the next snapshot when one is due.

@@ -28,7 +28,7 @@ def _absolute(source: str) -> str:
 
 def encode_sources(
     sources: list[FrameSource], bundle: Any, *, progress: bool
-) -> tuple[np.ndarray, list[dict], int]:
+) -> tuple[np.ndarray, np.ndarray, list[dict], int]:
     """(latents, the clusterer's features, origins, frames skipped as unreadable) over all sources, with a
     progress bar and ETA; the features are the latents where the bundle has no cluster feature graph."""
     from rich.progress import (
