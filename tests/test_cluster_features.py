@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from operators.bundle import DEFAULT_BUNDLE, FEATURES_ONNX, ModelBundle
+from operators.bundle import DEFAULT_BUNDLE, FEATURES_ONNX, MANIFEST, ModelBundle, write_manifest
 from operators.model.cluster_embedding import Embedding, EmbeddingNet
 from operators.model.cluster_features import add_cluster_features
 from operators.workers.compute import FrameCompute
@@ -21,7 +22,8 @@ FRAMES = 12
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
-    """(bundle dir, checkpoint, raw frames): a small untrained embedding served on the default bundle."""
+    """(bundle dir, checkpoint, raw frames): a small untrained embedding served on a base bundle whose map has
+    those frames as its reference points (the default bundle's files, its reference cut to as many points)."""
     tmp = tmp_path_factory.mktemp("features")
     torch.manual_seed(0)
     ckpt = tmp / "last.pt"
@@ -29,8 +31,14 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.nd
     torch.save({"model": EmbeddingNet(8, 16).state_dict(), "step": 2, "settings": settings}, ckpt)
     frames = np.stack([fr.image for fr in generate_scan("crystallization", FRAMES, seed=7001)])
     np.save(tmp / "reference.npy", frames)
+    base = tmp / "base"
+    shutil.copytree(DEFAULT_BUNDLE, base)
+    with np.load(DEFAULT_BUNDLE / "reference.npz") as z:
+        np.savez(base / "reference.npz", **{k: z[k][:FRAMES] for k in z.files})
+    manifest = json.loads((base / MANIFEST).read_text())
+    write_manifest(base, {k: v for k, v in manifest.items() if k not in ("files", "libraries")} | {"n_reference": FRAMES})
     out = tmp / "bundle"
-    add_cluster_features(DEFAULT_BUNDLE, ckpt, tmp / "reference.npy", out, version="0.0.1-test")
+    add_cluster_features(base, ckpt, tmp / "reference.npy", out, version="0.0.1-test")
     return out, ckpt, frames
 
 
@@ -44,7 +52,8 @@ def test_the_written_bundle_lists_the_feature_graph_and_keeps_the_encoder_and_ma
     for name in ("encoder.onnx", "projector.onnx", "umap.joblib"):
         assert (out / name).read_bytes() == (DEFAULT_BUNDLE / name).read_bytes()
     with np.load(out / "reference.npz") as new, np.load(DEFAULT_BUNDLE / "reference.npz") as base:
-        np.testing.assert_array_equal(new["embedding"], base["embedding"])  # the map's points stay
+        np.testing.assert_array_equal(new["embedding"], base["embedding"][:FRAMES])  # the map's points stay
+        assert len(new["clusters"]) == FRAMES
 
 
 def test_the_clusterer_gets_the_embedding_of_the_preprocessed_frame(written) -> None:
@@ -69,3 +78,11 @@ def test_every_compute_path_hands_the_clusterer_the_same_features(written) -> No
         assert h.features is not None and h.features.shape == (64,)
         np.testing.assert_allclose(f.features, h.features, rtol=1e-4, atol=1e-5)
 
+
+
+def test_frames_other_than_the_maps_reference_are_refused(written, tmp_path: Path) -> None:
+    out, ckpt, frames = written
+    np.save(tmp_path / "fewer.npy", frames[: FRAMES - 2])
+    with pytest.raises(ValueError, match="not the frames it was fitted on"):
+        add_cluster_features(out, ckpt, tmp_path / "fewer.npy", tmp_path / "b", version="x")
+    assert not (tmp_path / "b").exists()

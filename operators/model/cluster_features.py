@@ -74,21 +74,26 @@ def add_cluster_features(base_dir: str | Path, checkpoint: str | Path, reference
     settings = settings or base.clustering_settings
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    state_rel, reference_rel = manifest["clustering"]["state"], manifest["reference"]
     work = Path(tempfile.mkdtemp(prefix=".features-", dir=out.parent))
     try:
         for rel in manifest["files"]:
-            if rel not in ("clustering.npz", "reference.npz"):
+            if rel not in (state_rel, reference_rel):
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(base.path / rel, work / rel)
         parity = export_features(Embedding.load(checkpoint), base.input_size, work / FEATURES_ONNX)
         features_graph = OnnxEncoder(work / FEATURES_ONNX, session_options=default_session_options(), device="cpu")
-        images, _ = load_reference(reference, manifest["n_reference"], 0, base.preprocess_spec)
+        # the frames the map was fitted on: `fit` draws n_reference of the cache with seed 0
+        images, _ = load_reference(reference, manifest.get("n_reference"), 0, base.preprocess_spec)
         features = encode_all(features_graph, images)
         state, clusters = fit_clustering(features, settings)
-        state.save(work / "clustering.npz")
-        with np.load(base.path / manifest["reference"], allow_pickle=False) as z:
+        state.save(work / state_rel)
+        with np.load(base.path / reference_rel, allow_pickle=False) as z:
             kept = {k: z[k] for k in z.files if k != "clusters"}
-        np.savez(work / "reference.npz", **kept, clusters=clusters)
+            if len(z["embedding"]) != len(clusters):
+                raise ValueError(f"{reference}: {len(clusters)} frames, but the bundle's map has "
+                                 f"{len(z['embedding'])} reference points: not the frames it was fitted on")
+        np.savez(work / reference_rel, **kept, clusters=clusters)
         for key in ("format", "created", "libraries", "files"):
             manifest.pop(key, None)
         manifest["version"] = version
@@ -96,7 +101,6 @@ def add_cluster_features(base_dir: str | Path, checkpoint: str | Path, reference
                                    "embedding of the frame (issue 15)")
         manifest["clustering"] = {
             **manifest["clustering"],
-            "state": "clustering.npz",
             "settings": settings.to_dict(),
             "features": FEATURES_ONNX,
             "feature_dim": int(features.shape[1]),
