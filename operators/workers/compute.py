@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True, frozen=True)
 class Computed:
-    """What a worker sends back for one frame: small (~2.5 KiB with a 512-d latent and 128-d cluster features), never the frame."""
+    """What a worker sends back for one frame: small (~2.5 KiB with a 512-d latent and 128-d cluster features),
+    never the frame."""
 
     index: int
     xy: np.ndarray | None  # (2,) float32; None when rejected
