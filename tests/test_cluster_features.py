@@ -36,7 +36,8 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.nd
     with np.load(DEFAULT_BUNDLE / "reference.npz") as z:
         np.savez(base / "reference.npz", **{k: z[k][:FRAMES] for k in z.files})
     manifest = json.loads((base / MANIFEST).read_text())
-    write_manifest(base, {k: v for k, v in manifest.items() if k not in ("files", "libraries")} | {"n_reference": FRAMES})
+    kept = {k: v for k, v in manifest.items() if k not in ("files", "libraries")}
+    write_manifest(base, kept | {"n_reference": FRAMES})
     out = tmp / "bundle"
     add_cluster_features(base, ckpt, tmp / "reference.npy", out, version="0.0.1-test")
     return out, ckpt, frames

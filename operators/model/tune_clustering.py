@@ -10,10 +10,10 @@ The run's re-clustering (operators.clustering, off by default) is swept with the
 `--independent-runs N` the sweep scores the first N of them beside the project's runs and ranks the settings
 by the independent family's worst run first.
 
-Each validation run (scenario x seed) is encoded once through the serving path (preprocessor -> encoder, batch
-1, exactly as `operators.model.evaluate`); then every setting is replayed on the cached latents with a fresh
-`OnlineClusterer`, so a grid costs milliseconds per setting instead of an encoder pass. The rows it reports
-are the ARIs `evaluate` would report for a bundle carrying that setting.
+Each validation run (scenario x seed) is encoded once through the serving path (preprocessor -> the bundle's
+clustering input, batch 1, exactly as `operators.model.evaluate`); then every setting is replayed on the cached
+inputs with a fresh `OnlineClusterer`, so a grid costs milliseconds per setting instead of an encoder pass. The
+rows it reports are the ARIs `evaluate` would report for a bundle carrying that setting.
 
 Held-out seeds (`evaluate.HELDOUT_SEEDS`) are refused unless `--allow-heldout`: choose on validation seeds,
 then report held-out figures once for the chosen setting.
