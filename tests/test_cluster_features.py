@@ -20,15 +20,18 @@ from stream.synthetic import generate_scan
 FRAMES = 12
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
-    """(bundle dir, checkpoint, raw frames): a small untrained embedding served on a base bundle whose map has
-    those frames as its reference points (the default bundle's files, its reference cut to as many points)."""
+@pytest.fixture(scope="module", params=["mean", "mean+max"])
+def written(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """(bundle dir, checkpoint, raw frames): a small untrained embedding (of block means, or of block means and
+    maxima) served on a base bundle whose map has those frames as its reference points (the default bundle's
+    files, its reference cut to as many points)."""
     tmp = tmp_path_factory.mktemp("features")
     torch.manual_seed(0)
     ckpt = tmp / "last.pt"
-    settings = {"width": 8, "dim": 16, "size": 128, "history": [1.0, 0.5]}
-    torch.save({"model": EmbeddingNet(8, 16).state_dict(), "step": 2, "settings": settings}, ckpt)
+    settings = {"width": 8, "dim": 16, "size": 128, "pool": request.param, "history": [1.0, 0.5]}
+    net = EmbeddingNet(8, 16, in_channels=len(request.param.split("+")))
+    torch.save({"model": net.state_dict(), "step": 2, "settings": settings}, ckpt)
     frames = np.stack([fr.image for fr in generate_scan("crystallization", FRAMES, seed=7001)])
     np.save(tmp / "reference.npy", frames)
     base = tmp / "base"
@@ -65,8 +68,16 @@ def test_the_clusterer_gets_the_embedding_of_the_preprocessed_frame(written) -> 
     base_latents = ModelBundle.load(DEFAULT_BUNDLE).encoder.encode(x)
     np.testing.assert_allclose(latents, base_latents, rtol=0, atol=1e-6)  # the encoder is the base's
     assert features.shape == (3, 64)
-    pooled = x[:, 0].reshape(3, 128, 4, 128, 4).mean((2, 4))
-    np.testing.assert_allclose(features, Embedding.load(ckpt)(pooled), rtol=1e-4, atol=1e-5)
+    blocks = x[:, 0].reshape(3, 128, 4, 128, 4)
+    embedding = Embedding.load(ckpt)
+    channels = [getattr(blocks, op)((2, 4)) for op in embedding.pool]  # the pooling it was trained on
+    with torch.no_grad():
+        expected = embedding.net.features(torch.from_numpy(np.stack(channels, axis=1))).numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(features, embedding(x[:, 0]), rtol=1e-4, atol=1e-5)
+    if "max" in embedding.pool:
+        with pytest.raises(ValueError, match="unpooled"):  # its maxima cannot be recovered from block means
+            embedding(blocks.mean((2, 4)))
     z = bundle.clustering_state.reduce(features)  # the fitted state lives in the features' space
     assert z.shape[1] == bundle.clustering_state.centers.shape[1]
 

@@ -68,6 +68,9 @@ def test_a_cluster_embedding_learns_to_pair_views_resumes_and_scores_a_run(defau
     resumed = settings("sittings", resume=True)
     train_embedding(resumed)
     assert resumed.history == pytest.approx(loss, rel=1e-4), "two sittings train as one run"
+    spots = settings("spots", pool="mean+max")  # each block's maximum beside its mean: two input channels
+    assert Embedding.load(train_embedding(spots)).pool == ("mean", "max")
+    assert np.mean(spots.history[-5:]) < 0.5 * np.mean(spots.history[:5]), f"it learns too ({spots.history})"
 
     run = encode_runs(default_bundle, ("crystallization",), (7001,), 24, keep_pixels=True)[0]
     features = Embedding.load(ckpt)(run.pixels)

@@ -2,18 +2,19 @@
 frame is or where its beam falls (issue 15). `operators.model.cluster_features` serves it in a bundle.
 
     python -m operators.model.cluster_embedding --data data/metric/img_s11 --data data/metric/img_s12 \
-        --out runs/cluster_embedding [--steps 4000] [--lr 2e-3] [--resume]
+        --out runs/cluster_embedding [--pool mean+max] [--steps 4000] [--lr 2e-3] [--resume]
     python -m operators.model.clustering_bound --embedding runs/cluster_embedding/last.pt
 
 The VAE's latent carries the map; trained on the project's generator, it keeps phases of families it never saw
 close together (README, "Why the clusterer cannot close that gap alone"). This network is trained from scratch
 on one task only: each frame must find its partner view in a batch of broad sibling groups (a state and the
 same state plus one feature, each seen twice under drift, on several detector grids with the beam anywhere)
-and project training pairs, as `contrast_tune` asks of the VAE's encoder. It sees the preprocessed frame
-averaged to `size` x `size` (128: 4 x 4 blocks of the 512 frame), flipped at random (a scattering pattern is
-centrosymmetric about its beam, so a flip keeps the state). About 0.3 s a step on 2 cores; checkpoints
-(`last.pt`) hold the model, optimiser, schedule and step; `--stop-at N` ends a sitting at step N and `--resume`
-continues on the same batches and schedule.
+and project training pairs, as `contrast_tune` asks of the VAE's encoder. It sees the preprocessed frame pooled
+to `size` x `size` (128: 4 x 4 blocks of the 512 frame), flipped at random (a scattering pattern is
+centrosymmetric about its beam, so a flip keeps the state). `--pool mean+max` gives it each block's maximum
+beside its mean: a Bragg spot a pixel or two wide, which the mean of 16 pixels all but hides, keeps its
+height. About 0.25 s a step on 2 cores; checkpoints (`last.pt`) hold the model, optimiser, schedule and step;
+`--stop-at N` ends a sitting at step N and `--resume` continues on the same batches and schedule.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class EmbeddingSettings:
     groups: int = 16  # broad groups a step: 4 frames each
     project: int = 8  # project pairs a step: 2 frames each
     width: int = 16  # channels of the first stage (doubling to 8 x width)
-    size: int = 128  # input side: the 512 frame averaged over (512 / size)^2 blocks
+    size: int = 128  # input side: the 512 frame pooled over (512 / size)^2 blocks
+    pool: str = "mean"  # what each block gives: "mean" or "mean+max" (one input channel each)
     dim: int = 128  # output of the projection head the loss sees
     temperature: float = 0.1
     weight_decay: float = 1e-4
@@ -64,9 +66,9 @@ class EmbeddingNet(nn.Module):
     `features` (8 x width, pooled) is the embedding the clustering is scored on; the head serves the loss only,
     as in SimCLR, so the features keep what the loss would otherwise throw away late."""
 
-    def __init__(self, width: int = 16, dim: int = 128) -> None:
+    def __init__(self, width: int = 16, dim: int = 128, in_channels: int = 1) -> None:
         super().__init__()
-        channels = [1, width, 2 * width, 4 * width, 8 * width, 8 * width]
+        channels = [in_channels, width, 2 * width, 4 * width, 8 * width, 8 * width]
         layers: list[nn.Module] = []
         for cin, cout in itertools.pairwise(channels):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.GELU(),
@@ -97,7 +99,8 @@ def train_embedding(s: EmbeddingSettings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
     torch.manual_seed(s.seed)
-    net = EmbeddingNet(s.width, s.dim)
+    ops = pool_ops(s.pool)
+    net = EmbeddingNet(s.width, s.dim, len(ops))
     opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=s.steps, pct_start=0.05)
     step = 0
@@ -111,7 +114,7 @@ def train_embedding(s: EmbeddingSettings) -> Path:
     sets = []
     for stem in s.data:
         pairs = ImagePairs.load(stem)
-        sets.append(pairs.pooled(pairs.broad.shape[-1] // s.size))
+        sets.append(pairs.pooled(pairs.broad.shape[-1] // s.size, ops))
     net.train()
     t0, logged = time.perf_counter(), step
     last = min(s.steps, s.stop_at or s.steps)
@@ -142,28 +145,46 @@ def _save(path: Path, net: EmbeddingNet, opt, sched, step: int, s: EmbeddingSett
     tmp.replace(path)  # a run killed mid-save keeps its previous checkpoint
 
 
+def pool_ops(pool: str) -> tuple[str, ...]:
+    ops = tuple(pool.split("+"))
+    if not ops or set(ops) - {"mean", "max"} or len(set(ops)) != len(ops):
+        raise ValueError(f"pool must be 'mean', 'max' or 'mean+max', got {pool!r}")
+    return ops
+
+
 @dataclass(frozen=True)
 class Embedding:
     """A trained embedding, ready to embed preprocessed frames."""
 
     net: EmbeddingNet
     size: int
+    pool: tuple[str, ...] = ("mean",)
 
     @classmethod
     def load(cls, checkpoint: str | Path) -> Embedding:
         ck = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
         s = ck["settings"]
-        net = EmbeddingNet(s["width"], s["dim"])
+        ops = pool_ops(s.get("pool", "mean"))
+        net = EmbeddingNet(s["width"], s["dim"], len(ops))
         net.load_state_dict(ck["model"])
-        return cls(net.eval(), s["size"])
+        return cls(net.eval(), s["size"], ops)
+
+    def features(self, x: Tensor) -> Tensor:
+        """(B, 1, S, S) preprocessed frames, S a multiple of `size` -> (B, 8 x width): the served computation."""
+        factor = x.shape[-1] // self.size
+        pools = {"mean": nn.functional.avg_pool2d, "max": nn.functional.max_pool2d}
+        return self.net.features(torch.cat([pools[op](x, factor) for op in self.pool], dim=1))
 
     def __call__(self, frames: np.ndarray, batch: int = 64) -> np.ndarray:
-        """(n, size, size) preprocessed frames in [0, 1], pooled to `size` -> (n, 8 x width) features."""
+        """(n, S, S) preprocessed frames in [0, 1] -> (n, 8 x width) features. S is the bundle's input size or,
+        for a mean-only embedding, frames already averaged down to `size`."""
         x = np.asarray(frames, np.float32)
-        if x.shape[1:] != (self.size, self.size):
-            raise ValueError(f"frames must be ({self.size}, {self.size}), got {x.shape[1:]}")
+        if x.ndim != 3 or x.shape[1] != x.shape[2] or x.shape[-1] % self.size:
+            raise ValueError(f"frames must be (n, S, S) with S a multiple of {self.size}, got {x.shape}")
+        if x.shape[-1] == self.size and self.pool != ("mean",):
+            raise ValueError(f"a {'+'.join(self.pool)} embedding needs the unpooled preprocessed frames")
         with torch.no_grad():
-            return np.concatenate([self.net.features(torch.from_numpy(x[i:i + batch, None])).numpy()
+            return np.concatenate([self.features(torch.from_numpy(x[i:i + batch, None])).numpy()
                                    for i in range(0, len(x), batch)])
 
 
@@ -172,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", action="append", required=True, help="image pair stem (repeatable)")
     p.add_argument("--out", required=True)
     d = EmbeddingSettings(data=[], out="")
-    for name in ("steps", "stop_at", "lr", "groups", "project", "width", "size", "dim", "temperature", "weight_decay",
-                 "seed", "ckpt_every", "threads"):
+    for name in ("steps", "stop_at", "lr", "groups", "project", "width", "size", "pool", "dim", "temperature",
+                 "weight_decay", "seed", "ckpt_every", "threads"):
         default = getattr(d, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(default) if default is not None else int,
                        default=default)

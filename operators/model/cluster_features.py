@@ -4,7 +4,8 @@
         --embedding runs/cluster_embedding/last.pt --reference data/cache/train_s100 --out DIR [--version V]
 
 The embedding (operators.model.cluster_embedding) is exported as `cluster_features.onnx`: the preprocessed frame
-(B, 1, S, S) in, the 4 x 4 block mean it was trained on taken inside the graph, (B, feature_dim) out. The
+(B, 1, S, S) in, the 4 x 4 block pooling it was trained on (mean, or mean and max) taken inside the graph,
+(B, feature_dim) out. The
 bundle's reference frames (the ones its map was fitted on: same cache, count and seed) are encoded through that
 ONNX graph (the serving path, not PyTorch), the clustering is refitted on their features and the reference
 points take the new clusters; encoder, map and reference positions are copied unchanged. The manifest's
@@ -40,16 +41,17 @@ OUTPUT_NAME = "cluster_features"
 
 
 class _PooledFeatures(nn.Module):
-    """The served graph: block mean of the preprocessed frame down to the embedding's size, then its features."""
+    """The served graph: the preprocessed frame pooled down to the embedding's size, then its features."""
 
     def __init__(self, embedding: Embedding, input_size: int) -> None:
         super().__init__()
         if input_size % embedding.size:
             raise ValueError(f"a {input_size} frame does not pool evenly to the embedding's {embedding.size}")
-        self.net, self.factor = embedding.net, input_size // embedding.size
+        self.embedding = embedding
+        self.net = embedding.net  # registered, so that export sees the weights as the module's
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.features(nn.functional.avg_pool2d(x, self.factor))
+        return self.embedding.features(x)
 
 
 def export_features(embedding: Embedding, input_size: int, path: Path) -> float:

@@ -52,7 +52,7 @@ class TuneSettings:
 
 @dataclass(frozen=True)
 class ImagePairs:
-    broad: np.ndarray  # (G, 2, 2, S, S) uint8 memmap (`pooled`: float16 in memory)
+    broad: np.ndarray  # (G, 2, 2, S, S) uint8 memmap (`pooled`: (G, 2, 2, C, S, S) float16 in memory)
     project: np.ndarray  # (N, 2, S, S) uint8 memmap
     project_phase: np.ndarray  # (N,)
 
@@ -64,14 +64,16 @@ class ImagePairs:
         return cls(np.load(stem.with_suffix(".broad.npy"), mmap_mode="r"),
                    np.load(stem.with_suffix(".project.npy"), mmap_mode="r"), phases)
 
-    def pooled(self, factor: int, chunk: int = 100) -> ImagePairs:
-        """The same pairs averaged over factor x factor blocks, in memory (float16, still 0-255)."""
+    def pooled(self, factor: int, ops: tuple[str, ...] = ("mean",), chunk: int = 100) -> ImagePairs:
+        """The same pairs pooled over factor x factor blocks, one channel per op ("mean", "max"), in memory
+        (float16, still 0-255; the channel axis is the third last)."""
         def pool(a: np.ndarray) -> np.ndarray:
             parts = []
             for i in range(0, len(a), chunk):
                 x = np.asarray(a[i:i + chunk], np.float32)
                 s = x.shape[-1] // factor
-                parts.append(x.reshape(*x.shape[:-2], s, factor, s, factor).mean((-1, -3)).astype(np.float16))
+                blocks = x.reshape(*x.shape[:-2], s, factor, s, factor)
+                parts.append(np.stack([getattr(blocks, op)((-1, -3)) for op in ops], axis=-3).astype(np.float16))
             return np.concatenate(parts)
 
         return ImagePairs(pool(self.broad), pool(self.project), self.project_phase)
@@ -79,14 +81,18 @@ class ImagePairs:
 
 def draw_pairs(rng: np.random.Generator, sets: list[ImagePairs], groups: int,
                project: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """`groups` broad groups and `project` project pairs of one set: (frames (2P, 1, S, S) float32, first views
-    then second views; pair labels (P,), project pairs of one phase sharing theirs; where project pairs start)."""
+    """`groups` broad groups and `project` project pairs of one set: (frames (2P, C, S, S) float32, first views
+    then second views, C = 1 unless the set is `pooled` into channels; pair labels (P,), project pairs of one
+    phase sharing theirs; where project pairs start)."""
     data = sets[int(rng.integers(len(sets)))]
     g = np.sort(rng.choice(len(data.broad), groups, replace=False))
     p = np.sort(rng.choice(len(data.project), project, replace=False))
-    broad = data.broad[g].reshape(-1, 2, *data.broad.shape[-2:])  # (2G, 2, S, S): state, sibling, ...
+    frame_shape = data.project.shape[2:]  # (S, S) or, pooled, (C, S, S)
+    broad = data.broad[g].reshape(-1, 2, *frame_shape)  # (2G, 2, ...): state, sibling, ...
     pairs = np.concatenate([broad, data.project[p]])
-    frames = np.concatenate([pairs[:, 0], pairs[:, 1]])[:, None].astype(np.float32) / 255.0
+    frames = np.concatenate([pairs[:, 0], pairs[:, 1]]).astype(np.float32) / 255.0
+    if frames.ndim == 3:
+        frames = frames[:, None]
     labels = np.concatenate([np.arange(len(broad)), len(broad) + data.project_phase[p]])
     return frames, labels, len(broad)
 
