@@ -14,7 +14,7 @@ Run time (`OnlineClusterer.learn_predict_one`), one frame at a time, in order:
   still told apart, and a noisy run is not shattered.
 - A frame within reach of a regime joins it (its id). The reach is tau, or with `spread_factor` > 0 the
   regime's own: min(tau, max(spread_factor x its spread, the run's median step)), spread = an EMA of its
-  members' distances to its centre. A tight phase then stops taking the frames of a ramp leaving it, which
+  members' distances to its centre (their plain mean until the EMA's weight is the larger). A tight phase then stops taking the frames of a ramp leaving it, which
   tau alone (set by the run's noisiest stretch) lets its centre follow into the next phase.
   Otherwise, if it lies inside a reference cluster (within one radius) that no regime of this run holds yet,
   it founds a regime at once (a known regime needs no further evidence; the run's first frame always does).
@@ -267,7 +267,8 @@ class OnlineClusterer:
         self._floor, self._cap = s.floor_fraction * scale, s.cap_fraction * scale
         self._regimes: list[np.ndarray] = []  # centres, in the order founded
         self._regime_ids: list[int] = []
-        self._spread: dict[int, float] = {}  # id -> EMA of its members' distances to its regime centre
+        # id -> (EMA of its members' distances to its regime centre, how many members it has had)
+        self._spread: dict[int, tuple[float, int]] = {}
         self._next_id = self.n_reference
         self._steps: deque[float] = deque(maxlen=s.step_window)
         self._prev: np.ndarray | None = None
@@ -298,10 +299,9 @@ class OnlineClusterer:
         return float(min(max(self.settings.noise_factor * step, self._floor), self._cap))
 
     def _reach(self, cid: int, tau: float, step: float) -> float:
-        spread = self._spread.get(cid)
-        if self.settings.spread_factor <= 0 or spread is None:  # no member yet: its founding frames said tau
+        if self.settings.spread_factor <= 0 or cid not in self._spread:  # no member yet: its founders said tau
             return tau
-        return min(tau, max(self.settings.spread_factor * spread, step))
+        return min(tau, max(self.settings.spread_factor * self._spread[cid][0], step))
 
     def _novelty(self, z: np.ndarray) -> tuple[int, float]:
         if not self.n_reference:
@@ -475,8 +475,10 @@ class OnlineClusterer:
             cid, dist = self._regime_ids[j], float(d[j])
             if dist <= self._reach(cid, tau, step):
                 self._regimes[j] += s.drift * (z - self._regimes[j])
-                spread = self._spread.get(cid)
-                self._spread[cid] = dist if spread is None else spread + s.spread_weight * (dist - spread)
+                spread, n = self._spread.get(cid, (0.0, 0))
+                # a plain mean of the first members, then the EMA: one far first member (a regime founded at
+                # the end of a ramp) must not set the reach for the dozens of frames the EMA takes to forget it
+                self._spread[cid] = (spread + max(s.spread_weight, 1.0 / (n + 1)) * (dist - spread), n + 1)
                 self._pending.clear()
                 return Assignment(cluster=cid, novelty=novelty, is_new=False)
         if not self._regimes or (s.known_immediately and self._unclaimed_reference(z)):

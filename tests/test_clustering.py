@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -261,6 +263,25 @@ def test_a_phase_drifting_steadily_keeps_one_id_with_a_reach_from_its_own_spread
     lat = centers[0] + t * (far - centers[0]) + 0.05 * rng.standard_normal((100, DIM)).astype(np.float32)
     cl = OnlineClusterer(state, SPREAD)
     assert len({cl.learn_predict_one(z).cluster for z in lat}) == 1
+
+
+def test_one_far_first_member_does_not_widen_a_regimes_reach_for_long(fitted, regimes) -> None:
+    _, centers = regimes
+    state, _ = fitted
+    axes = state.components / np.linalg.norm(state.components, axis=1, keepdims=True)
+    phase = centers[3] / np.linalg.norm(centers[3])  # a phase no reference cluster holds
+
+    def at(*offsets: float) -> np.ndarray:  # a frame of that phase, moved along the clustering's first axes
+        return (phase + sum(o * axes[k] for k, o in enumerate(offsets))).astype(np.float32)
+
+    cl = OnlineClusterer(state, replace(SPREAD, spread_weight=0.05))
+    cid = cl.learn_predict_one(at()).cluster
+    assert cl.learn_predict_one(at(0.2)).cluster == cid  # its first member arrives from afar (a ramp's end)
+    for i in range(12):  # then the phase settles, its frames about 0.03 from the centre
+        assert cl.learn_predict_one(at(0, 0.01 * (-1) ** i, 0.01 * (-1) ** (i // 2))).cluster == cid
+    # a frame 0.1 away: within reach had the spread's EMA started at the far member (0.95^12, about half of it,
+    # would still be there), beyond it now that the first members count equally
+    assert cl.learn_predict_one(at(0, 0, 0, 0.1)).cluster == PENDING
 
 
 def test_without_a_spread_factor_the_reach_is_tau_as_before(fitted, ramp) -> None:
