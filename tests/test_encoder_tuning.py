@@ -43,6 +43,23 @@ def test_a_broad_sibling_is_its_state_plus_one_feature_on_the_same_detector_and_
     assert np.array_equal(again[1][0].image, groups[0][1][0].image), "a seed gives the same frames"
 
 
+def test_bragg_spots_are_as_common_among_siblings_as_their_weight_asks() -> None:
+    from stream.synthetic.broad import generate_sibling_pairs
+
+    def added(spot_weight: int) -> list[tuple[set[str], str]]:  # (the state's features, the sibling's new one)
+        out = []
+        for state, sibling in generate_sibling_pairs(8, seed=9, spot_weight=spot_weight):
+            has = set(filter(None, state[0].phase_name.split("+")))
+            out.append((has, (set(sibling[0].phase_name.split("+")) - has).pop()))
+        return out
+
+    assert all(new != "spots" for _, new in added(0))
+    heavy = [new for has, new in added(50) if has & {"rings", "orders"}]  # where there are rings to put spots on
+    assert heavy and all(new == "spots" for new in heavy)
+    with pytest.raises(ValueError, match="spot_weight"):
+        next(generate_sibling_pairs(1, spot_weight=-1))
+
+
 def _pairs(rng: np.random.Generator, groups: int, dims: int = 16):
     """Latent pairs where views differ by a large drift along dims 0-1 and siblings by a small step along dim 5."""
     from operators.model.fit_reduction import PairLatents

@@ -34,7 +34,7 @@ def _encode(bundle: ModelBundle, image: np.ndarray, buf: np.ndarray, keep: np.nd
 
 
 def build(bundle: ModelBundle, out: Path, *, broad_groups: int, project_pairs: int, seed: int,
-          images: bool = False) -> Path:
+          images: bool = False, spot_weight: int = 2) -> Path:
     from tqdm import tqdm
 
     from stream.synthetic import generate_training_pairs
@@ -51,7 +51,7 @@ def build(bundle: ModelBundle, out: Path, *, broad_groups: int, project_pairs: i
         project_img = np.lib.format.open_memmap(out.with_suffix(".project.npy"), mode="w+", dtype=np.uint8,
                                                 shape=(project_pairs, 2, s, s))
     features: list[str] = []
-    for g, group in enumerate(tqdm(generate_sibling_pairs(broad_groups, seed=seed), total=broad_groups,
+    for g, group in enumerate(tqdm(generate_sibling_pairs(broad_groups, seed=seed, spot_weight=spot_weight), total=broad_groups,
                                    desc="broad groups", mininterval=10)):
         for p, pair in enumerate(group):
             for v, fr in enumerate(pair):
@@ -70,7 +70,8 @@ def build(bundle: ModelBundle, out: Path, *, broad_groups: int, project_pairs: i
     np.savez(out.with_suffix(".npz"), broad=broad, project=project, project_phase=phases)
     out.with_suffix(".json").write_text(json.dumps(
         {"bundle": bundle.manifest.get("name"), "bundle_version": bundle.manifest.get("version"), "seed": seed,
-         "broad_groups": broad_groups, "project_pairs": project_pairs, "sibling_features": features}, indent=1))
+         "broad_groups": broad_groups, "project_pairs": project_pairs, "spot_weight": spot_weight,
+         "sibling_features": features}, indent=1))
     log.info("metric pairs %s: %d broad groups, %d project pairs (seed %d)", out, broad_groups, project_pairs, seed)
     return out.with_suffix(".npz")
 
@@ -83,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--project-pairs", type=int, default=800)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--images", action="store_true", help="keep the preprocessed frames too (uint8)")
+    p.add_argument("--spot-weight", type=int, default=2,
+                   help="Bragg spots as a sibling's feature, as likely as this many other features")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bundle = ModelBundle.load(a.bundle, intra_op_threads=1)
     bundle.warmup()
     build(bundle, Path(a.out), broad_groups=a.broad_groups, project_pairs=a.project_pairs, seed=a.seed,
-          images=a.images)
+          images=a.images, spot_weight=a.spot_weight)
 
 
 if __name__ == "__main__":

@@ -99,13 +99,16 @@ class BroadState:
 
 
 def generate_sibling_pairs(
-    n_groups: int, *, seed: int = 0
+    n_groups: int, *, seed: int = 0, spot_weight: int = 2
 ) -> Iterator[tuple[tuple[SyntheticFrame, SyntheticFrame], tuple[SyntheticFrame, SyntheticFrame]]]:
     """Yield `n_groups` of (pair of a state, pair of that state plus one feature), each pair two drifted views
     on one detector and beam position (+-3 px). Phase ids: 0 for the state, 1 for its sibling (within a group
-    only: ids do not name a feature)."""
+    only: ids do not name a feature). `spot_weight`: how much likelier than any other feature Bragg spots are
+    as the sibling's feature, where the state has rings or orders to put them on."""
     if n_groups < 0:
         raise ValueError(f"n_groups must be >= 0, got {n_groups}")
+    if spot_weight < 0:
+        raise ValueError(f"spot_weight must be >= 0, got {spot_weight}")
     renderers = {det.name: Renderer(det) for det in BROAD_DETECTORS}
     for i in range(n_groups):
         rng = np.random.default_rng([seed, _BROAD_STREAM, i])
@@ -113,7 +116,7 @@ def generate_sibling_pairs(
         geom = _geometry(rng, det)
         r_max = _r_max(det, geom)
         state = _draw_state(rng, r_max)
-        sibling = _with_feature(rng, state, r_max)
+        sibling = _with_feature(rng, state, r_max, spot_weight=spot_weight)
         hot, dead = draw_defects(rng, det)
         group = []
         for phase, s in enumerate((state, sibling)):
@@ -163,16 +166,17 @@ def _draw_state(rng: np.random.Generator, r_max: float) -> BroadState:
     flat = float(np.exp(rng.uniform(np.log(0.05), np.log(3.0))))
     state = BroadState(porod, flat, ())
     for _ in range(int(rng.integers(0, 3))):
-        state = _with_feature(rng, state, r_max, allow_spots=False)
+        state = _with_feature(rng, state, r_max, spot_weight=0)
     return state
 
 
-def _with_feature(rng: np.random.Generator, state: BroadState, r_max: float, *, allow_spots: bool = True) -> BroadState:
-    """`state` plus one feature it does not have (Bragg spots on its rings where it has rings)."""
+def _with_feature(rng: np.random.Generator, state: BroadState, r_max: float, *, spot_weight: int) -> BroadState:
+    """`state` plus one feature it does not have (Bragg spots on its rings where it has rings, `spot_weight`
+    times as likely as any other feature: the subtlest change, and the one a run shows most)."""
     has = set(state.names)
     choices = [f for f in FEATURES if f not in has and f != "spots"]
-    if allow_spots and "spots" not in has and has & {"rings", "orders"}:
-        choices += ["spots"] * 2  # the subtlest change, and the one a run shows most: weigh it up
+    if "spots" not in has and has & {"rings", "orders"}:
+        choices += ["spots"] * spot_weight
     name = str(rng.choice(choices))
     if name == "spots":
         return replace(state, spots=_spots(rng, state))
