@@ -10,9 +10,10 @@
 #   4. fit: export the encoder to ONNX, encode reference frames, fit UMAP + its ONNX approximator and the
 #      online clustering (settings chosen on validation seeds 7001-7004 with operators.model.tune_clustering),
 #      write the bundle with its manifest and checksums;
-#   5. train the cluster embedding (a small CNN, InfoNCE between partner views of broad sibling groups and
-#      project pairs), export it beside the encoder and refit the clustering on its features, with the
-#      online settings chosen on validation runs of both families (README, "The default model");
+#   5. train the cluster embedding (a small CNN on each 4x4 block's mean and maximum, InfoNCE between partner
+#      views of broad sibling groups and project pairs), export it beside the encoder and refit the clustering
+#      on its features, with the online settings chosen on validation runs of both families (README, "The
+#      default model");
 #   6. evaluate it on held-out synthetic runs (seeds 9001, 9002) and write the figures to artifacts/.
 # Knobs (environment): FRAMES, SEED, STEPS, ANNEAL_EPOCHS, PAIRS, PAIR_SEED, CONTRAST_WEIGHT, PAIR_TRAIN_SEED,
 # BATCH, THREADS, OUT.
@@ -56,9 +57,9 @@ for s in 11 12; do  # about 10 minutes and 1.5 GB each
         --project-pairs 800 --seed "${s}" --images
 done
 python -m operators.model.cluster_embedding --data data/metric/img_s11 --data data/metric/img_s12 \
-    --out "${RUN}_embedding" --steps 4000  # 17 min on 2 cores
+    --out "${RUN}_embedding" --steps 4000 --pool mean+max  # 17 min on 2 cores
 python -m operators.model.cluster_features --bundle "${RUN}_bundle" --embedding "${RUN}_embedding/last.pt" \
-    --reference "${CACHE}" --out "${OUT}" --version 0.4.0 \
-    --settings '{"drift": 0.2, "noise_factor": 12, "recluster_every": 3, "spread_factor": 2.25, "spread_weight": 0.05}'
+    --reference "${CACHE}" --out "${OUT}" --version 0.5.0 \
+    --settings '{"drift": 0.2, "noise_factor": 8, "recluster_every": 3, "spread_factor": 2.5, "spread_weight": 0.05}'
 mkdir -p artifacts
 python -m operators.model.evaluate --bundle "${OUT}" --frames 120 --json artifacts/default_bundle_eval.json
