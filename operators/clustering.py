@@ -82,7 +82,7 @@ class ClusteringSettings:
     drift: float = 0.2
     step_window: int = 64  # frame-to-frame steps kept for the noise estimate
     # A regime's reach from its own spread (see the module doc); 0 turns it off (the reach is tau). The default
-    # bundle (cluster features) sets 2.5 with spread_weight 0.05, chosen on validation runs of both families
+    # bundle (cluster features) sets 3 with spread_weight 0.1, chosen on validation runs of both families
     # (operators.model.tune_clustering; README, "The default model").
     spread_factor: float = 0.0
     spread_weight: float = 0.1  # EMA weight of each member's distance in its regime's spread

@@ -56,10 +56,12 @@ for s in 11 12; do  # about 10 minutes and 1.5 GB each
     python -m operators.model.metric_data --bundle "${RUN}_bundle" --out "data/metric/img_s${s}" --broad-groups 1000 \
         --project-pairs 800 --seed "${s}" --images
 done
+python -m operators.model.metric_data --bundle "${RUN}_bundle" --out data/metric/img_s13 --broad-groups 600 \
+    --project-pairs 400 --seed 13 --images --spot-weight 8  # Bragg spots weighed up: about 6 minutes
 python -m operators.model.cluster_embedding --data data/metric/img_s11 --data data/metric/img_s12 \
-    --out "${RUN}_embedding" --steps 4000 --pool mean+max  # 17 min on 2 cores
+    --data data/metric/img_s13 --out "${RUN}_embedding" --steps 4000 --pool mean+max  # 17 min on 2 cores
 python -m operators.model.cluster_features --bundle "${RUN}_bundle" --embedding "${RUN}_embedding/last.pt" \
-    --reference "${CACHE}" --out "${OUT}" --version 0.5.0 \
-    --settings '{"drift": 0.2, "noise_factor": 8, "recluster_every": 3, "spread_factor": 2.5, "spread_weight": 0.05}'
+    --reference "${CACHE}" --out "${OUT}" --version 0.6.0 \
+    --settings '{"drift": 0.2, "noise_factor": 16, "recluster_every": 3, "spread_factor": 3.0, "spread_weight": 0.1}'
 mkdir -p artifacts
 python -m operators.model.evaluate --bundle "${OUT}" --frames 120 --json artifacts/default_bundle_eval.json
