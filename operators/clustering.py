@@ -14,8 +14,9 @@ Run time (`OnlineClusterer.learn_predict_one`), one frame at a time, in order:
   still told apart, and a noisy run is not shattered.
 - A frame within reach of a regime joins it (its id). The reach is tau, or with `spread_factor` > 0 the
   regime's own: min(tau, max(spread_factor x its spread, the run's median step)), spread = an EMA of its
-  members' distances to its centre (their plain mean until the EMA's weight is the larger). A tight phase then stops taking the frames of a ramp leaving it, which
-  tau alone (set by the run's noisiest stretch) lets its centre follow into the next phase.
+  members' distances to its centre (their plain mean until the EMA's weight is the larger). A tight phase
+  then stops taking the frames of a ramp leaving it, which tau alone (set by the run's noisiest stretch) lets
+  its centre follow into the next phase.
   Otherwise, if it lies inside a reference cluster (within one radius) that no regime of this run holds yet,
   it founds a regime at once (a known regime needs no further evidence; the run's first frame always does).
   Otherwise it is pending (cluster -1); once the last `new_min_points` pending frames agree (all within tau

@@ -146,6 +146,7 @@ def _save(path: Path, net: EmbeddingNet, opt, sched, step: int, s: EmbeddingSett
 
 
 def pool_ops(pool: str) -> tuple[str, ...]:
+    """"mean+max" -> ("mean", "max"): the input channels, in order."""
     ops = tuple(pool.split("+"))
     if not ops or set(ops) - {"mean", "max"} or len(set(ops)) != len(ops):
         raise ValueError(f"pool must be 'mean', 'max' or 'mean+max', got {pool!r}")

@@ -5,12 +5,11 @@
 
 The embedding (operators.model.cluster_embedding) is exported as `cluster_features.onnx`: the preprocessed frame
 (B, 1, S, S) in, the 4 x 4 block pooling it was trained on (mean, or mean and max) taken inside the graph,
-(B, feature_dim) out. The
-bundle's reference frames (the ones its map was fitted on: same cache, count and seed) are encoded through that
-ONNX graph (the serving path, not PyTorch), the clustering is refitted on their features and the reference
-points take the new clusters; encoder, map and reference positions are copied unchanged. The manifest's
-`clustering.features` names the graph; `ModelBundle.encode` then gives the clusterer its output instead of the
-latent.
+(B, feature_dim) out. The bundle's reference frames (the ones its map was fitted on: same cache, count and seed)
+are encoded through that ONNX graph (the serving path, not PyTorch), the clustering is refitted on their
+features and the reference points take the new clusters; encoder, map and reference positions are copied
+unchanged. The manifest's `clustering.features` names the graph; `ModelBundle.encode` then gives the clusterer
+its output instead of the latent.
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ def build(bundle: ModelBundle, out: Path, *, broad_groups: int, project_pairs: i
         project_img = np.lib.format.open_memmap(out.with_suffix(".project.npy"), mode="w+", dtype=np.uint8,
                                                 shape=(project_pairs, 2, s, s))
     features: list[str] = []
-    for g, group in enumerate(tqdm(generate_sibling_pairs(broad_groups, seed=seed, spot_weight=spot_weight), total=broad_groups,
-                                   desc="broad groups", mininterval=10)):
+    groups = generate_sibling_pairs(broad_groups, seed=seed, spot_weight=spot_weight)
+    for g, group in enumerate(tqdm(groups, total=broad_groups, desc="broad groups", mininterval=10)):
         for p, pair in enumerate(group):
             for v, fr in enumerate(pair):
                 broad[g, p, v] = _encode(bundle, fr.image, buf, None if broad_img is None else broad_img[g, p, v])
