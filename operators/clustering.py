@@ -28,8 +28,10 @@ Run time (`OnlineClusterer.learn_predict_one`), one frame at a time, in order:
 
 Re-clustering the run (`recluster`), every `recluster_every` frames: HDBSCAN (scikit-learn) on the reduced
 latents of the run so far (the last `recluster_window` frames) says which frames belong together by the structure
-of the whole run, not by a centre that followed a ramp. Its labels are mapped onto the ids already given
-(`apply_labels`), never renumbering one:
+of the whole run, not by a centre that followed a ramp. With `still_factor` > 0 it clusters the still frames
+only (`still_frames`: a ramp's frames chain the phases it joins and blur the split test below), then attaches
+each moving frame to the cluster it lies within, if any (`attach_moving`). Its labels are mapped onto the ids
+already given (`apply_labels`), never renumbering one:
 - each existing id is owned by the density cluster that holds most of its frames;
 - a density cluster whose frames mostly carry an id owned by another cluster is a phase that id's regime
   drifted into: it gets a new id (announced once, like a founded regime), and its frames move to it;
@@ -109,6 +111,13 @@ class ClusteringSettings:
     # HDBSCAN cluster_selection_epsilon = this x tau: density clusters closer than that are not split apart,
     # so the noise of a drifting phase does not shatter it
     run_epsilon_factor: float = 1.0
+    # Density-cluster the run's still frames only (`still_frames`), then let each moving frame join the
+    # cluster it lies within (`attach_moving`): a ramp's frames otherwise chain the two phases it joins into
+    # one cluster, or widen a cluster's spread until the split test cannot tell its phase from the next. A
+    # frame is moving when the means of the `still_window` frames before and after it lie more than
+    # `still_factor` quiet steps apart. 0 clusters every frame.
+    still_factor: float = 0.0
+    still_window: int = 3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,12 +151,62 @@ class Corrections:
         return bool(self.new_clusters or self.indices)
 
 
+def still_frames(z: np.ndarray, window: int, factor: float) -> np.ndarray:
+    """Which frames of a run are still (bool per frame): the means of the ``window`` frames before a frame and
+    of it and the ``window - 1`` after it lie within ``factor`` quiet steps (the run's 25th-percentile
+    frame-to-frame step: its noise, as long as a quarter of the run is not moving). On a ramp moving v per
+    frame the two means lie ~window x v apart; on a plateau ~one step / sqrt(window). The first frame (nothing
+    before it) and the newest ``window - 1`` (no whole window after them; the live one among them) are not
+    judged: they count as still, so the newest frame is clustered as before."""
+    z = np.asarray(z, np.float64)
+    n = len(z)
+    if n < 2 or factor <= 0:
+        return np.ones(n, bool)
+    quiet = float(np.quantile(np.sqrt((np.diff(z, axis=0) ** 2).sum(1)), 0.25))
+    csum = np.concatenate([np.zeros((1, z.shape[1])), np.cumsum(z, 0)])
+    t = np.arange(n)
+    lo, hi = np.maximum(t - window, 0), np.minimum(t + window, n)
+    before = (csum[t] - csum[lo]) / np.maximum(t - lo, 1)[:, None]
+    after = (csum[hi] - csum[t]) / (hi - t)[:, None]
+    moved = np.sqrt(((after - before) ** 2).sum(1))
+    return (t < 1) | (hi - t < window) | (moved <= factor * quiet)
+
+
+def attach_moving(z: np.ndarray, labels: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """Labels with each moving frame in the cluster of its nearest clustered frame where it lies no farther
+    from it than that cluster's longest nearest-member link (it would not have stretched the cluster), else
+    noise."""
+    from scipy.spatial import cKDTree
+
+    labels = labels.copy()
+    placed = np.flatnonzero(labels >= 0)
+    todo = np.flatnonzero(moving)
+    if not len(placed) or not len(todo):
+        return labels
+    link = np.zeros(int(labels.max()) + 1)
+    for c in np.unique(labels[placed]):
+        zc = z[labels == c]
+        if len(zc) > 1:
+            link[c] = cKDTree(zc).query(zc, k=2)[0][:, 1].max()
+    gap, near = cKDTree(z[placed]).query(z[todo], k=1)
+    nearest = labels[placed[near]]
+    inside = gap <= link[nearest]
+    labels[todo[inside]] = nearest[inside]
+    return labels
+
+
 def density_labels(z: np.ndarray, min_cluster_size: int, min_samples: int, epsilon: float,
-                   selection: str = "eom") -> np.ndarray:
-    """HDBSCAN labels (-1 noise) of a run's reduced latents; a plain function so a worker process can run it."""
+                   selection: str = "eom", still_window: int = 3, still_factor: float = 0.0) -> np.ndarray:
+    """HDBSCAN labels (-1 noise) of a run's reduced latents (of its still frames, the moving ones attached,
+    where ``still_factor`` > 0); a plain function so a worker process can run it."""
+    z = np.asarray(z, np.float64)
+    if still_factor > 0:
+        still = still_frames(z, still_window, still_factor)
+        labels = np.full(len(z), -1, np.int64)
+        labels[still] = density_labels(z[still], min_cluster_size, min_samples, epsilon, selection)
+        return attach_moving(z, labels, ~still)
     from sklearn.cluster import HDBSCAN
 
-    z = np.asarray(z, np.float64)
     if len(z) < max(2, min_cluster_size):
         return np.full(len(z), -1, np.int64)
     def fit(eps: float) -> np.ndarray:
@@ -369,10 +428,12 @@ class OnlineClusterer:
         self._last_recluster = self._seen
         return np.stack(self._z[-w:]).astype(np.float32), self._seen, self.settings.run_epsilon_factor * self.tau
 
-    def density_args(self, snapshot: tuple[np.ndarray, int, float]) -> tuple[np.ndarray, int, int, float, str]:
+    def density_args(self, snapshot: tuple[np.ndarray, int, float]
+                     ) -> tuple[np.ndarray, int, int, float, str, int, float]:
         z, _, eps = snapshot
         s = self.settings
-        return z, s.run_min_cluster_size, s.run_min_samples, eps, s.run_selection
+        return (z, s.run_min_cluster_size, s.run_min_samples, eps, s.run_selection, s.still_window,
+                s.still_factor)
 
     def recluster(self) -> None:
         """Re-cluster the run now, in this thread (deterministic)."""

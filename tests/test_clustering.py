@@ -293,3 +293,76 @@ def test_without_a_spread_factor_the_reach_is_tau_as_before(fitted, ramp) -> Non
         cl = OnlineClusterer(state, settings)
         ids.append([cl.learn_predict_one(z).cluster for z in lat])
     assert ids[0] == ids[1]
+
+
+STILL = replace(RECLUSTER, run_min_cluster_size=6, still_factor=3.0)  # re-cluster the still frames only
+
+
+def _phases_run(points: list[np.ndarray], plateaus: list[int], ramp: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plateaus of these lengths at `points` joined by ramps; (latents, phase per frame, -1 on a ramp)."""
+    segments, phase = [], []
+    for k, p in enumerate(points):
+        if k:
+            t = np.linspace(0, 1, ramp + 2, dtype=np.float32)[1:-1, None]
+            segments.append(points[k - 1] + t * (p - points[k - 1]))
+            phase += [-1] * ramp
+        segments.append(np.repeat(p[None], plateaus[k], 0))
+        phase += [k] * plateaus[k]
+    lat = np.concatenate(segments) + 0.02 * np.random.default_rng(seed).standard_normal((len(phase), DIM))
+    return lat.astype(np.float32), np.asarray(phase)
+
+
+def test_still_frames_are_the_plateaus_and_a_ramp_between_them_is_moving(fitted, regimes) -> None:
+    from operators.clustering import still_frames
+
+    _, centers = regimes
+    state, _ = fitted
+    far = centers[1]
+    lat, _ = _phases_run([centers[0], far], [20, 20], ramp=10, seed=0)
+    still = still_frames(state.reduce(lat), 3, 3.0)
+    assert not still[23:27].any()  # the ramp's middle (frames 20..29)
+    assert still[:17].all() and still[33:].all()  # the plateaus, a window away from the ramp
+    # the newest frames have no whole window after them: not judged yet, so a run's live frame is clustered
+    assert still_frames(state.reduce(lat[:25]), 3, 3.0)[-2:].all()
+    assert still_frames(state.reduce(lat), 3, 0.0).all()  # factor 0: every frame is clustered
+
+
+def test_re_clustering_still_frames_tells_a_phase_from_an_earlier_one_it_resembles(fitted, regimes) -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    _, centers = regimes
+    state, _ = fitted
+    axes = state.components / np.linalg.norm(state.components, axis=1, keepdims=True)
+    size = np.linalg.norm(centers[0])
+    # phase a; a ramp to phase b; a ramp to a', which is phase a plus a feature (a sibling: near a, not a)
+    a, b = centers[0], centers[0] + 0.1 * size * axes[1]
+    sibling = a + 0.03 * size * axes[2]
+    perfect = {}
+    for name, settings in (("all frames", replace(STILL, still_factor=0.0)), ("still frames", STILL)):
+        scores = []
+        for seed in range(10):
+            lat, phase = _phases_run([a, b, sibling], [15, 12, 15], ramp=12, seed=seed)
+            cl = OnlineClusterer(state, settings)
+            for z in lat:
+                cl.learn_predict_one(z)
+            plateau = phase >= 0
+            scores.append(adjusted_rand_score(phase[plateau], cl.labels()[plateau]))
+        perfect[name] = sum(s == 1.0 for s in scores)
+    # the ramps' frames no longer chain a' to a, nor widen a's cluster until the split test cannot see a'
+    assert perfect["still frames"] >= 9 and perfect["all frames"] <= 4
+
+
+def test_density_labels_of_still_frames_leave_a_ramps_middle_out_and_attach_its_ends(fitted, regimes) -> None:
+    from operators.clustering import density_labels, still_frames
+
+    _, centers = regimes
+    state, _ = fitted
+    lat, _ = _phases_run([centers[0], centers[1]], [20, 20], ramp=10, seed=0)
+    z = state.reduce(lat)
+    labels = density_labels(z, 6, 3, 0.0, "eom", 3, 3.0)
+    assert len(set(labels[:20])) == 1 and len(set(labels[33:])) == 1 and labels[0] != labels[-1] >= 0
+    assert (labels[23:27] == -1).all()  # mid-ramp: far from both phases
+    moving = ~still_frames(z, 3, 3.0)
+    near_a = np.flatnonzero(moving[:20])  # plateau frames judged moving because the ramp is in their window
+    assert len(near_a) and (labels[near_a] == labels[0]).all()

@@ -30,9 +30,10 @@ def test_tuning_refuses_heldout_seeds(default_bundle) -> None:
         encode_runs(default_bundle, ("crystallization",), (HELDOUT_SEEDS[0],), FRAMES)
 
 
-def test_grid_varies_only_drift_and_noise_factor(default_bundle) -> None:
+def test_grid_varies_only_the_settings_it_is_given(default_bundle) -> None:
     base = default_bundle.clustering_settings
-    cands = grid(base, [0.1, 0.2], [10.0, 12.0, 14.0])
+    cands = grid(base, {"drift": [0.1, 0.2], "still_factor": [0.0, 2.0, 3.0], "spread_factor": None})
     assert len(cands) == 6
-    assert {(c.drift, c.noise_factor) for c in cands} == {(d, n) for d in (0.1, 0.2) for n in (10.0, 12.0, 14.0)}
-    assert all(replace(c, drift=base.drift, noise_factor=base.noise_factor) == base for c in cands)
+    assert {(c.drift, c.still_factor) for c in cands} == {(d, k) for d in (0.1, 0.2) for k in (0.0, 2.0, 3.0)}
+    assert all(replace(c, drift=base.drift, still_factor=base.still_factor) == base for c in cands)
+    assert grid(base, {}) == [base]  # nothing varied: the bundle's own setting

@@ -2,7 +2,11 @@
 
     python -m operators.model.tune_clustering [--bundle PATH] [--seeds 7001 7002] [--frames 120]
         [--drift 0.2 0.1 0.05] [--noise-factor 6 10 14] [--recluster-every 0 3] [--run-min-cluster-size 6 10]
-        [--epsilon-factor 1] [--spread-factor 0 2] [--spread-weight 0.05] [--independent-runs 24] [--json out.json]
+        [--epsilon-factor 1] [--spread-factor 0 2] [--spread-weight 0.05]
+        [--split-separation-after-noise 1.75] [--still-factor 0 3] [--still-window 3]
+        [--independent-runs 24] [--json out.json]
+
+A setting not given keeps the bundle's value; the grid is every combination of the values given.
 
 The run's re-clustering (operators.clustering, off by default) is swept with the --recluster-* options;
 `encode_independent_runs` + `score_independent` score settings on the independent family's validation seeds
@@ -176,16 +180,27 @@ def sweep(state: ClusterState, runs: list[EncodedRun], candidates: list[Clusteri
     return rows
 
 
-def grid(base: ClusteringSettings, drift: list[float], noise_factor: list[float],
-         recluster_every: list[int] | None = None, min_cluster_size: list[int] | None = None,
-         epsilon_factor: list[float] | None = None, spread_factor: list[float] | None = None,
-         spread_weight: list[float] | None = None) -> list[ClusteringSettings]:
-    return [replace(base, drift=d, noise_factor=n, recluster_every=r, run_min_cluster_size=m, run_epsilon_factor=e,
-                    spread_factor=k, spread_weight=w)
-            for d, n, r, m, e, k, w in itertools.product(
-                drift, noise_factor, recluster_every or [base.recluster_every],
-                min_cluster_size or [base.run_min_cluster_size], epsilon_factor or [base.run_epsilon_factor],
-                spread_factor or [base.spread_factor], spread_weight or [base.spread_weight])]
+def grid(base: ClusteringSettings, values: dict[str, list | None]) -> list[ClusteringSettings]:
+    """Every combination of the given values of `ClusteringSettings` fields (a field given None or [] keeps
+    ``base``'s value)."""
+    fields = [f for f, v in values.items() if v]
+    return [replace(base, **dict(zip(fields, combo, strict=True)))
+            for combo in itertools.product(*(values[f] for f in fields))]
+
+
+# the settings a sweep varies: (command-line option, ClusteringSettings field, type, help)
+AXES = (
+    ("--drift", "drift", float, "regime-centre EMA weight"),
+    ("--noise-factor", "noise_factor", float, "tau = this x the run's median step"),
+    ("--recluster-every", "recluster_every", int, "0: no re-clustering"),
+    ("--run-min-cluster-size", "run_min_cluster_size", int, None),
+    ("--epsilon-factor", "run_epsilon_factor", float, None),
+    ("--spread-factor", "spread_factor", float, "0: a regime's reach is tau"),
+    ("--spread-weight", "spread_weight", float, None),
+    ("--split-separation-after-noise", "split_separation_after_noise", float, None),
+    ("--still-factor", "still_factor", float, "0: re-cluster every frame, not only the still ones"),
+    ("--still-window", "still_window", int, None),
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,13 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=120)
     p.add_argument("--seeds", type=int, nargs="+", default=list(VALIDATION_SEEDS))
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
-    p.add_argument("--drift", type=float, nargs="+", default=[0.2, 0.15, 0.1, 0.075, 0.05])
-    p.add_argument("--noise-factor", type=float, nargs="+", default=[6.0, 8.0, 10.0, 12.0, 14.0, 20.0])
-    p.add_argument("--recluster-every", type=int, nargs="+", default=None, help="0: no re-clustering")
-    p.add_argument("--run-min-cluster-size", type=int, nargs="+", default=None)
-    p.add_argument("--epsilon-factor", type=float, nargs="+", default=None)
-    p.add_argument("--spread-factor", type=float, nargs="+", default=None, help="0: a regime's reach is tau")
-    p.add_argument("--spread-weight", type=float, nargs="+", default=None)
+    for option, field, kind, help_ in AXES:
+        p.add_argument(option, dest=field, type=kind, nargs="+", default=None, help=help_)
     p.add_argument("--independent-runs", type=int, default=0,
                    help="also score this many of the independent family's validation runs")
     p.add_argument("--allow-heldout", action="store_true", help="permit held-out seeds (reporting only)")
@@ -217,17 +227,14 @@ def main(argv: list[str] | None = None) -> None:
         from stream.independent import VALIDATION_SEEDS as INDEPENDENT_VALIDATION
 
         independent = encode_independent_runs(bundle, INDEPENDENT_VALIDATION[:a.independent_runs], a.frames)
-    rows = sweep(bundle.clustering_state, runs, grid(bundle.clustering_settings, a.drift, a.noise_factor,
-                                                        a.recluster_every, a.run_min_cluster_size,
-                                                        a.epsilon_factor, a.spread_factor, a.spread_weight),
-                 independent)
+    values = {field: getattr(a, field) for _, field, _, _ in AXES}
+    rows = sweep(bundle.clustering_state, runs, grid(bundle.clustering_settings, values), independent)
     for r in rows:
-        log.info("drift %.3g noise_factor %.3g recluster_every %d min_cluster_size %d epsilon_factor %.3g "
-                 "spread_factor %.3g: mean ARI %.3f, min %.3f; independent %s", r.settings["drift"],
-                 r.settings["noise_factor"], r.settings["recluster_every"], r.settings["run_min_cluster_size"],
-                 r.settings["run_epsilon_factor"], r.settings["spread_factor"], r.mean_ari, r.min_ari,
-                 f"{r.independent_mean_ari:.3f} / {r.independent_min_ari:.3f} ({r.independent_below} below 0.9, "
-                 f"onsets {r.onsets_within_5})" if independent else "not scored")
+        varied = " ".join(f"{f} {r.settings[f]:g}" for f, v in values.items() if v)
+        scored = (f"{r.independent_mean_ari:.3f} / {r.independent_min_ari:.3f} ({r.independent_below} below "
+                  f"0.9, onsets {r.onsets_within_5})") if independent else "not scored"
+        log.info("%s: mean ARI %.3f, min %.3f; independent %s", varied or "the bundle's settings", r.mean_ari,
+                 r.min_ari, scored)
     if a.json:
         Path(a.json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
 
