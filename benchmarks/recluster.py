@@ -93,7 +93,9 @@ async def run_mode(bundle: ModelBundle, images: list[np.ndarray], hz: float, rec
 
 
 def density_cost(bundle: ModelBundle) -> dict[str, float]:
+    """One re-clustering with the bundle's settings (still frames only, where it says so) of a two-phase run."""
     rng = np.random.default_rng(0)
+    s = bundle.clustering_settings
     d = bundle.clustering_state.components.shape[0]
     density_labels(rng.standard_normal((20, d)), 5, 3, 0.0)  # imports
     out = {}
@@ -101,7 +103,8 @@ def density_cost(bundle: ModelBundle) -> dict[str, float]:
         z = rng.standard_normal((n, d)).astype(np.float32) * 0.1
         z[n // 2 :] += 1.0
         t0 = time.perf_counter()
-        density_labels(z, 10, 3, 0.05)
+        density_labels(z, s.run_min_cluster_size, s.run_min_samples, 0.05, s.run_selection, s.still_window,
+                       s.still_factor)
         out[f"density_labels_{n}_ms"] = (time.perf_counter() - t0) * 1e3
     return out
 

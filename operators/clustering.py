@@ -115,7 +115,8 @@ class ClusteringSettings:
     # cluster it lies within (`attach_moving`): a ramp's frames otherwise chain the two phases it joins into
     # one cluster, or widen a cluster's spread until the split test cannot tell its phase from the next. A
     # frame is moving when the means of the `still_window` frames before and after it lie more than
-    # `still_factor` quiet steps apart. 0 clusters every frame.
+    # `still_factor` quiet steps apart. 0 clusters every frame; the default bundle sets 3.5 (window 3, with
+    # run_min_cluster_size 5), chosen on validation runs of both families (README, "The default model").
     still_factor: float = 0.0
     still_window: int = 3
 

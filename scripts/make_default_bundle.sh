@@ -61,7 +61,8 @@ python -m operators.model.metric_data --bundle "${RUN}_bundle" --out data/metric
 python -m operators.model.cluster_embedding --data data/metric/img_s11 --data data/metric/img_s12 \
     --data data/metric/img_s13 --out "${RUN}_embedding" --steps 4000 --pool mean+max  # 17 min on 2 cores
 python -m operators.model.cluster_features --bundle "${RUN}_bundle" --embedding "${RUN}_embedding/last.pt" \
-    --reference "${CACHE}" --out "${OUT}" --version 0.6.0 \
-    --settings '{"drift": 0.2, "noise_factor": 16, "recluster_every": 3, "spread_factor": 3.0, "spread_weight": 0.1}'
+    --reference "${CACHE}" --out "${OUT}" --version 0.7.0 \
+    --settings '{"drift": 0.2, "noise_factor": 16, "recluster_every": 3, "spread_factor": 3.0, "spread_weight": 0.1,
+                 "run_min_cluster_size": 5, "still_factor": 3.5}'
 mkdir -p artifacts
 python -m operators.model.evaluate --bundle "${OUT}" --frames 120 --json artifacts/default_bundle_eval.json
