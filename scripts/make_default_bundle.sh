@@ -57,7 +57,7 @@ for s in 11 12; do  # about 10 minutes and 1.5 GB each
         --project-pairs 800 --seed "${s}" --images
 done
 python -m operators.model.metric_data --bundle "${RUN}_bundle" --out data/metric/img_s13 --broad-groups 600 \
-    --project-pairs 400 --seed 13 --images --spot-weight 8  # Bragg spots weighed up: about 6 minutes
+    --project-pairs 400 --seed 13 --images --feature-weight spots=8  # Bragg spots weighed up: 6 minutes
 python -m operators.model.cluster_embedding --data data/metric/img_s11 --data data/metric/img_s12 \
     --data data/metric/img_s13 --out "${RUN}_embedding" --steps 4000 --pool mean+max  # 17 min on 2 cores
 python -m operators.model.cluster_features --bundle "${RUN}_bundle" --embedding "${RUN}_embedding/last.pt" \

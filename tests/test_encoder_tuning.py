@@ -43,21 +43,25 @@ def test_a_broad_sibling_is_its_state_plus_one_feature_on_the_same_detector_and_
     assert np.array_equal(again[1][0].image, groups[0][1][0].image), "a seed gives the same frames"
 
 
-def test_bragg_spots_are_as_common_among_siblings_as_their_weight_asks() -> None:
+def test_a_siblings_feature_is_as_common_as_its_weight_asks() -> None:
     from stream.synthetic.broad import generate_sibling_pairs
 
-    def added(spot_weight: int) -> list[tuple[set[str], str]]:  # (the state's features, the sibling's new one)
+    def added(**weights: int) -> list[tuple[set[str], str]]:  # (the state's features, the sibling's new one)
         out = []
-        for state, sibling in generate_sibling_pairs(8, seed=9, spot_weight=spot_weight):
+        for state, sibling in generate_sibling_pairs(12, seed=9, weights=weights):
             has = set(filter(None, state[0].phase_name.split("+")))
             out.append((has, (set(sibling[0].phase_name.split("+")) - has).pop()))
         return out
 
-    assert all(new != "spots" for _, new in added(0))
-    heavy = [new for has, new in added(50) if has & {"rings", "orders"}]  # where there are rings to put spots on
+    assert all(new != "spots" for _, new in added(spots=0))
+    heavy = [new for has, new in added(spots=1000) if has & {"rings", "orders"}]  # where there are rings for spots
     assert heavy and all(new == "spots" for new in heavy)
-    with pytest.raises(ValueError, match="spot_weight"):
-        next(generate_sibling_pairs(1, spot_weight=-1))
+    orders = [new for has, new in added(spots=0, orders=1000) if "orders" not in has]
+    assert orders and all(new == "orders" for new in orders)
+    with pytest.raises(ValueError, match="weights"):
+        next(generate_sibling_pairs(1, weights={"spots": -1}))
+    with pytest.raises(ValueError, match="weights"):
+        next(generate_sibling_pairs(1, weights={"sparkles": 2}))
 
 
 def _pairs(rng: np.random.Generator, groups: int, dims: int = 16):

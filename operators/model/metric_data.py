@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,13 @@ def _encode(bundle: ModelBundle, image: np.ndarray, buf: np.ndarray, keep: np.nd
 
 
 def build(bundle: ModelBundle, out: Path, *, broad_groups: int, project_pairs: int, seed: int,
-          images: bool = False, spot_weight: int = 2) -> Path:
+          images: bool = False, weights: Mapping[str, int] | None = None) -> Path:
+    """Write the pairs to ``out`` (.npz, .json; with ``images`` the frames too); ``weights``: the sibling
+    features' weights (`stream.synthetic.broad.generate_sibling_pairs`)."""
     from tqdm import tqdm
 
     from stream.synthetic import generate_training_pairs
-    from stream.synthetic.broad import generate_sibling_pairs
+    from stream.synthetic.broad import DEFAULT_WEIGHTS, generate_sibling_pairs
 
     s = bundle.input_size
     buf = np.empty((1, 1, s, s), np.float32)
@@ -51,7 +54,7 @@ def build(bundle: ModelBundle, out: Path, *, broad_groups: int, project_pairs: i
         project_img = np.lib.format.open_memmap(out.with_suffix(".project.npy"), mode="w+", dtype=np.uint8,
                                                 shape=(project_pairs, 2, s, s))
     features: list[str] = []
-    groups = generate_sibling_pairs(broad_groups, seed=seed, spot_weight=spot_weight)
+    groups = generate_sibling_pairs(broad_groups, seed=seed, weights=weights)
     for g, group in enumerate(tqdm(groups, total=broad_groups, desc="broad groups", mininterval=10)):
         for p, pair in enumerate(group):
             for v, fr in enumerate(pair):
@@ -70,10 +73,21 @@ def build(bundle: ModelBundle, out: Path, *, broad_groups: int, project_pairs: i
     np.savez(out.with_suffix(".npz"), broad=broad, project=project, project_phase=phases)
     out.with_suffix(".json").write_text(json.dumps(
         {"bundle": bundle.manifest.get("name"), "bundle_version": bundle.manifest.get("version"), "seed": seed,
-         "broad_groups": broad_groups, "project_pairs": project_pairs, "spot_weight": spot_weight,
+         "broad_groups": broad_groups, "project_pairs": project_pairs, "feature_weights": dict(DEFAULT_WEIGHTS if weights is None else weights),
          "sibling_features": features}, indent=1))
     log.info("metric pairs %s: %d broad groups, %d project pairs (seed %d)", out, broad_groups, project_pairs, seed)
     return out.with_suffix(".npz")
+
+
+def _weights(items: list[str]) -> dict[str, int] | None:
+    """``["spots=8", "orders=8"]`` -> ``{"spots": 8, "orders": 8}``; none given: None (the default weights)."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise SystemExit(f"--feature-weight takes FEATURE=N (N a whole number >= 0), not {item!r}")
+        out[name.strip()] = int(value)
+    return out or None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,14 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--project-pairs", type=int, default=800)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--images", action="store_true", help="keep the preprocessed frames too (uint8)")
-    p.add_argument("--spot-weight", type=int, default=2,
-                   help="Bragg spots as a sibling's feature, as likely as this many other features")
+    p.add_argument("--feature-weight", action="append", default=[], metavar="FEATURE=N",
+                   help="a sibling's feature N times as likely as one not named (repeatable; default spots=2)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bundle = ModelBundle.load(a.bundle, intra_op_threads=1)
     bundle.warmup()
     build(bundle, Path(a.out), broad_groups=a.broad_groups, project_pairs=a.project_pairs, seed=a.seed,
-          images=a.images, spot_weight=a.spot_weight)
+          images=a.images, weights=_weights(a.feature_weight))
 
 
 if __name__ == "__main__":

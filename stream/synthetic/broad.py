@@ -16,8 +16,9 @@ detector's; gap pixels read -1 and saturated pixels 2**20 - 1 as the renderer wr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 import numpy as np
 
@@ -98,17 +99,23 @@ class BroadState:
                           tuple(features), spots)
 
 
+DEFAULT_WEIGHTS: Mapping[str, int] = MappingProxyType({"spots": 2})
+
+
 def generate_sibling_pairs(
-    n_groups: int, *, seed: int = 0, spot_weight: int = 2
+    n_groups: int, *, seed: int = 0, weights: Mapping[str, int] | None = None
 ) -> Iterator[tuple[tuple[SyntheticFrame, SyntheticFrame], tuple[SyntheticFrame, SyntheticFrame]]]:
     """Yield `n_groups` of (pair of a state, pair of that state plus one feature), each pair two drifted views
     on one detector and beam position (+-3 px). Phase ids: 0 for the state, 1 for its sibling (within a group
-    only: ids do not name a feature). `spot_weight`: how much likelier than any other feature Bragg spots are
-    as the sibling's feature, where the state has rings or orders to put them on."""
+    only: ids do not name a feature). `weights`: how many times likelier than a feature not named each named
+    feature is as the sibling's feature (Bragg spots only where the state has rings or orders to put them on);
+    None: `DEFAULT_WEIGHTS`, the groups the first embedding was trained on."""
+    weights = DEFAULT_WEIGHTS if weights is None else weights
     if n_groups < 0:
         raise ValueError(f"n_groups must be >= 0, got {n_groups}")
-    if spot_weight < 0:
-        raise ValueError(f"spot_weight must be >= 0, got {spot_weight}")
+    unknown = set(weights) - set(FEATURES)
+    if unknown or any(w < 0 for w in weights.values()):
+        raise ValueError(f"weights name features of {FEATURES} with weights >= 0, not {dict(weights)}")
     renderers = {det.name: Renderer(det) for det in BROAD_DETECTORS}
     for i in range(n_groups):
         rng = np.random.default_rng([seed, _BROAD_STREAM, i])
@@ -116,7 +123,7 @@ def generate_sibling_pairs(
         geom = _geometry(rng, det)
         r_max = _r_max(det, geom)
         state = _draw_state(rng, r_max)
-        sibling = _with_feature(rng, state, r_max, spot_weight=spot_weight)
+        sibling = _with_feature(rng, state, r_max, weights)
         hot, dead = draw_defects(rng, det)
         group = []
         for phase, s in enumerate((state, sibling)):
@@ -166,17 +173,18 @@ def _draw_state(rng: np.random.Generator, r_max: float) -> BroadState:
     flat = float(np.exp(rng.uniform(np.log(0.05), np.log(3.0))))
     state = BroadState(porod, flat, ())
     for _ in range(int(rng.integers(0, 3))):
-        state = _with_feature(rng, state, r_max, spot_weight=0)
+        state = _with_feature(rng, state, r_max, {"spots": 0})
     return state
 
 
-def _with_feature(rng: np.random.Generator, state: BroadState, r_max: float, *, spot_weight: int) -> BroadState:
-    """`state` plus one feature it does not have (Bragg spots on its rings where it has rings, `spot_weight`
-    times as likely as any other feature: the subtlest change, and the one a run shows most)."""
+def _with_feature(rng: np.random.Generator, state: BroadState, r_max: float,
+                  weights: Mapping[str, int]) -> BroadState:
+    """`state` plus one feature it does not have, each as likely as its weight (1 where not named); Bragg spots
+    only on rings or orders the state has."""
     has = set(state.names)
-    choices = [f for f in FEATURES if f not in has and f != "spots"]
+    choices = [f for f in FEATURES if f not in has and f != "spots" for _ in range(weights.get(f, 1))]
     if "spots" not in has and has & {"rings", "orders"}:
-        choices += ["spots"] * spot_weight
+        choices += ["spots"] * weights.get("spots", 1)
     name = str(rng.choice(choices))
     if name == "spots":
         return replace(state, spots=_spots(rng, state))
