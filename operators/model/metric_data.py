@@ -73,8 +73,9 @@ def build(bundle: ModelBundle, out: Path, *, broad_groups: int, project_pairs: i
     np.savez(out.with_suffix(".npz"), broad=broad, project=project, project_phase=phases)
     out.with_suffix(".json").write_text(json.dumps(
         {"bundle": bundle.manifest.get("name"), "bundle_version": bundle.manifest.get("version"), "seed": seed,
-         "broad_groups": broad_groups, "project_pairs": project_pairs, "feature_weights": dict(DEFAULT_WEIGHTS if weights is None else weights),
-         "sibling_features": features}, indent=1))
+         "broad_groups": broad_groups, "project_pairs": project_pairs,
+         "feature_weights": dict(DEFAULT_WEIGHTS if weights is None else weights), "sibling_features": features},
+        indent=1))
     log.info("metric pairs %s: %d broad groups, %d project pairs (seed %d)", out, broad_groups, project_pairs, seed)
     return out.with_suffix(".npz")
 

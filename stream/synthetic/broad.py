@@ -26,7 +26,7 @@ from stream.detector import PILATUS3_2M, Detector
 from stream.synthetic.generator import SyntheticFrame, draw_defects
 from stream.synthetic.scene import Arc, Flat, Peak, Porod, Renderer, ScanGeometry, Scene, Spot, q_of_radius
 
-__all__ = ["BROAD_DETECTORS", "FEATURES", "BroadState", "generate_sibling_pairs"]
+__all__ = ["BROAD_DETECTORS", "DEFAULT_WEIGHTS", "FEATURES", "BroadState", "generate_sibling_pairs"]
 
 BROAD_DETECTORS: tuple[Detector, ...] = (
     PILATUS3_2M,
@@ -36,6 +36,8 @@ BROAD_DETECTORS: tuple[Detector, ...] = (
 )
 # What a phase can add to a state. "spots" needs rings or orders to sit on.
 FEATURES = ("halo", "oscillations", "rings", "orders", "arcs", "spots")
+# How likely each feature is as a sibling's new one, against 1 for a feature not named (read-only).
+DEFAULT_WEIGHTS: Mapping[str, int] = MappingProxyType({"spots": 2})
 WAVELENGTH_A = 1.0
 _BROAD_STREAM = 7373  # random-stream id of broad pairs, apart from the scenarios' and training pairs'
 _DRIFT_RADIUS = 0.03  # relative drift of every feature's radius within a phase
@@ -97,9 +99,6 @@ class BroadState:
                       for s in self.spots)
         return BroadState((self.porod[0] * amp(), self.porod[1] * scale), self.flat * rng.uniform(0.7, 1.5),
                           tuple(features), spots)
-
-
-DEFAULT_WEIGHTS: Mapping[str, int] = MappingProxyType({"spots": 2})
 
 
 def generate_sibling_pairs(
